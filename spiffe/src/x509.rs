@@ -1,0 +1,304 @@
+//! X.509-SVID rules: the leaf profile, the signing-certificate profile, and chain verification
+//! against a trust bundle.
+//!
+//! This is the one validator in Ward: the CA runs every certificate it issues through it before
+//! the certificate leaves the CA, and the agent and proxy verify peers with it. It does no I/O.
+
+use std::time::{Duration, SystemTime};
+
+use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
+use der::Decode;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use x509_cert::Certificate;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName};
+
+use crate::id::{IdError, SpiffeId};
+
+/// Why a certificate or chain is not an acceptable SVID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    /// The DER does not parse as an X.509 certificate.
+    #[error("certificate does not parse: {0}")]
+    Parse(String),
+    /// An empty chain was given.
+    #[error("certificate chain is empty")]
+    EmptyChain,
+    /// The leaf has no URI SAN.
+    #[error("leaf has no URI SAN")]
+    NoUriSan,
+    /// The leaf has more than one URI SAN.
+    #[error("leaf has more than one URI SAN")]
+    MultipleUriSans,
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("URI SAN is not a valid SPIFFE ID: {0}")]
+    BadId(IdError),
+    /// The leaf ID has no path (IDs with no path belong to signing certificates).
+    #[error("leaf SPIFFE ID has no path")]
+    RootPathId,
+    /// The SAN extension's criticality contradicts the subject (critical iff subject empty).
+    #[error("SAN extension must be critical exactly when the subject is empty")]
+    SanCriticality,
+    /// The leaf is a CA certificate.
+    #[error("leaf has basicConstraints cA=true")]
+    LeafIsCa,
+    /// keyUsage missing or not critical.
+    #[error("keyUsage extension is missing or not critical")]
+    KeyUsageMissing,
+    /// keyUsage lacks digitalSignature.
+    #[error("leaf keyUsage lacks digitalSignature")]
+    NoDigitalSignature,
+    /// Leaf keyUsage has keyCertSign or cRLSign.
+    #[error("leaf keyUsage has keyCertSign or cRLSign")]
+    LeafCanSign,
+    /// EKU present but without both serverAuth and clientAuth.
+    #[error("extendedKeyUsage must contain both serverAuth and clientAuth")]
+    ExtendedKeyUsage,
+    /// A signing certificate is not a CA.
+    #[error("signing certificate is not a CA (basicConstraints cA must be true)")]
+    NotCa,
+    /// A signing certificate lacks keyCertSign.
+    #[error("signing certificate keyUsage lacks keyCertSign")]
+    NoKeyCertSign,
+    /// A signing certificate's SPIFFE ID has a path.
+    #[error("signing certificate SPIFFE ID must have no path")]
+    SigningIdHasPath,
+    /// The leaf is in a different trust domain from the bundle.
+    #[error("SPIFFE ID {id} is not in trust domain {expected}")]
+    WrongTrustDomain {
+        /// The peer's ID.
+        id: String,
+        /// The bundle's trust domain.
+        expected: String,
+    },
+    /// Cryptographic chain verification failed (signature, validity, unknown issuer...).
+    #[error("chain verification failed: {0}")]
+    Chain(String),
+    /// An extension is duplicated or malformed.
+    #[error("malformed extension: {0}")]
+    Extension(String),
+}
+
+fn parse(der: &[u8]) -> Result<Certificate, SvidError> {
+    Certificate::from_der(der).map_err(|e| SvidError::Parse(e.to_string()))
+}
+
+fn ext<'a, T>(cert: &'a Certificate) -> Result<Option<(bool, T)>, SvidError>
+where
+    T: der::Decode<'a> + const_oid::AssociatedOid,
+{
+    cert.tbs_certificate
+        .get::<T>()
+        .map_err(|e| SvidError::Extension(format!("{}: {e}", T::OID)))
+}
+
+fn uri_sans(cert: &Certificate) -> Result<(bool, Vec<String>), SvidError> {
+    let Some((critical, san)) = ext::<SubjectAltName>(cert)? else {
+        return Ok((false, Vec::new()));
+    };
+    let uris = san
+        .0
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::UniformResourceIdentifier(u) => Some(u.as_str().to_owned()),
+            _ => None,
+        })
+        .collect();
+    Ok((critical, uris))
+}
+
+/// Validity period and identity of a parsed leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// The SPIFFE ID from the URI SAN.
+    pub id: SpiffeId,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Serial number bytes (big-endian, as encoded).
+    pub serial: Vec<u8>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+}
+
+/// How strictly the leaf profile is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// What Ward issues: additionally requires EKU (if present) to hold both serverAuth and
+    /// clientAuth and the SAN criticality to follow the subject.
+    Issued,
+    /// What Ward accepts from peers: the SPIFFE MUSTs only.
+    Peer,
+}
+
+/// Checks the SPIFFE X.509-SVID leaf rules and returns the leaf's identity and validity.
+pub fn check_leaf(der: &[u8], profile: Profile) -> Result<LeafInfo, SvidError> {
+    let cert = parse(der)?;
+    let (san_critical, uris) = uri_sans(&cert)?;
+    let uri = match uris.as_slice() {
+        [] => return Err(SvidError::NoUriSan),
+        [one] => one,
+        _ => return Err(SvidError::MultipleUriSans),
+    };
+    let id = SpiffeId::new(uri).map_err(SvidError::BadId)?;
+    if id.path().is_empty() {
+        return Err(SvidError::RootPathId);
+    }
+    let subject_empty = cert.tbs_certificate.subject.0.is_empty();
+    if subject_empty && !san_critical
+        || profile == Profile::Issued && !subject_empty && san_critical
+    {
+        return Err(SvidError::SanCriticality);
+    }
+    if let Some((_, bc)) = ext::<BasicConstraints>(&cert)?
+        && bc.ca
+    {
+        return Err(SvidError::LeafIsCa);
+    }
+    let Some((true, ku)) = ext::<KeyUsage>(&cert)? else {
+        return Err(SvidError::KeyUsageMissing);
+    };
+    if !ku.digital_signature() {
+        return Err(SvidError::NoDigitalSignature);
+    }
+    if ku.key_cert_sign() || ku.crl_sign() {
+        return Err(SvidError::LeafCanSign);
+    }
+    if profile == Profile::Issued
+        && let Some((_, eku)) = ext::<ExtendedKeyUsage>(&cert)?
+        && !(eku.0.contains(&ID_KP_SERVER_AUTH) && eku.0.contains(&ID_KP_CLIENT_AUTH))
+    {
+        return Err(SvidError::ExtendedKeyUsage);
+    }
+    let dns_names = match ext::<SubjectAltName>(&cert)? {
+        Some((_, san)) => san
+            .0
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DnsName(d) => Some(d.as_str().to_owned()),
+                _ => None,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let validity = &cert.tbs_certificate.validity;
+    Ok(LeafInfo {
+        id,
+        not_before: validity.not_before.to_system_time(),
+        not_after: validity.not_after.to_system_time(),
+        serial: cert.tbs_certificate.serial_number.as_bytes().to_vec(),
+        dns_names,
+    })
+}
+
+/// Checks the signing-certificate rules (CA flag, keyCertSign, ID without path) and returns
+/// its expiry.
+pub fn check_signing_cert(der: &[u8]) -> Result<SystemTime, SvidError> {
+    let cert = parse(der)?;
+    match ext::<BasicConstraints>(&cert)? {
+        Some((_, bc)) if bc.ca => {}
+        _ => return Err(SvidError::NotCa),
+    }
+    match ext::<KeyUsage>(&cert)? {
+        Some((_, ku)) if ku.key_cert_sign() => {}
+        _ => return Err(SvidError::NoKeyCertSign),
+    }
+    let (_, uris) = uri_sans(&cert)?;
+    for uri in uris {
+        let id = SpiffeId::new(&uri).map_err(SvidError::BadId)?;
+        if !id.path().is_empty() {
+            return Err(SvidError::SigningIdHasPath);
+        }
+    }
+    Ok(cert.tbs_certificate.validity.not_after.to_system_time())
+}
+
+/// Validity window of any certificate.
+pub fn validity(der: &[u8]) -> Result<(SystemTime, SystemTime), SvidError> {
+    let cert = parse(der)?;
+    let v = &cert.tbs_certificate.validity;
+    Ok((v.not_before.to_system_time(), v.not_after.to_system_time()))
+}
+
+/// The DER SubjectPublicKeyInfo of a certificate.
+pub fn spki_der(der: &[u8]) -> Result<Vec<u8>, SvidError> {
+    use der::Encode;
+    let cert = parse(der)?;
+    cert.tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| SvidError::Parse(e.to_string()))
+}
+
+/// Which side of a TLS connection the leaf is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// The leaf authenticates a TLS client.
+    Client,
+    /// The leaf authenticates a TLS server.
+    Server,
+}
+
+static SIG_ALGS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::ring::ECDSA_P256_SHA256,
+    webpki::ring::ECDSA_P256_SHA384,
+    webpki::ring::ECDSA_P384_SHA256,
+    webpki::ring::ECDSA_P384_SHA384,
+    webpki::ring::ED25519,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA384,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA512,
+    webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
+
+/// Verifies an X.509-SVID chain (leaf first) against the X.509 authorities of the leaf's
+/// trust domain at time `now`, and returns the leaf's identity.
+///
+/// `roots` are the DER certificates of the bundle for `trust_domain`. Intermediates come from
+/// the chain. The leaf must satisfy the SPIFFE leaf rules ([`Profile::Peer`]).
+pub fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    roots: &[CertificateDer<'_>],
+    trust_domain: &crate::TrustDomain,
+    now: SystemTime,
+    usage: Usage,
+) -> Result<LeafInfo, SvidError> {
+    let leaf = chain.first().ok_or(SvidError::EmptyChain)?;
+    let info = check_leaf(leaf, Profile::Peer)?;
+    if !info.id.is_member_of(trust_domain) {
+        return Err(SvidError::WrongTrustDomain {
+            id: info.id.to_string(),
+            expected: trust_domain.to_string(),
+        });
+    }
+    for intermediate in &chain[1..] {
+        check_signing_cert(intermediate)?;
+    }
+    let anchors = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SvidError::Chain(format!("bad bundle certificate: {e}")))?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| SvidError::Chain(e.to_string()))?;
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let ku = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
+    ee.verify_for_usage(
+        SIG_ALGS,
+        &anchors,
+        &chain[1..],
+        UnixTime::since_unix_epoch(secs),
+        ku,
+        None,
+        None,
+    )
+    .map_err(|e| SvidError::Chain(e.to_string()))?;
+    Ok(info)
+}
