@@ -1,1 +1,28 @@
+//! ward-ca: the SPIFFE certificate authority of a Ward trust domain.
+//!
+//! It attests node agents, keeps registration entries, signs X.509-SVIDs from CSRs and mints
+//! JWT-SVIDs, and owns the trust bundle. `main.rs` only parses the command line and calls
+//! [`cli::main`].
 
+pub mod admin_api;
+pub mod agents;
+pub mod audit;
+pub mod authority;
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod core;
+pub mod csr;
+pub mod db;
+pub mod dev;
+pub mod entries;
+pub mod error;
+pub mod issuer;
+pub mod keys;
+pub mod metrics;
+pub mod node_api;
+pub mod server;
+pub mod sync;
+
+pub use config::CaConfig;
+pub use server::CaServer;

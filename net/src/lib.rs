@@ -1,1 +1,16 @@
+//! Networking shared by Ward's processes: SPIFFE TLS verifiers, the credential sink that turns
+//! SVIDs into rustls configs, the TLS accept loop and client connector for tonic, Unix-socket
+//! binding, and the admin HTTP endpoint (metrics, health, readiness).
 
+pub mod connector;
+pub mod credentials;
+pub mod duration;
+pub mod health;
+pub mod incoming;
+pub mod process;
+pub mod unix;
+pub mod verify;
+
+pub use credentials::{ClientAuth, CredentialSink, Svid, TlsConfigs, TlsSettings};
+pub use incoming::{PeerInfo, tls_incoming};
+pub use verify::{PeerPolicy, TrustStore};

@@ -1,0 +1,192 @@
+//! The admin API service, served on a Unix socket whose directory is 0700: being able to
+//! connect is the authorization.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use ward_proto::admin::{self, admin_server::Admin};
+use ward_proto::types;
+use ward_spiffe::SpiffeId;
+
+use crate::audit::AuditRecord;
+use crate::convert::{bundle_to_proto, entry_to_proto, spec_from_proto};
+use crate::core::CaCore;
+use crate::error::ApiError;
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    core: Arc<CaCore>,
+}
+
+impl AdminService {
+    /// Serves `core`.
+    pub fn new(core: Arc<CaCore>) -> Self {
+        Self { core }
+    }
+
+    async fn audit(&self, event: &str, spiffe_id: &str, entry_id: &str) -> Result<(), ApiError> {
+        let mut rec = AuditRecord::new(self.core.clock.now(), event, "admin", spiffe_id);
+        rec.entry_id = entry_id.to_owned();
+        let mut b = ward_store::Batch::new();
+        rec.add_to(&mut b)?;
+        self.core.store.commit(b).await?;
+        Ok(())
+    }
+}
+
+fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, ApiError> {
+    if v.is_empty() {
+        Err(ApiError::InvalidArgument(format!("{field} is required")))
+    } else {
+        Ok(v)
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_join_token(
+        &self,
+        req: Request<admin::CreateJoinTokenRequest>,
+    ) -> Result<Response<admin::JoinToken>, Status> {
+        let ttl = match req.into_inner().ttl_seconds {
+            0 => self.core.cfg.ttl.join_token,
+            s if s > 7 * 86400 => {
+                return Err(
+                    ApiError::InvalidArgument("join token TTL is at most 7 days".into()).into(),
+                );
+            }
+            s => std::time::Duration::from_secs(u64::from(s)),
+        };
+        let (token, rec) = self
+            .core
+            .agents
+            .create_join_token(ttl, self.core.clock.now())
+            .await?;
+        let agent_id = self.core.agents.join_token_agent_id(&rec.id)?;
+        self.audit("token-create", agent_id.as_str(), "").await?;
+        Ok(Response::new(admin::JoinToken {
+            token,
+            agent_id: agent_id.to_string(),
+            expires_at: rec.expires_at,
+        }))
+    }
+
+    async fn create_entry(
+        &self,
+        req: Request<admin::EntrySpec>,
+    ) -> Result<Response<types::Entry>, Status> {
+        let spec = spec_from_proto(req.into_inner());
+        let entry = self
+            .core
+            .entries
+            .create(
+                &spec,
+                "admin",
+                CaCore::new_entry_id(),
+                self.core.clock.now(),
+            )
+            .await?;
+        self.audit("entry-create", entry.spiffe_id.as_str(), &entry.id)
+            .await?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn get_entry(
+        &self,
+        req: Request<admin::GetEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
+        let id = req.into_inner().id;
+        let e = self
+            .core
+            .entries
+            .get(required("id", &id)?)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+        Ok(Response::new(entry_to_proto(&e)))
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<admin::ListEntriesRequest>,
+    ) -> Result<Response<admin::ListEntriesResponse>, Status> {
+        let r = req.into_inner();
+        let parent = (!r.parent_id.is_empty()).then_some(r.parent_id.as_str());
+        let id = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id.as_str());
+        let entries = self.core.entries.list(parent, id).await?;
+        Ok(Response::new(admin::ListEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<admin::UpdateEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .map(spec_from_proto)
+            .ok_or_else(|| ApiError::InvalidArgument("spec is required".into()))?;
+        let e = self
+            .core
+            .entries
+            .update(required("id", &r.id)?, &spec, r.expected_revision)
+            .await?;
+        self.audit("entry-update", e.spiffe_id.as_str(), &e.id)
+            .await?;
+        Ok(Response::new(entry_to_proto(&e)))
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<admin::DeleteEntryRequest>,
+    ) -> Result<Response<admin::DeleteEntryResponse>, Status> {
+        let id = req.into_inner().id;
+        let e = self.core.entries.delete(required("id", &id)?).await?;
+        self.audit("entry-delete", e.spiffe_id.as_str(), &e.id)
+            .await?;
+        Ok(Response::new(admin::DeleteEntryResponse {}))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<admin::ListAgentsRequest>,
+    ) -> Result<Response<admin::ListAgentsResponse>, Status> {
+        let agents = self.core.agents.list().await?;
+        Ok(Response::new(admin::ListAgentsResponse {
+            agents: agents
+                .into_iter()
+                .map(|a| admin::Agent {
+                    spiffe_id: a.id.to_string(),
+                    attestation_type: a.attestation_type,
+                    selectors: a.selectors,
+                    serial: a.serial,
+                    expires_at: a.expires_at,
+                    attested_at: a.attested_at,
+                    evicted: a.evicted,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<admin::EvictAgentRequest>,
+    ) -> Result<Response<admin::EvictAgentResponse>, Status> {
+        let raw = req.into_inner().spiffe_id;
+        let id = SpiffeId::new(required("spiffe_id", &raw)?)
+            .map_err(|e| ApiError::InvalidArgument(format!("spiffe_id {raw:?}: {e}")))?;
+        self.core.agents.evict(&id).await?;
+        self.audit("evict", id.as_str(), "").await?;
+        tracing::info!(agent = %id, "agent evicted");
+        Ok(Response::new(admin::EvictAgentResponse {}))
+    }
+
+    async fn get_bundle(
+        &self,
+        _req: Request<admin::GetBundleRequest>,
+    ) -> Result<Response<types::Bundle>, Status> {
+        Ok(Response::new(bundle_to_proto(&self.core.bundle())))
+    }
+}

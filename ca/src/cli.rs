@@ -1,0 +1,640 @@
+//! The `ward-ca` command line: `run`, `dev`, `check-config`, and the admin subcommands that
+//! talk to a running CA over its admin socket.
+//!
+//! Exit codes: 0 success; 1 internal or unexpected error; 2 invalid usage or argument; 3 not
+//! found; 4 already exists or concurrent change; 5 permission denied; 6 CA unreachable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::Code;
+use ward_net::process::rfc3339;
+use ward_proto::admin::{self, admin_client::AdminClient};
+use ward_proto::types;
+use ward_spiffe::TrustDomain;
+
+use crate::config::{CaConfig, LogFormat};
+
+/// ward-ca: the certificate authority of a Ward trust domain.
+#[derive(Debug, Parser)]
+#[command(name = "ward-ca", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the CA.
+    Run(RunArgs),
+    /// Run a local trust domain: a CA, an agent, and an SVID for the current user.
+    Dev(crate::dev::DevArgs),
+    /// Validate a configuration file and print it with defaults filled in.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Join tokens for node attestation.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Registration entries.
+    Entry {
+        #[command(subcommand)]
+        cmd: EntryCmd,
+    },
+    /// Attested agents.
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+    /// The trust bundle.
+    Bundle {
+        #[command(subcommand)]
+        cmd: BundleCmd,
+    },
+}
+
+/// Flags of `ward-ca run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Trust domain (overrides the file).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Data directory (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Node API address (overrides the file).
+    #[arg(long)]
+    bind_address: Option<std::net::SocketAddr>,
+    /// Health/metrics address (overrides the file).
+    #[arg(long)]
+    health_address: Option<std::net::SocketAddr>,
+    /// Admin socket path (overrides the file).
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct Conn {
+    /// Admin socket of the CA [default: <data-dir>/admin/api.sock].
+    #[arg(long, env = "WARD_CA_ADMIN_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Data directory of the CA, used to find the admin socket.
+    #[arg(long, default_value = ".ward")]
+    data_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a single-use join token.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// Lifetime, e.g. `10m` [default: the CA's ttl.join_token].
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SpecArgs {
+    /// SPIFFE ID to issue.
+    #[arg(long)]
+    spiffe_id: String,
+    /// Agent ID that may serve the entry.
+    #[arg(long)]
+    parent_id: String,
+    /// Selector `type:value` (repeat for several; all must match).
+    #[arg(long = "selector", short = 's', required = true)]
+    selectors: Vec<String>,
+    /// X.509-SVID TTL, e.g. `1h` [default: the CA's].
+    #[arg(long, value_parser = parse_duration)]
+    x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID TTL, e.g. `5m` [default: the CA's].
+    #[arg(long, value_parser = parse_duration)]
+    jwt_svid_ttl: Option<Duration>,
+    /// DNS name SAN (repeat for several).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// Hint for workloads with several SVIDs.
+    #[arg(long, default_value = "")]
+    hint: String,
+    /// Mark the entry as admin.
+    #[arg(long)]
+    admin: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum EntryCmd {
+    /// Create an entry.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// List entries.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only entries of this parent.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Only entries with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// Show one entry.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// Entry ID.
+        id: String,
+    },
+    /// Replace an entry's fields.
+    Update {
+        #[command(flatten)]
+        conn: Conn,
+        /// Entry ID.
+        id: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Apply only if the entry is still at this revision.
+        #[arg(long, default_value_t = 0)]
+        revision: u64,
+    },
+    /// Delete an entry.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        /// Entry ID.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCmd {
+    /// List attested agents.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Evict an agent: it is refused everything from now on.
+    Evict {
+        #[command(flatten)]
+        conn: Conn,
+        /// Agent SPIFFE ID.
+        spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BundleFormat {
+    Spiffe,
+    Pem,
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCmd {
+    /// Print the trust bundle.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// `spiffe` (JWKS) or `pem`.
+        #[arg(long, value_enum, default_value = "spiffe")]
+        format: BundleFormat,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    ward_net::duration::parse(s)
+}
+
+/// A CLI failure: message and exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// Message for stderr.
+    pub message: String,
+}
+
+impl CliError {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Maps a gRPC status to the CLI's exit code.
+pub fn exit_code(code: Code) -> u8 {
+    match code {
+        Code::Ok => 0,
+        Code::InvalidArgument | Code::OutOfRange => 2,
+        Code::NotFound => 3,
+        Code::AlreadyExists | Code::Aborted => 4,
+        Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition => 5,
+        Code::Unavailable => 6,
+        _ => 1,
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        let hint = if s.code() == Code::Unavailable {
+            " (is ward-ca running? set --socket or --data-dir)"
+        } else {
+            ""
+        };
+        CliError::new(exit_code(s.code()), format!("{}{hint}", s.message()))
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ward-ca: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+fn build_config(a: &RunArgs) -> Result<CaConfig, CliError> {
+    let bad = |e: &dyn std::fmt::Display| CliError::new(2, e.to_string());
+    let mut cfg = match &a.config {
+        Some(p) => CaConfig::from_file(p).map_err(|e| bad(&e))?,
+        None => {
+            let td = a
+                .trust_domain
+                .clone()
+                .or_else(|| env("WARD_CA_TRUST_DOMAIN"))
+                .ok_or_else(|| CliError::new(2, "--config or --trust-domain is required"))?;
+            let td = TrustDomain::new(&td).map_err(|e| bad(&e))?;
+            let dd = a.data_dir.clone().unwrap_or_else(|| PathBuf::from(".ward"));
+            CaConfig::new(td, dd)
+        }
+    };
+    cfg.apply_env(&env).map_err(|e| bad(&e))?;
+    if let Some(td) = &a.trust_domain {
+        cfg.trust_domain = TrustDomain::new(td).map_err(|e| bad(&e))?;
+    }
+    if let Some(d) = &a.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(b) = a.bind_address {
+        cfg.bind_address = b;
+    }
+    if let Some(h) = a.health_address {
+        cfg.health_address = h;
+    }
+    if let Some(s) = &a.admin_socket {
+        cfg.admin_socket = Some(s.clone());
+    }
+    cfg.validate().map_err(|e| bad(&e))?;
+    Ok(cfg)
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Run(a) => {
+            let cfg = build_config(&a)?;
+            ward_net::process::init_logging(&cfg.log_level, cfg.log_format == LogFormat::Json);
+            let server = crate::CaServer::start(cfg)
+                .await
+                .map_err(|e| CliError::new(1, e.to_string()))?;
+            ward_net::process::shutdown_signal().await;
+            tracing::info!("shutting down");
+            server.shutdown().await;
+            Ok(())
+        }
+        Command::Dev(a) => crate::dev::run(a).await.map_err(|e| CliError::new(1, e)),
+        Command::CheckConfig { config } => {
+            let cfg = CaConfig::from_file(&config).map_err(|e| CliError::new(2, e.to_string()))?;
+            let text = toml::to_string_pretty(&cfg).map_err(|e| CliError::new(1, e.to_string()))?;
+            print(&text);
+            Ok(())
+        }
+        Command::Token { cmd } => token(cmd).await,
+        Command::Entry { cmd } => entry(cmd).await,
+        Command::Agent { cmd } => agent(cmd).await,
+        Command::Bundle { cmd } => bundle(cmd).await,
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn print(s: &str) {
+    println!("{s}");
+}
+
+fn client(conn: &Conn) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+    let path = conn
+        .socket
+        .clone()
+        .unwrap_or_else(|| conn.data_dir.join("admin").join("api.sock"));
+    if !path.exists() {
+        return Err(CliError::new(
+            6,
+            format!(
+                "no admin socket at {} (is ward-ca running? set --socket or --data-dir)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(AdminClient::new(ward_net::process::unix_channel(&path)))
+}
+
+fn time(secs: i64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+}
+
+fn json(v: serde_json::Value) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(&v).map_err(|e| CliError::new(1, e.to_string()))?;
+    print(&s);
+    Ok(())
+}
+
+async fn token(cmd: TokenCmd) -> Result<(), CliError> {
+    let TokenCmd::Create { conn, ttl } = cmd;
+    let ttl_seconds = ttl.map_or(0, |d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
+    let t = client(&conn)?
+        .create_join_token(admin::CreateJoinTokenRequest { ttl_seconds })
+        .await?
+        .into_inner();
+    match conn.output {
+        Output::Json => json(serde_json::json!({
+            "token": t.token, "agent_id": t.agent_id, "expires_at": time(t.expires_at),
+        })),
+        Output::Text => {
+            print(&format!(
+                "Token:      {}\nAgent ID:   {}\nExpires at: {}",
+                t.token,
+                t.agent_id,
+                time(t.expires_at)
+            ));
+            Ok(())
+        }
+    }
+}
+
+fn spec(a: SpecArgs) -> admin::EntrySpec {
+    let secs =
+        |d: Option<Duration>| d.map_or(0, |d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
+    admin::EntrySpec {
+        spiffe_id: a.spiffe_id,
+        parent_id: a.parent_id,
+        selectors: a.selectors,
+        x509_svid_ttl: secs(a.x509_svid_ttl),
+        jwt_svid_ttl: secs(a.jwt_svid_ttl),
+        dns_names: a.dns_names,
+        hint: a.hint,
+        admin: a.admin,
+    }
+}
+
+fn entry_json(e: &types::Entry) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors,
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "hint": e.hint,
+        "admin": e.admin,
+        "revision": e.revision,
+        "created_at": time(e.created_at),
+        "origin": e.origin,
+    })
+}
+
+fn entry_text(e: &types::Entry) -> String {
+    let ttl = |s: u32| {
+        if s == 0 {
+            "default".to_owned()
+        } else {
+            ward_net::duration::format(Duration::from_secs(u64::from(s)))
+        }
+    };
+    let mut out = format!(
+        "Entry ID      : {}\nSPIFFE ID     : {}\nParent ID     : {}\nRevision      : {}\n\
+         X509-SVID TTL : {}\nJWT-SVID TTL  : {}\nOrigin        : {}\nCreated at    : {}\n",
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        e.revision,
+        ttl(e.x509_svid_ttl),
+        ttl(e.jwt_svid_ttl),
+        e.origin,
+        time(e.created_at)
+    );
+    for s in &e.selectors {
+        out.push_str(&format!("Selector      : {s}\n"));
+    }
+    for d in &e.dns_names {
+        out.push_str(&format!("DNS name      : {d}\n"));
+    }
+    if !e.hint.is_empty() {
+        out.push_str(&format!("Hint          : {}\n", e.hint));
+    }
+    if e.admin {
+        out.push_str("Admin         : true\n");
+    }
+    out
+}
+
+fn show_entry(output: Output, e: &types::Entry) -> Result<(), CliError> {
+    match output {
+        Output::Json => json(entry_json(e)),
+        Output::Text => {
+            print(entry_text(e).trim_end());
+            Ok(())
+        }
+    }
+}
+
+async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
+    match cmd {
+        EntryCmd::Create { conn, spec: s } => {
+            let e = client(&conn)?.create_entry(spec(s)).await?.into_inner();
+            show_entry(conn.output, &e)
+        }
+        EntryCmd::List {
+            conn,
+            parent_id,
+            spiffe_id,
+        } => {
+            let r = client(&conn)?
+                .list_entries(admin::ListEntriesRequest {
+                    parent_id: parent_id.unwrap_or_default(),
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            match conn.output {
+                Output::Json => json(serde_json::Value::Array(
+                    r.entries.iter().map(entry_json).collect(),
+                )),
+                Output::Text => {
+                    let n = r.entries.len();
+                    let body: Vec<String> = r.entries.iter().map(entry_text).collect();
+                    print(
+                        format!(
+                            "Found {n} entr{}\n\n{}",
+                            if n == 1 { "y" } else { "ies" },
+                            body.join("\n")
+                        )
+                        .trim_end(),
+                    );
+                    Ok(())
+                }
+            }
+        }
+        EntryCmd::Show { conn, id } => {
+            let e = client(&conn)?
+                .get_entry(admin::GetEntryRequest { id })
+                .await?
+                .into_inner();
+            show_entry(conn.output, &e)
+        }
+        EntryCmd::Update {
+            conn,
+            id,
+            spec: s,
+            revision,
+        } => {
+            let e = client(&conn)?
+                .update_entry(admin::UpdateEntryRequest {
+                    id,
+                    spec: Some(spec(s)),
+                    expected_revision: revision,
+                })
+                .await?
+                .into_inner();
+            show_entry(conn.output, &e)
+        }
+        EntryCmd::Delete { conn, id } => {
+            client(&conn)?
+                .delete_entry(admin::DeleteEntryRequest { id: id.clone() })
+                .await?;
+            match conn.output {
+                Output::Json => json(serde_json::json!({ "deleted": id })),
+                Output::Text => {
+                    print(&format!("Deleted entry {id}"));
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
+    match cmd {
+        AgentCmd::List { conn } => {
+            let r = client(&conn)?
+                .list_agents(admin::ListAgentsRequest {})
+                .await?
+                .into_inner();
+            match conn.output {
+                Output::Json => json(serde_json::Value::Array(
+                    r.agents
+                        .iter()
+                        .map(|a| {
+                            serde_json::json!({
+                                "spiffe_id": a.spiffe_id,
+                                "attestation_type": a.attestation_type,
+                                "selectors": a.selectors,
+                                "serial": a.serial,
+                                "expires_at": time(a.expires_at),
+                                "attested_at": time(a.attested_at),
+                                "evicted": a.evicted,
+                            })
+                        })
+                        .collect(),
+                )),
+                Output::Text => {
+                    let mut out = format!("Found {} agent(s)\n", r.agents.len());
+                    for a in &r.agents {
+                        out.push_str(&format!(
+                            "\nSPIFFE ID        : {}\nAttestation type : {}\nSVID serial      : {}\n\
+                             SVID expires at  : {}\nAttested at      : {}\nEvicted          : {}\n",
+                            a.spiffe_id,
+                            a.attestation_type,
+                            a.serial,
+                            time(a.expires_at),
+                            time(a.attested_at),
+                            a.evicted
+                        ));
+                        for s in &a.selectors {
+                            out.push_str(&format!("Selector         : {s}\n"));
+                        }
+                    }
+                    print(out.trim_end());
+                    Ok(())
+                }
+            }
+        }
+        AgentCmd::Evict { conn, spiffe_id } => {
+            client(&conn)?
+                .evict_agent(admin::EvictAgentRequest {
+                    spiffe_id: spiffe_id.clone(),
+                })
+                .await?;
+            match conn.output {
+                Output::Json => json(serde_json::json!({ "evicted": spiffe_id })),
+                Output::Text => {
+                    print(&format!("Evicted agent {spiffe_id}"));
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
+    let BundleCmd::Show { conn, format } = cmd;
+    let b = client(&conn)?
+        .get_bundle(admin::GetBundleRequest {})
+        .await?
+        .into_inner();
+    let bundle = crate::convert::bundle_from_proto(&b).map_err(|e| CliError::new(1, e))?;
+    match (format, conn.output) {
+        (BundleFormat::Pem, _) => {
+            print(bundle.x509_pem().trim_end());
+            Ok(())
+        }
+        (BundleFormat::Spiffe, _) => {
+            let s = bundle
+                .to_spiffe_json()
+                .map_err(|e| CliError::new(1, e.to_string()))?;
+            print(&s);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The CA's configuration: one struct, loaded from a TOML file (unknown keys are an error),
+//! then overridden by `WARD_CA_*` environment variables, then by command-line flags.
+//! Tests build values directly and never touch the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use ward_net::duration::serde_str;
+use ward_spiffe::TrustDomain;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message (names the offending key).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Upstream authority: the CA signs with an intermediate certified by this key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// PEM certificate of the upstream CA whose key is `key_file`.
+    pub cert_file: PathBuf,
+    /// PEM PKCS#8 private key of the upstream CA.
+    pub key_file: PathBuf,
+    /// PEM roots to publish in the bundle (the upstream root, and the chain from
+    /// `cert_file` to it if `cert_file` is itself an intermediate).
+    pub bundle_file: PathBuf,
+}
+
+/// TTLs and lifetimes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ttls {
+    /// Lifetime of a signing authority (self-signed root or intermediate).
+    #[serde(with = "serde_str")]
+    pub ca: Duration,
+    /// Default workload X.509-SVID TTL.
+    #[serde(with = "serde_str")]
+    pub x509_svid: Duration,
+    /// Default JWT-SVID TTL.
+    #[serde(with = "serde_str")]
+    pub jwt_svid: Duration,
+    /// Agent SVID TTL.
+    #[serde(with = "serde_str")]
+    pub agent_svid: Duration,
+    /// Default join-token lifetime.
+    #[serde(with = "serde_str")]
+    pub join_token: Duration,
+}
+
+impl Default for Ttls {
+    fn default() -> Self {
+        Self {
+            ca: Duration::from_secs(24 * 3600),
+            x509_svid: Duration::from_secs(3600),
+            jwt_svid: Duration::from_secs(300),
+            agent_svid: Duration::from_secs(3600),
+            join_token: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole CA configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// The trust domain this CA issues for.
+    pub trust_domain: TrustDomain,
+    /// Directory for the store, keys and the admin socket.
+    pub data_dir: PathBuf,
+    /// Address of the node API (TLS).
+    #[serde(default = "default_bind")]
+    pub bind_address: SocketAddr,
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_health")]
+    pub health_address: SocketAddr,
+    /// Admin API socket; default `<data_dir>/admin/api.sock`.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// Lifetimes.
+    #[serde(default)]
+    pub ttl: Ttls,
+    /// Optional upstream authority.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+    /// `tracing` filter, e.g. `info` or `ward_ca=debug`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// Log format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+
+fn default_health() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8082))
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl CaConfig {
+    /// A configuration with defaults for everything but the trust domain and data directory.
+    pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
+        Self {
+            trust_domain,
+            data_dir,
+            bind_address: default_bind(),
+            health_address: default_health(),
+            admin_socket: None,
+            ttl: Ttls::default(),
+            upstream: None,
+            log_level: default_log_level(),
+            log_format: LogFormat::default(),
+        }
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies `WARD_CA_*` overrides read through `env` (the process environment in `main`).
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |k: &str, e: &dyn std::fmt::Display| ConfigError::Invalid(format!("{k}: {e}"));
+        if let Some(v) = env("WARD_CA_TRUST_DOMAIN") {
+            self.trust_domain =
+                TrustDomain::new(&v).map_err(|e| bad("WARD_CA_TRUST_DOMAIN", &e))?;
+        }
+        if let Some(v) = env("WARD_CA_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("WARD_CA_BIND_ADDRESS") {
+            self.bind_address = v.parse().map_err(|e| bad("WARD_CA_BIND_ADDRESS", &e))?;
+        }
+        if let Some(v) = env("WARD_CA_HEALTH_ADDRESS") {
+            self.health_address = v.parse().map_err(|e| bad("WARD_CA_HEALTH_ADDRESS", &e))?;
+        }
+        if let Some(v) = env("WARD_CA_ADMIN_SOCKET") {
+            self.admin_socket = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("WARD_CA_LOG_LEVEL") {
+            self.log_level = v;
+        }
+        self.validate()
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.ttl;
+        let min = Duration::from_secs(1);
+        for (name, d) in [
+            ("ttl.ca", t.ca),
+            ("ttl.x509_svid", t.x509_svid),
+            ("ttl.jwt_svid", t.jwt_svid),
+            ("ttl.agent_svid", t.agent_svid),
+            ("ttl.join_token", t.join_token),
+        ] {
+            if d < min {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1s")));
+            }
+        }
+        if t.x509_svid >= t.ca || t.agent_svid >= t.ca {
+            return Err(ConfigError::Invalid(
+                "ttl.x509_svid and ttl.agent_svid must be shorter than ttl.ca".into(),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir must be set".into()));
+        }
+        Ok(())
+    }
+
+    /// Where the admin socket lives.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin").join("api.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = CaConfig::from_toml(
+            "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.bind_address.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.ttl.x509_svid, Duration::from_secs(3600));
+        assert_eq!(
+            c.admin_socket_path(),
+            PathBuf::from("/tmp/x/admin/api.sock")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = CaConfig::from_toml("trust_domain = \"td\"\ndata_dir = \"/x\"\nbogus = 1\n", "f")
+            .unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e =
+            CaConfig::from_toml("trust_domain = \"TD!\"\ndata_dir = \"/x\"\n", "f").unwrap_err();
+        assert!(e.to_string().contains("trust domain"), "{e}");
+        let e = CaConfig::from_toml(
+            "trust_domain = \"td\"\ndata_dir = \"/x\"\n[ttl]\nx509_svid = \"48h\"\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("shorter"), "{e}");
+        let e = CaConfig::from_toml(
+            "trust_domain = \"td\"\ndata_dir = \"/x\"\n[ttl]\nx509_svid = \"1 hour\"\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("duration"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_validate() {
+        let mut c = CaConfig::new(TrustDomain::new("a").unwrap(), "/x".into());
+        let env = |k: &str| match k {
+            "WARD_CA_TRUST_DOMAIN" => Some("b.example".to_owned()),
+            "WARD_CA_BIND_ADDRESS" => Some("127.0.0.1:9999".to_owned()),
+            _ => None,
+        };
+        c.apply_env(&env).unwrap();
+        assert_eq!(c.trust_domain.name(), "b.example");
+        assert_eq!(c.bind_address.port(), 9999);
+        let bad = |k: &str| (k == "WARD_CA_BIND_ADDRESS").then(|| "nope".to_owned());
+        assert!(c.apply_env(&bad).is_err());
+    }
+}

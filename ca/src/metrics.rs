@@ -1,0 +1,114 @@
+//! The CA's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: what was issued.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `x509`, `jwt`, `agent`.
+    pub kind: String,
+}
+
+/// Labels: attestation method and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttestLabel {
+    /// e.g. `join_token`.
+    pub method: String,
+    /// `ok` or the gRPC code name.
+    pub result: String,
+}
+
+/// Every CA metric.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// SVIDs issued by kind.
+    pub issued: Family<KindLabel, Counter>,
+    /// Issuance requests refused, by kind.
+    pub refused: Family<KindLabel, Counter>,
+    /// Node attestations by method and result.
+    pub attestations: Family<AttestLabel, Counter>,
+    /// Open agent sync streams.
+    pub sync_streams: Gauge,
+    /// Current bundle sequence.
+    pub bundle_sequence: Gauge,
+    /// Unix time at which the active X.509 authority expires.
+    pub x509_authority_expiry: Gauge,
+    /// Time to sign one batch of X.509-SVIDs, including the durable audit write.
+    pub batch_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics.
+    pub fn new() -> Self {
+        Self {
+            issued: Family::default(),
+            refused: Family::default(),
+            attestations: Family::default(),
+            sync_streams: Gauge::default(),
+            bundle_sequence: Gauge::default(),
+            x509_authority_expiry: Gauge::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        }
+    }
+
+    /// Registers everything under the `ward_ca` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("ward_ca");
+        r.register("svids_issued", "SVIDs issued", self.issued.clone());
+        r.register(
+            "svid_requests_refused",
+            "SVID requests refused",
+            self.refused.clone(),
+        );
+        r.register(
+            "attestations",
+            "Node attestations",
+            self.attestations.clone(),
+        );
+        r.register(
+            "sync_streams",
+            "Open agent sync streams",
+            self.sync_streams.clone(),
+        );
+        r.register(
+            "bundle_sequence",
+            "Trust bundle sequence",
+            self.bundle_sequence.clone(),
+        );
+        r.register(
+            "x509_authority_expiry_timestamp_seconds",
+            "Expiry of the active X.509 authority (Unix seconds)",
+            self.x509_authority_expiry.clone(),
+        );
+        r.register(
+            "sign_batch_duration_seconds",
+            "Time to sign and durably log one batch of X.509-SVIDs",
+            self.batch_seconds.clone(),
+        );
+    }
+
+    /// Counts one issued SVID of `kind`.
+    pub fn issued(&self, kind: &str, n: u64) {
+        self.issued
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc_by(n);
+    }
+
+    /// Counts one refused request of `kind`.
+    pub fn refused(&self, kind: &str) {
+        self.refused
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+}

@@ -1,0 +1,285 @@
+//! Starting and stopping a CA: opens the store and keys, builds the core, and serves the node
+//! API (TLS), the admin API (Unix socket) and the health endpoint, with the background tasks
+//! that rotate authorities, renew the CA's own server SVID and compact the change log.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use ward_net::{ClientAuth, CredentialSink, PeerPolicy, Svid, TlsSettings, TrustStore};
+use ward_spiffe::{Clock, SystemClock};
+use ward_store::{SledStore, Store};
+
+use crate::admin_api::AdminService;
+use crate::config::CaConfig;
+use crate::core::CaCore;
+use crate::keys::DiskKeyManager;
+use crate::node_api::NodeService;
+
+/// Why the CA could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Filesystem problem with the data directory.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The store cannot be opened or is not ours.
+    #[error("{0}")]
+    Store(String),
+    /// Keys or authorities are unusable.
+    #[error("{0}")]
+    Authority(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// How often authorities are checked for rotation.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(10);
+/// Change records kept for incremental agent resync.
+const KEEP_CHANGES: u64 = 100_000;
+
+/// A running CA.
+#[derive(Debug)]
+pub struct CaServer {
+    /// The core (for in-process callers such as `ward-ca dev` and tests).
+    pub core: Arc<CaCore>,
+    /// Where the node API listens.
+    pub node_addr: SocketAddr,
+    /// Where `/metrics`, `/healthz`, `/readyz` are served.
+    pub health_addr: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// The bundle file agents can bootstrap from.
+    pub bundle_path: PathBuf,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl CaServer {
+    /// Starts a CA with the system clock.
+    pub async fn start(cfg: CaConfig) -> Result<Self, StartError> {
+        Self::start_with_clock(cfg, Arc::new(SystemClock)).await
+    }
+
+    /// Starts a CA with an injected clock.
+    pub async fn start_with_clock(
+        cfg: CaConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dd = |source| StartError::DataDir {
+            path: cfg.data_dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(dd)?;
+
+        let store_path = cfg.data_dir.join("store");
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&store_path).map_err(|e| StartError::Store(e.to_string()))?);
+        crate::db::check_schema(store.as_ref(), &store_path.display().to_string())
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        let keys = Arc::new(
+            DiskKeyManager::open(&cfg.data_dir.join("keys"))
+                .map_err(|e| StartError::Authority(e.to_string()))?,
+        );
+        let core = Arc::new(
+            CaCore::open(cfg.clone(), store, keys, clock.clone())
+                .await
+                .map_err(|e| StartError::Authority(e.to_string()))?,
+        );
+
+        let bundle_path = cfg.data_dir.join("bundle.pem");
+        write_atomic(&bundle_path, core.bundle().x509_pem().as_bytes()).map_err(dd)?;
+
+        // The CA's own TLS identity.
+        let trust = Arc::new(TrustStore::new());
+        let sink = Arc::new(CredentialSink::new(
+            trust,
+            TlsSettings {
+                accept_clients: PeerPolicy::TrustDomain(cfg.trust_domain.clone()),
+                client_auth: ClientAuth::Optional,
+                accept_servers: PeerPolicy::TrustDomain(cfg.trust_domain.clone()),
+                alpn: vec![b"h2".to_vec()],
+            },
+        ));
+        sink.update_bundle((*core.bundle()).clone())
+            .map_err(|e| StartError::Authority(e.to_string()))?;
+        refresh_server_svid(&core, &sink).map_err(|e| StartError::Authority(e.to_string()))?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Node API.
+        let listener = tokio::net::TcpListener::bind(cfg.bind_address)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: format!("node API address {}", cfg.bind_address),
+                source,
+            })?;
+        let node_addr = listener.local_addr().map_err(dd)?;
+        let incoming = ward_net::tls_incoming(listener, sink.subscribe(), None);
+        let svc = ward_proto::node::node_server::NodeServer::new(NodeService::new(core.clone()))
+            .max_decoding_message_size(16 * 1024 * 1024);
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "node API server stopped");
+            }
+        }));
+
+        // Admin API.
+        let admin_socket = cfg.admin_socket_path();
+        let admin_listener =
+            ward_net::unix::bind_unix(&admin_socket, 0o700, 0o600).map_err(|source| {
+                StartError::Bind {
+                    what: format!("admin socket {}", admin_socket.display()),
+                    source,
+                }
+            })?;
+        let admin =
+            ward_proto::admin::admin_server::AdminServer::new(AdminService::new(core.clone()));
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(admin_listener);
+            let r = tonic::transport::Server::builder()
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "admin API server stopped");
+            }
+        }));
+
+        // Health and metrics.
+        let mut registry = Registry::default();
+        core.metrics.register(&mut registry);
+        let health = tokio::net::TcpListener::bind(cfg.health_address)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: format!("health address {}", cfg.health_address),
+                source,
+            })?;
+        let health_addr = health.local_addr().map_err(dd)?;
+        let (_ready_tx, ready_rx) = watch::channel(Ok(()));
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            ward_net::health::serve_admin(health, Arc::new(registry), ready_rx, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+            drop(_ready_tx);
+        }));
+
+        // Background: rotation, bundle publication, server SVID renewal, log compaction.
+        let mut rx = shutdown_rx.clone();
+        let (c, s, bp) = (core.clone(), sink.clone(), bundle_path.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut bundles = c.authorities.watch_bundle();
+            let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+            let mut compact = 0u32;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = c.authorities.maintain().await {
+                            tracing::error!(error = %e, "authority maintenance failed");
+                        }
+                        let renew_due = s.current().is_none_or(|cur| {
+                            let life = cur.svid.not_after.duration_since(cur.svid.not_before).unwrap_or_default();
+                            c.clock.now() >= cur.svid.not_before + life / 2
+                        });
+                        if renew_due && let Err(e) = refresh_server_svid(&c, &s) {
+                            tracing::error!(error = %e, "CA server SVID renewal failed");
+                        }
+                        compact += 1;
+                        if compact.is_multiple_of(30) && let Err(e) = c.entries.compact_changes(KEEP_CHANGES).await {
+                            tracing::warn!(error = %e, "change log compaction failed");
+                        }
+                        c.update_gauges();
+                    }
+                    r = bundles.changed() => {
+                        if r.is_err() { return; }
+                        let b = bundles.borrow_and_update().clone();
+                        if let Err(e) = s.update_bundle((*b).clone()) {
+                            tracing::error!(error = %e, "bundle refused by the CA's TLS");
+                        }
+                        if let Err(e) = write_atomic(&bp, b.x509_pem().as_bytes()) {
+                            tracing::error!(error = %e, "cannot write bundle file");
+                        }
+                        // A new authority means a new server SVID chain.
+                        if let Err(e) = refresh_server_svid(&c, &s) {
+                            tracing::error!(error = %e, "CA server SVID renewal failed");
+                        }
+                        c.update_gauges();
+                    }
+                    _ = async { let _ = rx.wait_for(|s| *s).await; } => return,
+                }
+            }
+        }));
+
+        tracing::info!(
+            trust_domain = %cfg.trust_domain,
+            node_api = %node_addr,
+            admin_socket = %admin_socket.display(),
+            health = %health_addr,
+            "ward-ca started"
+        );
+        Ok(Self {
+            core,
+            node_addr,
+            health_addr,
+            admin_socket,
+            bundle_path,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops every server and task and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn refresh_server_svid(core: &CaCore, sink: &CredentialSink) -> Result<(), String> {
+    let (chain, key) = core.issue_server_svid().map_err(|e| e.to_string())?;
+    let svid = Svid::from_parts(chain, key).map_err(|e| e.to_string())?;
+    sink.update_svid(svid, core.clock.now())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,181 @@
+//! The per-agent sync stream: the agent's entries and the bundle, in full first (or only the
+//! changes since the agent's last revision when the change log still covers it), then every
+//! change as it is committed.
+//!
+//! The stream watches the change log and the bundle *before* reading state, so no write can
+//! fall between the read and the wait. It ends with `PermissionDenied` when the agent is
+//! evicted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use ward_net::PeerInfo;
+use ward_proto::node::SyncUpdate;
+
+use crate::agents::AgentRecord;
+use crate::convert::{bundle_to_proto, entry_to_proto};
+use crate::core::CaCore;
+use crate::error::ApiError;
+
+/// How many change records are read per page.
+const PAGE: usize = 1000;
+/// How often a quiet stream re-checks that its agent may still sync.
+const RECHECK: Duration = Duration::from_secs(30);
+
+enum Delta {
+    Upsert,
+    Remove,
+}
+
+/// Computes the update that brings an agent from revision `after` to now, or `None` if the
+/// change log no longer reaches back that far (a full resync is needed).
+async fn incremental(
+    core: &CaCore,
+    agent: &str,
+    after: u64,
+) -> Result<Option<(u64, SyncUpdate)>, ApiError> {
+    if after < core.entries.changes_floor().await? {
+        return Ok(None);
+    }
+    let mut rev = after;
+    let mut deltas: BTreeMap<String, Delta> = BTreeMap::new();
+    loop {
+        let page = core.entries.changes_since(rev, PAGE).await?;
+        let n = page.len();
+        for c in page {
+            rev = c.revision;
+            if c.new_parent.as_deref() == Some(agent) {
+                deltas.insert(c.entry_id, Delta::Upsert);
+            } else if c.old_parent.as_deref() == Some(agent) {
+                deltas.insert(c.entry_id, Delta::Remove);
+            }
+        }
+        if n < PAGE {
+            break;
+        }
+    }
+    let mut update = SyncUpdate {
+        revision: rev,
+        ..Default::default()
+    };
+    for (id, d) in deltas {
+        match d {
+            Delta::Upsert => match core.entries.get(&id).await? {
+                // The entry may have moved or gone since; the later change handles that, but the
+                // current state decides what we send.
+                Some(e) if e.parent_id.as_str() == agent => {
+                    update.upserted.push(entry_to_proto(&e))
+                }
+                _ => update.removed.push(id),
+            },
+            Delta::Remove => update.removed.push(id),
+        }
+    }
+    Ok(Some((rev, update)))
+}
+
+async fn full(core: &CaCore, agent: &str) -> Result<(u64, SyncUpdate), ApiError> {
+    let rev = core.entries.revision().await?;
+    let entries = core.entries.by_parent(agent).await?;
+    Ok((
+        rev,
+        SyncUpdate {
+            revision: rev,
+            full: true,
+            upserted: entries.iter().map(entry_to_proto).collect(),
+            removed: Vec::new(),
+            bundle: None,
+        },
+    ))
+}
+
+/// Starts the stream for `agent`.
+pub fn stream(
+    core: Arc<CaCore>,
+    agent: AgentRecord,
+    peer: Option<PeerInfo>,
+    since: u64,
+) -> impl Stream<Item = Result<SyncUpdate, Status>> {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        core.metrics.sync_streams.inc();
+        if let Err(e) = run(&core, &agent, peer.as_ref(), since, &tx).await {
+            let _ = tx.send(Err(e.into_status())).await;
+        }
+        core.metrics.sync_streams.dec();
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn run(
+    core: &CaCore,
+    agent: &AgentRecord,
+    peer: Option<&PeerInfo>,
+    since: u64,
+    tx: &mpsc::Sender<Result<SyncUpdate, Status>>,
+) -> Result<(), ApiError> {
+    let me = agent.id.to_string();
+    let mut changes = core.entries.watch();
+    let mut agents = core.agents.watch();
+    let mut bundles = core.authorities.watch_bundle();
+
+    let current = core.entries.revision().await?;
+    let first = if since == 0 || since > current {
+        None
+    } else {
+        incremental(core, &me, since).await?
+    };
+    let (mut rev, mut update) = match first {
+        Some(u) => u,
+        None => full(core, &me).await?,
+    };
+    let bundle = bundles.borrow_and_update().clone();
+    let mut sent_seq = bundle.sequence;
+    update.bundle = Some(bundle_to_proto(&bundle));
+    if tx.send(Ok(update)).await.is_err() {
+        return Ok(());
+    }
+
+    loop {
+        tokio::select! {
+            ok = changes.changed() => if !ok { return Ok(()) },
+            ok = agents.changed() => {
+                if !ok { return Ok(()) }
+                core.authorize_agent(peer).await?;
+                continue;
+            }
+            r = bundles.changed() => if r.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(RECHECK) => {
+                core.authorize_agent(peer).await?;
+                continue;
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+        let (next_rev, mut update) = match incremental(core, &me, rev).await? {
+            Some(u) => u,
+            None => full(core, &me).await?,
+        };
+        let bundle = bundles.borrow_and_update().clone();
+        if bundle.sequence != sent_seq {
+            sent_seq = bundle.sequence;
+            update.bundle = Some(bundle_to_proto(&bundle));
+        }
+        let empty = !update.full
+            && update.upserted.is_empty()
+            && update.removed.is_empty()
+            && update.bundle.is_none();
+        rev = next_rev;
+        if empty {
+            // Nothing for this agent: stay silent so unrelated changes cost it nothing.
+            continue;
+        }
+        if tx.send(Ok(update)).await.is_err() {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! rustls certificate verifiers for SPIFFE peers, both sides.
+//!
+//! They check the peer chain against the *current* bundle of the peer's trust domain (read at
+//! handshake time from a [`TrustStore`], so bundle changes apply to the next handshake without
+//! rebuilding any config), the SPIFFE leaf rules, and a [`PeerPolicy`]. There is no hostname
+//! check: a SPIFFE peer is named by its URI SAN only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use ward_spiffe::x509::{self, SvidError, Usage};
+use ward_spiffe::{Bundle, SpiffeId, TrustDomain};
+
+/// Bundles by trust domain.
+pub type BundleSet = HashMap<TrustDomain, Bundle>;
+
+/// The trust bundles currently in force, shared by every verifier of a process.
+#[derive(Debug, Default)]
+pub struct TrustStore {
+    inner: RwLock<Arc<BundleSet>>,
+}
+
+impl TrustStore {
+    /// An empty store (trusts nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A snapshot of all bundles.
+    pub fn snapshot(&self) -> Arc<BundleSet> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the bundle of one trust domain.
+    pub fn set(&self, bundle: Bundle) {
+        let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**guard).clone();
+        next.insert(bundle.trust_domain.clone(), bundle);
+        *guard = Arc::new(next);
+    }
+
+    /// The bundle of one trust domain.
+    pub fn get(&self, td: &TrustDomain) -> Option<Bundle> {
+        self.snapshot().get(td).cloned()
+    }
+}
+
+/// Which authenticated peers a verifier accepts.
+#[derive(Clone)]
+pub enum PeerPolicy {
+    /// Any SPIFFE ID in this trust domain.
+    TrustDomain(TrustDomain),
+    /// Any SPIFFE ID of a trust domain we hold a bundle for.
+    AnyTrusted,
+    /// Exactly one of these IDs.
+    OneOf(Vec<SpiffeId>),
+    /// A caller-supplied predicate.
+    Custom(Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>),
+}
+
+impl std::fmt::Debug for PeerPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerPolicy::TrustDomain(td) => write!(f, "TrustDomain({td})"),
+            PeerPolicy::AnyTrusted => f.write_str("AnyTrusted"),
+            PeerPolicy::OneOf(ids) => write!(f, "OneOf({ids:?})"),
+            PeerPolicy::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+impl PeerPolicy {
+    fn allows(&self, id: &SpiffeId) -> bool {
+        match self {
+            PeerPolicy::TrustDomain(td) => id.is_member_of(td),
+            PeerPolicy::AnyTrusted => true,
+            PeerPolicy::OneOf(ids) => ids.contains(id),
+            PeerPolicy::Custom(f) => f(id),
+        }
+    }
+}
+
+/// Why a peer was refused, carried inside the rustls error so callers can count reasons.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The chain breaks a SPIFFE rule or does not verify.
+    #[error(transparent)]
+    Svid(#[from] SvidError),
+    /// No bundle for the peer's trust domain.
+    #[error("no trust bundle for trust domain {0}")]
+    UnknownTrustDomain(String),
+    /// Authenticated, but not a peer this side accepts.
+    #[error("peer {0} is not authorized")]
+    NotAuthorized(String),
+}
+
+impl PeerError {
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PeerError::Svid(SvidError::Chain(msg)) if msg.contains("Expired") => "expired",
+            PeerError::Svid(SvidError::Chain(msg)) if msg.contains("UnknownIssuer") => {
+                "unknown_issuer"
+            }
+            PeerError::Svid(SvidError::Chain(_)) => "bad_chain",
+            PeerError::Svid(SvidError::MultipleUriSans) => "multiple_uri_sans",
+            PeerError::Svid(SvidError::LeafIsCa) => "ca_as_leaf",
+            PeerError::Svid(_) => "not_an_svid",
+            PeerError::UnknownTrustDomain(_) => "unknown_trust_domain",
+            PeerError::NotAuthorized(_) => "unauthorized_id",
+        }
+    }
+}
+
+/// Verifies a peer chain: SPIFFE leaf rules, chain to the current bundle of the leaf's trust
+/// domain, then the policy. Returns the peer's ID.
+pub fn verify_peer(
+    trust: &TrustStore,
+    policy: &PeerPolicy,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<SpiffeId, PeerError> {
+    let leaf = x509::check_leaf(end_entity, x509::Profile::Peer)?;
+    let td = leaf.id.trust_domain();
+    let bundles = trust.snapshot();
+    let bundle = bundles
+        .get(&td)
+        .ok_or_else(|| PeerError::UnknownTrustDomain(td.to_string()))?;
+    let mut chain = Vec::with_capacity(1 + intermediates.len());
+    chain.push(end_entity.clone());
+    chain.extend(intermediates.iter().cloned());
+    let roots: Vec<CertificateDer<'_>> = bundle
+        .x509_authorities
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let now = UNIX_EPOCH + Duration::from_secs(now.as_secs());
+    let info = x509::verify_chain(&chain, &roots, &td, now, usage)?;
+    if !policy.allows(&info.id) {
+        return Err(PeerError::NotAuthorized(info.id.to_string()));
+    }
+    Ok(info.id)
+}
+
+fn to_rustls(e: PeerError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Recovers the [`PeerError`] from a rustls handshake error, if it came from these verifiers.
+pub fn peer_error(e: &rustls::Error) -> Option<&PeerError> {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.downcast_ref::<PeerError>()
+        }
+        _ => None,
+    }
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// Verifies servers (used in client configs).
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    trust: Arc<TrustStore>,
+    policy: PeerPolicy,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// Accepts servers allowed by `policy` whose chains verify against `trust`.
+    pub fn new(trust: Arc<TrustStore>, policy: PeerPolicy) -> Self {
+        Self {
+            trust,
+            policy,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verify_peer(
+            &self.trust,
+            &self.policy,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Server,
+        )
+        .map_err(to_rustls)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies clients (used in server configs).
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    trust: Arc<TrustStore>,
+    policy: PeerPolicy,
+    mandatory: bool,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    /// Accepts clients allowed by `policy`. With `mandatory == false` a client may connect
+    /// without a certificate (the application then decides, e.g. node attestation).
+    pub fn new(trust: Arc<TrustStore>, policy: PeerPolicy, mandatory: bool) -> Self {
+        Self {
+            trust,
+            policy,
+            mandatory,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_peer(
+            &self.trust,
+            &self.policy,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Client,
+        )
+        .map_err(to_rustls)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
