@@ -1,1 +1,18 @@
+//! ward-agent: the per-node agent. It attests to the CA, follows the entries it may serve,
+//! keeps an SVID fresh for each, attests local workloads and serves them the SPIFFE Workload
+//! API on a Unix socket. `main.rs` only calls [`cli::main`].
 
+pub mod attest;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod files;
+pub mod identity;
+pub mod manager;
+pub mod metrics;
+pub mod server;
+pub mod sync;
+pub mod workload;
+
+pub use config::AgentConfig;
+pub use server::Agent;

@@ -1,7 +1,7 @@
 //! Conversions between stored records and protobuf messages.
 
+pub use ward_proto::convert::{bundle_from_proto, bundle_to_proto};
 use ward_proto::types;
-use ward_spiffe::Bundle;
 
 use crate::entries::{Entry, EntrySpec};
 
@@ -37,25 +37,6 @@ pub fn spec_from_proto(s: ward_proto::admin::EntrySpec) -> EntrySpec {
     }
 }
 
-/// A bundle as a message.
-pub fn bundle_to_proto(b: &Bundle) -> types::Bundle {
-    types::Bundle {
-        trust_domain: b.trust_domain.to_string(),
-        x509_authorities: b.x509_authorities.clone(),
-        jwt_authorities: b
-            .jwt_authorities
-            .iter()
-            .map(|a| types::JwtKey {
-                key_id: a.key_id.clone(),
-                public_key: a.public_key.clone(),
-                expires_at: 0,
-            })
-            .collect(),
-        sequence: b.sequence,
-        refresh_hint_seconds: b.refresh_hint_secs.unwrap_or(0) as u32,
-    }
-}
-
 /// A certificate chain as an SVID message.
 pub fn svid_to_proto(id: &str, chain: Vec<Vec<u8>>, expires_at: i64) -> types::X509Svid {
     types::X509Svid {
@@ -63,24 +44,4 @@ pub fn svid_to_proto(id: &str, chain: Vec<Vec<u8>>, expires_at: i64) -> types::X
         cert_chain: chain,
         expires_at,
     }
-}
-
-/// A bundle message as a bundle.
-pub fn bundle_from_proto(b: &types::Bundle) -> Result<Bundle, String> {
-    let td = ward_spiffe::TrustDomain::new(&b.trust_domain).map_err(|e| e.to_string())?;
-    Ok(Bundle {
-        trust_domain: td,
-        x509_authorities: b.x509_authorities.clone(),
-        jwt_authorities: b
-            .jwt_authorities
-            .iter()
-            .map(|k| ward_spiffe::JwtAuthority {
-                key_id: k.key_id.clone(),
-                public_key: k.public_key.clone(),
-            })
-            .collect(),
-        sequence: b.sequence,
-        refresh_hint_secs: (b.refresh_hint_seconds > 0)
-            .then_some(u64::from(b.refresh_hint_seconds)),
-    })
 }

@@ -1,0 +1,211 @@
+//! What the agent knows: the entries it may serve, the workload SVIDs it holds for them, and
+//! the bundle. Readers get immutable [`Snapshot`]s over a `watch` channel; the sync loop and the
+//! SVID manager are the only writers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use ward_proto::types;
+use ward_spiffe::{Bundle, SelectorSet, SpiffeId};
+use zeroize::Zeroizing;
+
+/// An entry the agent serves, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedEntry {
+    /// Entry ID.
+    pub id: String,
+    /// SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Selectors a caller must all have.
+    pub selectors: SelectorSet,
+    /// DNS names (informational; the CA puts them in the certificate).
+    pub dns_names: Vec<String>,
+    /// Hint.
+    pub hint: String,
+    /// CA revision of the entry.
+    pub revision: u64,
+}
+
+impl CachedEntry {
+    /// Parses an entry message; `None` if the CA sent something invalid.
+    pub fn from_proto(e: &types::Entry) -> Option<Self> {
+        let spiffe_id = SpiffeId::new_with_path(&e.spiffe_id).ok()?;
+        let selectors = e
+            .selectors
+            .iter()
+            .map(|s| ward_spiffe::Selector::parse(s).ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            id: e.id.clone(),
+            spiffe_id,
+            selectors: SelectorSet::new(selectors),
+            dns_names: e.dns_names.clone(),
+            hint: e.hint.clone(),
+            revision: e.revision,
+        })
+    }
+}
+
+/// A workload X.509-SVID held for an entry.
+#[derive(Clone)]
+pub struct WorkloadSvid {
+    /// Entry it was issued for.
+    pub entry_id: String,
+    /// Entry revision it was issued for.
+    pub entry_revision: u64,
+    /// SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 private key (generated here; never left this node).
+    pub key: Arc<Zeroizing<Vec<u8>>>,
+    /// Validity start.
+    pub not_before: SystemTime,
+    /// Expiry.
+    pub not_after: SystemTime,
+    /// When the manager replaces it.
+    pub rotate_at: SystemTime,
+}
+
+impl std::fmt::Debug for WorkloadSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// When to rotate an SVID valid from `not_before` to `not_after`: at half its life, moved by
+/// `jitter` (a fraction in `[-0.1, 0.1]` of the life). Pure.
+pub fn rotation_time(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let life = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
+    let f = (0.5 + jitter.clamp(-0.1, 0.1)).max(0.0);
+    not_before + life.mul_f64(f)
+}
+
+/// One consistent view of the cache.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Entries by ID.
+    pub entries: HashMap<String, Arc<CachedEntry>>,
+    /// SVIDs by entry ID.
+    pub svids: HashMap<String, Arc<WorkloadSvid>>,
+    /// The trust domain's bundle.
+    pub bundle: Option<Arc<Bundle>>,
+    /// Last CA revision applied.
+    pub revision: u64,
+    /// True once a first sync update was applied.
+    pub synced: bool,
+}
+
+impl Snapshot {
+    /// Entries whose selectors are all among `selectors`, in a stable order.
+    pub fn matching(&self, selectors: &SelectorSet) -> Vec<Arc<CachedEntry>> {
+        let mut v: Vec<_> = self
+            .entries
+            .values()
+            .filter(|e| e.selectors.is_subset_of(selectors))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
+        v
+    }
+}
+
+/// The cache: a mutable state behind a lock, published as snapshots.
+#[derive(Debug)]
+pub struct Cache {
+    state: Mutex<Snapshot>,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self {
+            state: Mutex::new(Snapshot::default()),
+            tx,
+        }
+    }
+
+    /// Subscribes to snapshots.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Applies `f` to the state and publishes the result.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        // SVIDs of entries that are gone go with them.
+        let entries = &s.entries;
+        let keep: Vec<String> = s
+            .svids
+            .keys()
+            .filter(|k| entries.contains_key(*k))
+            .cloned()
+            .collect();
+        s.svids.retain(|k, _| keep.contains(k));
+        self.tx.send_replace(Arc::new(s.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_at_half_life_with_bounded_jitter() {
+        let nb = SystemTime::UNIX_EPOCH;
+        let na = nb + Duration::from_secs(1000);
+        assert_eq!(rotation_time(nb, na, 0.0), nb + Duration::from_secs(500));
+        assert_eq!(rotation_time(nb, na, 0.1), nb + Duration::from_secs(600));
+        assert_eq!(rotation_time(nb, na, -0.5), nb + Duration::from_secs(400));
+        assert_eq!(rotation_time(na, nb, 0.0), na);
+    }
+
+    #[test]
+    fn matching_is_subset_based() {
+        let mk = |id: &str, sel: &[&str]| {
+            Arc::new(CachedEntry {
+                id: id.into(),
+                spiffe_id: SpiffeId::new(&format!("spiffe://td/{id}")).unwrap(),
+                selectors: sel
+                    .iter()
+                    .map(|s| ward_spiffe::Selector::parse(s).unwrap())
+                    .collect(),
+                dns_names: vec![],
+                hint: String::new(),
+                revision: 1,
+            })
+        };
+        let mut s = Snapshot::default();
+        s.entries.insert("a".into(), mk("a", &["unix:uid:1"]));
+        s.entries
+            .insert("b".into(), mk("b", &["unix:uid:1", "unix:gid:2"]));
+        s.entries.insert("c".into(), mk("c", &["unix:uid:2"]));
+        let caller: SelectorSet = ["unix:uid:1", "unix:gid:2", "unix:user:x"]
+            .iter()
+            .map(|s| ward_spiffe::Selector::parse(s).unwrap())
+            .collect();
+        let ids: Vec<_> = s.matching(&caller).iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, vec!["a", "b"]);
+    }
+}

@@ -1,0 +1,204 @@
+//! Keeps a fresh X.509-SVID for every entry the agent serves: generates keys locally, has them
+//! signed in batches, and rotates each SVID at half-life with jitter. SVIDs are fetched as soon
+//! as an entry arrives, so a workload's first call does not wait for the CA.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use rcgen::KeyPair;
+use ward_proto::node::{BatchNewX509SvidRequest, NewX509SvidParams};
+use ward_spiffe::Clock;
+use zeroize::Zeroizing;
+
+use crate::cache::{Cache, Snapshot, WorkloadSvid, rotation_time};
+use crate::identity::{Identity, csr};
+use crate::metrics::Metrics;
+
+/// CSRs per batch request.
+pub const BATCH: usize = 500;
+/// Wait after a failed signing attempt for an entry.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// What the manager must do for each entry at `now`: the IDs needing a (new) SVID. Pure.
+pub fn due(
+    snap: &Snapshot,
+    now: SystemTime,
+    retry_after: &HashMap<String, SystemTime>,
+) -> Vec<String> {
+    let mut ids: Vec<String> = snap
+        .entries
+        .values()
+        .filter(|e| retry_after.get(&e.id).is_none_or(|t| *t <= now))
+        .filter(|e| match snap.svids.get(&e.id) {
+            None => true,
+            Some(s) => s.entry_revision != e.revision || s.rotate_at <= now,
+        })
+        .map(|e| e.id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// When the manager next has something to do (earliest rotation or retry), if ever.
+fn next_wake(snap: &Snapshot, retry_after: &HashMap<String, SystemTime>) -> Option<SystemTime> {
+    snap.svids
+        .values()
+        .map(|s| s.rotate_at)
+        .chain(retry_after.values().copied())
+        .min()
+}
+
+/// Runs the manager until the process ends.
+pub async fn run(
+    cache: Arc<Cache>,
+    identity: Arc<Identity>,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+) {
+    let mut rx = cache.subscribe();
+    let mut retry_after: HashMap<String, SystemTime> = HashMap::new();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        let now = clock.now();
+        retry_after.retain(|id, t| snap.entries.contains_key(id) && *t > now);
+        let ids = due(&snap, now, &retry_after);
+        for chunk in ids.chunks(BATCH) {
+            sign(
+                chunk,
+                &snap,
+                &cache,
+                &identity,
+                clock.as_ref(),
+                &metrics,
+                &mut retry_after,
+            )
+            .await;
+        }
+        if !ids.is_empty() {
+            // The cache changed under us; look again before sleeping.
+            continue;
+        }
+        let sleep = next_wake(&snap, &retry_after)
+            .map(|t| t.duration_since(now).unwrap_or_default())
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+async fn sign(
+    ids: &[String],
+    snap: &Snapshot,
+    cache: &Cache,
+    identity: &Identity,
+    clock: &dyn Clock,
+    metrics: &Metrics,
+    retry_after: &mut HashMap<String, SystemTime>,
+) {
+    let mut keys = HashMap::new();
+    let mut params = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(entry) = snap.entries.get(id) else {
+            continue;
+        };
+        let key = match KeyPair::generate() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "key generation failed");
+                return;
+            }
+        };
+        let csr = match csr(&key, Some(&entry.spiffe_id)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "CSR generation failed");
+                return;
+            }
+        };
+        params.push(NewX509SvidParams {
+            entry_id: id.clone(),
+            csr,
+        });
+        keys.insert(id.clone(), (key, entry.revision, entry.spiffe_id.clone()));
+    }
+    let started = std::time::Instant::now();
+    let resp = identity
+        .node()
+        .batch_new_x509_svid(BatchNewX509SvidRequest { params })
+        .await;
+    metrics
+        .sign_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let now = clock.now();
+    let results = match resp {
+        Ok(r) => r.into_inner().results,
+        Err(e) => {
+            tracing::warn!(error = %e, entries = ids.len(), "SVID signing request failed");
+            for id in ids {
+                retry_after.insert(id.clone(), now + RETRY);
+            }
+            return;
+        }
+    };
+    let mut fresh = Vec::new();
+    for r in results {
+        let Some((key, revision, spiffe_id)) = keys.remove(&r.entry_id) else {
+            continue;
+        };
+        let Some(svid) = r.svid.filter(|_| r.error_code == 0) else {
+            tracing::warn!(entry = %r.entry_id, code = r.error_code, error = %r.error_message, "CA refused SVID");
+            retry_after.insert(r.entry_id, now + RETRY);
+            continue;
+        };
+        let info = match ward_spiffe::x509::check_leaf(
+            svid.cert_chain
+                .first()
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+            ward_spiffe::x509::Profile::Peer,
+        ) {
+            Ok(i) if i.id == spiffe_id => i,
+            Ok(i) => {
+                tracing::error!(entry = %r.entry_id, got = %i.id, want = %spiffe_id, "CA issued the wrong ID");
+                retry_after.insert(r.entry_id, now + RETRY);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(entry = %r.entry_id, error = %e, "CA issued an invalid SVID");
+                retry_after.insert(r.entry_id, now + RETRY);
+                continue;
+            }
+        };
+        let jitter = rand::rng().random_range(-0.1..=0.1);
+        fresh.push(WorkloadSvid {
+            entry_id: r.entry_id,
+            entry_revision: revision,
+            spiffe_id,
+            chain: svid.cert_chain,
+            key: Arc::new(Zeroizing::new(key.serialize_der())),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            rotate_at: rotation_time(info.not_before, info.not_after, jitter),
+        });
+    }
+    for (id, _) in keys {
+        tracing::warn!(entry = %id, "CA answered nothing for entry");
+        retry_after.insert(id, now + RETRY);
+    }
+    metrics.svids_signed.inc_by(fresh.len() as u64);
+    cache.update(|s| {
+        for svid in fresh {
+            // Only install it if the entry is still there at the revision we asked for.
+            if s.entries
+                .get(&svid.entry_id)
+                .is_some_and(|e| e.revision == svid.entry_revision)
+            {
+                s.svids.insert(svid.entry_id.clone(), Arc::new(svid));
+            }
+        }
+    });
+}

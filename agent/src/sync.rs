@@ -1,0 +1,127 @@
+//! Follows the CA's sync stream: applies full and incremental entry updates and bundle changes
+//! to the cache, resumes from the last applied revision after a reconnect, and reconnects when
+//! the agent SVID (and so the channel) changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use ward_proto::node::{SyncRequest, SyncUpdate};
+
+use crate::cache::{Cache, CachedEntry, Snapshot};
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+
+/// Applies one update to a snapshot. Pure.
+pub fn apply(s: &mut Snapshot, u: &SyncUpdate) -> Result<(), String> {
+    if u.full {
+        s.entries.clear();
+    }
+    for e in &u.upserted {
+        match CachedEntry::from_proto(e) {
+            Some(c) => {
+                s.entries.insert(c.id.clone(), Arc::new(c));
+            }
+            None => tracing::error!(entry = %e.id, "CA sent an invalid entry; ignored"),
+        }
+    }
+    for id in &u.removed {
+        s.entries.remove(id);
+    }
+    if let Some(b) = &u.bundle {
+        let bundle = ward_proto::convert::bundle_from_proto(b)?;
+        s.bundle = Some(Arc::new(bundle));
+    }
+    s.revision = u.revision;
+    s.synced = true;
+    Ok(())
+}
+
+/// Runs the sync loop until the process ends.
+pub async fn run(cache: Arc<Cache>, identity: Arc<Identity>, metrics: Metrics) {
+    let mut backoff = Duration::from_millis(200);
+    let mut generation = identity.generation();
+    loop {
+        generation.borrow_and_update();
+        let since = cache.snapshot().revision;
+        let result = tokio::select! {
+            r = follow(&cache, &identity, &metrics, since) => r,
+            _ = generation.changed() => {
+                tracing::debug!("agent SVID changed; reconnecting sync stream");
+                continue;
+            }
+        };
+        metrics.sync_connected.set(0);
+        let (received, result) = result;
+        if received {
+            // The stream worked before it broke: start over with a short wait.
+            backoff = Duration::from_millis(200);
+        }
+        match result {
+            Ok(()) => tracing::info!("sync stream ended; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "sync stream failed"),
+        }
+        let jitter = rand::rng().random_range(0.8..1.2);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Follows one stream; returns whether any update arrived, and how the stream ended.
+async fn follow(
+    cache: &Cache,
+    identity: &Identity,
+    metrics: &Metrics,
+    since: u64,
+) -> (bool, Result<(), String>) {
+    let mut received = false;
+    let r = follow_inner(cache, identity, metrics, since, &mut received).await;
+    (received, r)
+}
+
+async fn follow_inner(
+    cache: &Cache,
+    identity: &Identity,
+    metrics: &Metrics,
+    since: u64,
+    received: &mut bool,
+) -> Result<(), String> {
+    let mut stream = identity
+        .node()
+        .sync(SyncRequest {
+            since_revision: since,
+        })
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    metrics.sync_connected.set(1);
+    while let Some(u) = stream
+        .message()
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+    {
+        *received = true;
+        let mut bundle_changed = None;
+        let mut err = None;
+        cache.update(|s| {
+            let before = s.bundle.as_ref().map(|b| b.sequence);
+            if let Err(e) = apply(s, &u) {
+                err = Some(e);
+            }
+            if s.bundle.as_ref().map(|b| b.sequence) != before {
+                bundle_changed = s.bundle.clone();
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if let Some(b) = bundle_changed
+            && let Err(e) = identity.set_bundle((*b).clone())
+        {
+            tracing::error!(error = %e, "bundle update refused");
+        }
+        metrics.entries.set(cache.snapshot().entries.len() as i64);
+        metrics.sync_updates.inc();
+    }
+    Ok(())
+}
