@@ -78,14 +78,14 @@ impl std::fmt::Debug for WorkloadSvid {
     }
 }
 
-/// When to rotate an SVID valid from `not_before` to `not_after`: at half its life, moved by
-/// `jitter` (a fraction in `[-0.1, 0.1]` of the life). Pure.
-pub fn rotation_time(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
-    let life = not_after
-        .duration_since(not_before)
-        .unwrap_or(Duration::ZERO);
+/// When to rotate an SVID received at `received` and expiring at `not_after`: at half its
+/// remaining life, moved by `jitter` (a fraction in `[-0.1, 0.1]` of that life). Timed from
+/// receipt rather than NotBefore because the CA backdates NotBefore for clock skew, which would
+/// pull the rotation of short-lived SVIDs forward. Pure.
+pub fn rotation_time(received: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let life = not_after.duration_since(received).unwrap_or(Duration::ZERO);
     let f = (0.5 + jitter.clamp(-0.1, 0.1)).max(0.0);
-    not_before + life.mul_f64(f)
+    received + life.mul_f64(f)
 }
 
 /// One consistent view of the cache.

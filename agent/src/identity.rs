@@ -52,6 +52,9 @@ pub struct Identity {
     channel: RwLock<Channel>,
     clock: Arc<dyn Clock>,
     generation: watch::Sender<u64>,
+    /// When the current SVID was installed (renewal is timed from here, not from the
+    /// backdated NotBefore).
+    installed_at: RwLock<SystemTime>,
 }
 
 fn server_id(cfg: &AgentConfig) -> SpiffeId {
@@ -96,7 +99,9 @@ impl Identity {
         sink.update_bundle(bundle)
             .map_err(|e| IdentityError::Local(e.to_string()))?;
         let (generation, _) = watch::channel(0);
+        let installed_at = RwLock::new(clock.now());
         let this = Self {
+            installed_at,
             cfg: cfg.clone(),
             channel: RwLock::new(Self::make_channel(cfg, &sink)?),
             files,
@@ -141,6 +146,7 @@ impl Identity {
         }
         match self.sink.update_svid(svid, self.clock.now()) {
             Ok(()) => {
+                *self.installed_at.write().unwrap_or_else(|p| p.into_inner()) = self.clock.now();
                 tracing::info!(id = %self.id().map(|i| i.to_string()).unwrap_or_default(), "using saved agent SVID");
                 Ok(true)
             }
@@ -190,6 +196,7 @@ impl Identity {
         self.sink
             .update_svid(svid, self.clock.now())
             .map_err(|e| IdentityError::Local(e.to_string()))?;
+        *self.installed_at.write().unwrap_or_else(|p| p.into_inner()) = self.clock.now();
         self.files
             .save_svid(&chain, &key)
             .map_err(|e| IdentityError::Local(format!("saving agent SVID: {e}")))?;
@@ -227,13 +234,14 @@ impl Identity {
 
     /// When the current SVID should be renewed (half its lifetime).
     pub fn renew_at(&self) -> Option<SystemTime> {
+        let installed = *self.installed_at.read().unwrap_or_else(|p| p.into_inner());
         self.sink.current().map(|c| {
             let life = c
                 .svid
                 .not_after
-                .duration_since(c.svid.not_before)
+                .duration_since(installed)
                 .unwrap_or_default();
-            c.svid.not_before + life / 2
+            installed + life / 2
         })
     }
 
@@ -266,6 +274,7 @@ impl Identity {
                 .renew_at()
                 .and_then(|t| t.duration_since(self.clock.now()).ok())
                 .unwrap_or_default();
+            tracing::debug!(?wait, "agent SVID renewal scheduled");
             tokio::time::sleep(wait).await;
             match self.renew().await {
                 Ok(()) => backoff = Duration::from_secs(1),

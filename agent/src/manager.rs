@@ -182,7 +182,7 @@ async fn sign(
             key: Arc::new(Zeroizing::new(key.serialize_der())),
             not_before: info.not_before,
             not_after: info.not_after,
-            rotate_at: rotation_time(info.not_before, info.not_after, jitter),
+            rotate_at: rotation_time(now, info.not_after, jitter),
         });
     }
     for (id, _) in keys {

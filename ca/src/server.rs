@@ -209,20 +209,24 @@ impl CaServer {
         let (c, s, bp) = (core.clone(), sink.clone(), bundle_path.clone());
         tasks.push(tokio::spawn(async move {
             let mut bundles = c.authorities.watch_bundle();
-            let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+            // Short SVID lifetimes (tests, demos) need a faster tick than the default.
+            let every = MAINTAIN_EVERY
+                .min(c.cfg.ttl.x509_svid / 4)
+                .max(Duration::from_millis(250));
+            let mut tick = tokio::time::interval(every);
             let mut compact = 0u32;
+            let mut renew_at = server_renew_at(&c, &s);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
                         if let Err(e) = c.authorities.maintain().await {
                             tracing::error!(error = %e, "authority maintenance failed");
                         }
-                        let renew_due = s.current().is_none_or(|cur| {
-                            let life = cur.svid.not_after.duration_since(cur.svid.not_before).unwrap_or_default();
-                            c.clock.now() >= cur.svid.not_before + life / 2
-                        });
-                        if renew_due && let Err(e) = refresh_server_svid(&c, &s) {
-                            tracing::error!(error = %e, "CA server SVID renewal failed");
+                        if c.clock.now() >= renew_at {
+                            match refresh_server_svid(&c, &s) {
+                                Ok(()) => renew_at = server_renew_at(&c, &s),
+                                Err(e) => tracing::error!(error = %e, "CA server SVID renewal failed"),
+                            }
                         }
                         compact += 1;
                         if compact.is_multiple_of(30) && let Err(e) = c.entries.compact_changes(KEEP_CHANGES).await {
@@ -240,8 +244,9 @@ impl CaServer {
                             tracing::error!(error = %e, "cannot write bundle file");
                         }
                         // A new authority means a new server SVID chain.
-                        if let Err(e) = refresh_server_svid(&c, &s) {
-                            tracing::error!(error = %e, "CA server SVID renewal failed");
+                        match refresh_server_svid(&c, &s) {
+                            Ok(()) => renew_at = server_renew_at(&c, &s),
+                            Err(e) => tracing::error!(error = %e, "CA server SVID renewal failed"),
                         }
                         c.update_gauges();
                     }
@@ -275,6 +280,14 @@ impl CaServer {
             let _ = t.await;
         }
     }
+}
+
+/// Half of the remaining life of the CA's current server SVID, from now.
+fn server_renew_at(core: &CaCore, sink: &CredentialSink) -> std::time::SystemTime {
+    let now = core.clock.now();
+    sink.current().map_or(now, |cur| {
+        now + cur.svid.not_after.duration_since(now).unwrap_or_default() / 2
+    })
 }
 
 fn refresh_server_svid(core: &CaCore, sink: &CredentialSink) -> Result<(), String> {

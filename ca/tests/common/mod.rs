@@ -1,0 +1,131 @@
+//! Helpers shared by ward-ca's integration tests: locating (and building) the real binaries and
+//! running `ward-ca dev` as a child process.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The ward-ca binary cargo built for this test run.
+pub fn ca_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ward-ca"))
+}
+
+/// The ward-agent binary from the same target directory, built (or brought up to date) once
+/// per test process: cargo only builds the binaries of the package under test.
+pub fn agent_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let ca = ca_bin();
+            let dir = ca.parent().unwrap();
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "--quiet",
+                "-p",
+                "ward-agent",
+                "--bin",
+                "ward-agent",
+            ]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build for ward-agent");
+            assert!(status.success(), "building ward-agent failed");
+            let bin = dir.join("ward-agent");
+            assert!(bin.exists(), "{} missing", bin.display());
+            bin
+        })
+        .clone()
+}
+
+/// A running `ward-ca dev`.
+pub struct Dev {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub spiffe_id: String,
+    pub data_dir: PathBuf,
+}
+
+impl Dev {
+    /// Starts `ward-ca dev` on `data_dir` and waits for its two lines of output.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Dev {
+        let mut child = Command::new(ca_bin())
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--agent-bin")
+            .arg(agent_bin())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ward-ca dev");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut socket, mut id) = (None, None);
+        while socket.is_none() || id.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("ward-ca dev printed its lines in time");
+            if let Some(s) = line.strip_prefix("SPIFFE_ENDPOINT_SOCKET=") {
+                socket = Some(s.to_owned());
+            } else if let Some(s) = line.strip_prefix("SPIFFE_ID=") {
+                id = Some(s.to_owned());
+            }
+        }
+        let socket = socket.unwrap();
+        let path = PathBuf::from(socket.strip_prefix("unix://").expect("unix:// address"));
+        Dev {
+            child,
+            socket: path,
+            spiffe_id: id.unwrap(),
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// The endpoint string for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ward-ca dev did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
