@@ -113,6 +113,7 @@ impl Agent {
             identity.clone(),
             clock.clone(),
             metrics.clone(),
+            shutdown_rx.clone(),
         );
         let svc =
             ward_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
@@ -188,12 +189,11 @@ impl Agent {
         })
     }
 
-    /// Stops every task and removes the socket.
+    /// Stops every task and removes the socket. Workload API streams are long-lived, so
+    /// servers get a short drain before connections are cut.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        ward_net::process::join_with_deadline(self.tasks, std::time::Duration::from_secs(2)).await;
         let _ = std::fs::remove_file(&self.socket_path);
     }
 }

@@ -40,6 +40,7 @@ pub struct WorkloadApi {
     clock: Arc<dyn Clock>,
     metrics: Metrics,
     jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl WorkloadApi {
@@ -50,8 +51,10 @@ impl WorkloadApi {
         identity: Arc<Identity>,
         clock: Arc<dyn Clock>,
         metrics: Metrics,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            stopping,
             snapshots,
             attestor,
             identity,
@@ -149,6 +152,7 @@ fn x509_response(snap: &Snapshot, entries: &[Arc<CachedEntry>]) -> wl::X509svidR
 /// ready yet, `Err` = end the stream with that status). Sends on every change of the message.
 fn spawn_stream<T, F>(
     mut rx: watch::Receiver<Arc<Snapshot>>,
+    mut stopping: watch::Receiver<bool>,
     metrics: Metrics,
     render: F,
 ) -> ReceiverStream<Result<T, Status>>
@@ -181,6 +185,10 @@ where
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 _ = tx.closed() => break,
+                _ = ward_net::process::until_set(&mut stopping) => {
+                    let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                    break;
+                }
                 _ = tokio::time::sleep_until(deadline), if wait_first => {
                     let _ = tx.send(Err(Status::unavailable("SVIDs are not available yet"))).await;
                     break;
@@ -205,14 +213,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             self.synced()?;
-            let stream = spawn_stream(self.snapshots.clone(), self.metrics.clone(), move |snap| {
-                let entries = snap.matching(&selectors);
-                if entries.is_empty() {
-                    return Err(no_identity());
-                }
-                let resp = x509_response(snap, &entries);
-                Ok((!resp.svids.is_empty()).then_some(resp))
-            });
+            let stream = spawn_stream(
+                self.snapshots.clone(),
+                self.stopping.clone(),
+                self.metrics.clone(),
+                move |snap| {
+                    let entries = snap.matching(&selectors);
+                    if entries.is_empty() {
+                        return Err(no_identity());
+                    }
+                    let resp = x509_response(snap, &entries);
+                    Ok((!resp.svids.is_empty()).then_some(resp))
+                },
+            );
             Ok(Response::new(Box::pin(stream) as Self::FetchX509SVIDStream))
         }
         .await;
@@ -229,15 +242,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             self.synced()?;
-            let stream = spawn_stream(self.snapshots.clone(), self.metrics.clone(), move |snap| {
-                if snap.matching(&selectors).is_empty() {
-                    return Err(no_identity());
-                }
-                Ok(snap.bundle.as_ref().map(|b| wl::X509BundlesResponse {
-                    crl: Vec::new(),
-                    bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der_concat())]),
-                }))
-            });
+            let stream = spawn_stream(
+                self.snapshots.clone(),
+                self.stopping.clone(),
+                self.metrics.clone(),
+                move |snap| {
+                    if snap.matching(&selectors).is_empty() {
+                        return Err(no_identity());
+                    }
+                    Ok(snap.bundle.as_ref().map(|b| wl::X509BundlesResponse {
+                        crl: Vec::new(),
+                        bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der_concat())]),
+                    }))
+                },
+            );
             Ok(Response::new(
                 Box::pin(stream) as Self::FetchX509BundlesStream
             ))
@@ -265,20 +283,25 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             self.synced()?;
-            let stream = spawn_stream(self.snapshots.clone(), self.metrics.clone(), move |snap| {
-                if snap.matching(&selectors).is_empty() {
-                    return Err(no_identity());
-                }
-                let Some(b) = &snap.bundle else {
-                    return Ok(None);
-                };
-                let jwks = b
-                    .to_jwt_jwks()
-                    .map_err(|e| Status::internal(format!("bundle encoding: {e}")))?;
-                Ok(Some(wl::JwtBundlesResponse {
-                    bundles: HashMap::from([(b.trust_domain.id_string(), jwks.into_bytes())]),
-                }))
-            });
+            let stream = spawn_stream(
+                self.snapshots.clone(),
+                self.stopping.clone(),
+                self.metrics.clone(),
+                move |snap| {
+                    if snap.matching(&selectors).is_empty() {
+                        return Err(no_identity());
+                    }
+                    let Some(b) = &snap.bundle else {
+                        return Ok(None);
+                    };
+                    let jwks = b
+                        .to_jwt_jwks()
+                        .map_err(|e| Status::internal(format!("bundle encoding: {e}")))?;
+                    Ok(Some(wl::JwtBundlesResponse {
+                        bundles: HashMap::from([(b.trust_domain.id_string(), jwks.into_bytes())]),
+                    }))
+                },
+            );
             Ok(Response::new(
                 Box::pin(stream) as Self::FetchJWTBundlesStream
             ))

@@ -67,6 +67,8 @@ pub struct CaCore {
     pub clock: Arc<dyn Clock>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Set when the CA is stopping; long-lived streams end at once.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl CaCore {
@@ -88,6 +90,7 @@ impl CaCore {
             clock,
             metrics,
             cfg,
+            stopping: tokio::sync::watch::channel(false).0,
         };
         core.update_gauges();
         Ok(core)

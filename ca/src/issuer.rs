@@ -76,6 +76,8 @@ pub struct X509Signer {
     pub roots: Vec<Vec<u8>>,
     /// Expiry of the signing certificate.
     pub not_after: SystemTime,
+    /// Earliest expiry of the signing chain up to and including its root.
+    pub chain_not_after: SystemTime,
 }
 
 impl std::fmt::Debug for X509Signer {
@@ -133,6 +135,7 @@ impl X509Signer {
             self_signed: true,
             roots: vec![der],
             not_after,
+            chain_not_after: not_after,
         })
     }
 
@@ -150,10 +153,8 @@ impl X509Signer {
         ttl: Duration,
         rng: &mut impl rand::RngCore,
     ) -> Result<Self, IssueError> {
-        let upstream_expiry = match upstream_chain.first() {
-            Some(c) => x509::validity(c)?.1,
-            None => now + ttl,
-        };
+        // Never outlive anything above us: the upstream chain and the root it reaches.
+        let upstream_expiry = x509::chain_expiry(upstream_chain, &roots)?;
         let not_after = (now + ttl).min(upstream_expiry);
         if not_after <= now {
             return Err(IssueError::AuthorityExpired("upstream".into()));
@@ -169,6 +170,7 @@ impl X509Signer {
                 .filter(|c| !roots.contains(c))
                 .cloned(),
         );
+        let chain_not_after = x509::chain_expiry(&signing_chain, &roots)?;
         Ok(Self {
             id: id.to_owned(),
             issuer: Issuer::new(p, key),
@@ -176,6 +178,7 @@ impl X509Signer {
             self_signed: false,
             roots,
             not_after,
+            chain_not_after,
         })
     }
 
@@ -196,6 +199,7 @@ impl X509Signer {
         }
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(first.as_slice()), key)?;
         let self_signed = roots.contains(first);
+        let chain_not_after = x509::chain_expiry(&signing_chain, &roots)?;
         Ok(Self {
             id: id.to_owned(),
             issuer,
@@ -203,6 +207,7 @@ impl X509Signer {
             self_signed,
             roots,
             not_after,
+            chain_not_after,
         })
     }
 
@@ -233,7 +238,7 @@ impl X509Signer {
         now: SystemTime,
         rng: &mut impl rand::RngCore,
     ) -> Result<Vec<Vec<u8>>, IssueError> {
-        if self.not_after <= now + BACKDATE {
+        if self.chain_not_after <= now + BACKDATE {
             return Err(IssueError::AuthorityExpired(self.id.clone()));
         }
         let mut p = CertificateParams::default();
@@ -256,7 +261,7 @@ impl X509Signer {
         ];
         p.serial_number = Some(random_serial(rng));
         p.not_before = (now - BACKDATE).into();
-        p.not_after = (now + ttl).min(self.not_after).into();
+        p.not_after = (now + ttl).min(self.chain_not_after).into();
         p.use_authority_key_identifier_extension = true;
         let leaf = p.signed_by(spki, &self.issuer)?.der().to_vec();
 
@@ -278,7 +283,7 @@ impl X509Signer {
         if &info.id != id {
             return Err(x509::SvidError::Chain(format!("issued ID {} != {id}", info.id)).into());
         }
-        if info.not_after > self.not_after {
+        if info.not_after > x509::chain_expiry(&self.signing_chain, &self.roots)? {
             return Err(x509::SvidError::Chain("leaf outlives its signing chain".into()).into());
         }
         let chain: Vec<CertificateDer<'_>> = chain

@@ -49,6 +49,8 @@ pub enum StartError {
 
 /// How often authorities are checked for rotation.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight calls before cutting connections.
+pub const DRAIN: Duration = Duration::from_secs(5);
 /// Change records kept for incremental agent resync.
 const KEEP_CHANGES: u64 = 100_000;
 
@@ -273,12 +275,12 @@ impl CaServer {
         })
     }
 
-    /// Stops every server and task and waits for them.
+    /// Stops every server and task. Servers drain in-flight calls for up to
+    /// [`DRAIN`]; long-lived streams (agent sync) are then cut.
     pub async fn shutdown(self) {
+        self.core.stopping.send_replace(true);
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        ward_net::process::join_with_deadline(self.tasks, DRAIN).await;
     }
 }
 

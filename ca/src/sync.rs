@@ -123,6 +123,7 @@ async fn run(
     let mut changes = core.entries.watch();
     let mut agents = core.agents.watch();
     let mut bundles = core.authorities.watch_bundle();
+    let mut stopping = core.stopping.subscribe();
 
     let current = core.entries.revision().await?;
     let first = if since == 0 || since > current {
@@ -155,6 +156,9 @@ async fn run(
                 continue;
             }
             _ = tx.closed() => return Ok(()),
+            _ = ward_net::process::until_set(&mut stopping) => {
+                return Err(ApiError::Unavailable("the CA is shutting down".into()));
+            }
         }
         let (next_rev, mut update) = match incremental(core, &me, rev).await? {
             Some(u) => u,

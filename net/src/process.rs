@@ -41,6 +41,26 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Resolves once `flag` is (or becomes) true, or its sender is gone.
+pub async fn until_set(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|s| *s).await;
+}
+
+/// Waits for `tasks` to finish for at most `deadline` in total, then aborts the rest (which
+/// drops their connections).
+pub async fn join_with_deadline(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    deadline: std::time::Duration,
+) {
+    let end = tokio::time::Instant::now() + deadline;
+    for mut t in tasks {
+        if tokio::time::timeout_at(end, &mut t).await.is_err() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
 /// Formats a time as RFC 3339 UTC (`2026-11-26T10:11:07Z`).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;

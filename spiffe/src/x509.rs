@@ -221,6 +221,37 @@ pub fn validity(der: &[u8]) -> Result<(SystemTime, SystemTime), SvidError> {
     Ok((v.not_before.to_system_time(), v.not_after.to_system_time()))
 }
 
+/// The earliest expiry along a chain: every certificate of `chain` and the root(s) in `roots`
+/// that issued its last certificate (all roots if none matches by name). A certificate signed
+/// through this chain must not outlive it.
+pub fn chain_expiry(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<SystemTime, SvidError> {
+    let parsed = chain
+        .iter()
+        .map(|c| parse(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let roots = roots
+        .iter()
+        .map(|c| parse(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut end = None::<SystemTime>;
+    let mut take = |c: &Certificate| {
+        let t = c.tbs_certificate.validity.not_after.to_system_time();
+        end = Some(end.map_or(t, |e| e.min(t)));
+    };
+    parsed.iter().for_each(&mut take);
+    let last_issuer = parsed.last().map(|c| &c.tbs_certificate.issuer);
+    let issuing: Vec<&Certificate> = roots
+        .iter()
+        .filter(|r| Some(&r.tbs_certificate.subject) == last_issuer)
+        .collect();
+    if issuing.is_empty() {
+        roots.iter().for_each(&mut take);
+    } else {
+        issuing.into_iter().for_each(&mut take);
+    }
+    end.ok_or(SvidError::EmptyChain)
+}
+
 /// The DER SubjectPublicKeyInfo of a certificate.
 pub fn spki_der(der: &[u8]) -> Result<Vec<u8>, SvidError> {
     use der::Encode;

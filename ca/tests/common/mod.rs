@@ -129,3 +129,79 @@ impl Drop for Dev {
         let _ = self.child.wait();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// In-process CA and node-API clients over real TLS.
+
+use std::sync::Arc;
+
+use ward_ca::{CaConfig, CaServer};
+use ward_net::{ClientAuth, CredentialSink, PeerPolicy, Svid, TlsSettings, TrustStore};
+use ward_proto::node::node_client::NodeClient;
+use ward_spiffe::{Clock, TrustDomain};
+
+/// A CA config on ephemeral loopback ports in `dir`.
+pub fn ca_config(dir: &Path, td: &str) -> CaConfig {
+    let mut cfg = CaConfig::new(TrustDomain::new(td).unwrap(), dir.to_owned());
+    cfg.bind_address = "127.0.0.1:0".parse().unwrap();
+    cfg.health_address = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
+/// Starts an in-process CA with `clock`.
+pub async fn start_ca(cfg: CaConfig, clock: Arc<dyn Clock>) -> CaServer {
+    CaServer::start_with_clock(cfg, clock).await.unwrap()
+}
+
+/// A node API client that trusts `ca`'s bundle, requires its server ID, and presents `svid`.
+pub fn node_client(ca: &CaServer, svid: Option<Svid>) -> NodeClient<tonic::transport::Channel> {
+    let td = ca.core.cfg.trust_domain.clone();
+    let sink = Arc::new(CredentialSink::new(
+        Arc::new(TrustStore::new()),
+        TlsSettings {
+            accept_clients: PeerPolicy::OneOf(vec![]),
+            client_auth: ClientAuth::Required,
+            accept_servers: PeerPolicy::OneOf(vec![ward_ca::authority::server_id(&td)]),
+            alpn: vec![b"h2".to_vec()],
+        },
+    ));
+    sink.update_bundle((*ca.core.bundle()).clone()).unwrap();
+    let config = sink.client_config(svid.as_ref()).unwrap();
+    let source: ward_net::connector::ConfigSource = Arc::new(move || Some(config.clone()));
+    let ch = ward_net::connector::tls_channel(&ca.node_addr.to_string(), source).unwrap();
+    NodeClient::new(ch)
+}
+
+/// A fresh P-256 key and a CSR for it, optionally asking for `id`.
+pub fn key_and_csr(id: Option<&str>) -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(id) = id {
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    }
+    let csr = p.serialize_request(&key).unwrap().der().to_vec();
+    (key, csr)
+}
+
+/// Creates a join token and attests with it; returns the agent's SVID.
+pub async fn attest_agent(ca: &CaServer) -> Svid {
+    let (token, _) = ca
+        .core
+        .agents
+        .create_join_token(Duration::from_secs(600), ca.core.clock.now())
+        .await
+        .unwrap();
+    let (key, csr) = key_and_csr(None);
+    let resp = node_client(ca, None)
+        .attest(ward_proto::node::AttestRequest {
+            method: Some(ward_proto::node::attest_request::Method::JoinToken(
+                ward_proto::node::JoinTokenAttestation { token },
+            )),
+            csr,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Svid::from_parts(resp.svid.unwrap().cert_chain, key.serialize_der()).unwrap()
+}
