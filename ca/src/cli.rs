@@ -258,12 +258,19 @@ pub fn exit_code(code: Code) -> u8 {
     }
 }
 
+/// The admin socket this CLI invocation talks to, for error messages.
+static SOCKET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
-        let hint = if s.code() == Code::Unavailable {
-            " (is ward-ca running? set --socket or --data-dir)"
-        } else {
-            ""
+        let hint = match (s.code(), SOCKET.get()) {
+            (Code::Unavailable, Some(p)) => format!(
+                " (cannot reach the CA on admin socket {}: is ward-ca running? set --socket or \
+                 --data-dir)",
+                p.display()
+            ),
+            (Code::Unavailable, None) => " (is ward-ca running? set --socket or --data-dir)".into(),
+            _ => String::new(),
         };
         CliError::new(exit_code(s.code()), format!("{}{hint}", s.message()))
     }
@@ -366,6 +373,7 @@ fn client(conn: &Conn) -> Result<AdminClient<tonic::transport::Channel>, CliErro
             ),
         ));
     }
+    let _ = SOCKET.set(path.clone());
     Ok(AdminClient::new(ward_net::process::unix_channel(&path)))
 }
 

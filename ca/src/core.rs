@@ -39,15 +39,13 @@ pub struct Issued {
     pub serial: String,
 }
 
-fn issued(id: SpiffeId, chain: Vec<Vec<u8>>) -> Result<Issued, ApiError> {
-    let info = x509::check_leaf(&chain[0], Profile::Issued)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Issued {
+fn issued(id: SpiffeId, chain: Vec<Vec<u8>>, info: x509::LeafInfo) -> Issued {
+    Issued {
         id,
         chain,
         not_after: info.not_after,
         serial: hex::encode(info.serial),
-    })
+    }
 }
 
 /// Everything the CA's APIs act on.
@@ -119,11 +117,11 @@ impl CaCore {
         now: SystemTime,
     ) -> Result<(Issued, String), ApiError> {
         let set = self.authorities.current();
-        let chain = set
+        let (chain, info) = set
             .x509
             .issue_svid(key, id, dns, ttl, &set.bundle, now, &mut rand::rng())
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok((issued(id.clone(), chain)?, set.x509.id.clone()))
+        Ok((issued(id.clone(), chain, info), set.x509.id.clone()))
     }
 
     /// Issues the CA's own server SVID for a fresh key; returns the chain and PKCS#8 key.

@@ -226,7 +226,8 @@ impl X509Signer {
     }
 
     /// Issues an X.509-SVID for `spki` (DER SubjectPublicKeyInfo) and returns the chain,
-    /// leaf first, ready for the Workload API. `bundle` is what peers will verify it with.
+    /// leaf first, ready for the Workload API, with the leaf's facts. `bundle` is what peers
+    /// will verify it with.
     #[allow(clippy::too_many_arguments)]
     pub fn issue_svid(
         &self,
@@ -237,7 +238,7 @@ impl X509Signer {
         bundle: &Bundle,
         now: SystemTime,
         rng: &mut impl rand::RngCore,
-    ) -> Result<Vec<Vec<u8>>, IssueError> {
+    ) -> Result<(Vec<Vec<u8>>, x509::LeafInfo), IssueError> {
         if self.chain_not_after <= now + BACKDATE {
             return Err(IssueError::AuthorityExpired(self.id.clone()));
         }
@@ -267,8 +268,8 @@ impl X509Signer {
 
         let mut chain = vec![leaf];
         chain.extend(self.intermediates().iter().cloned());
-        self.validate(&chain, id, bundle, now)?;
-        Ok(chain)
+        let info = self.validate(&chain, id, bundle, now)?;
+        Ok((chain, info))
     }
 
     /// The re-validation every issued chain goes through.
@@ -278,12 +279,12 @@ impl X509Signer {
         id: &SpiffeId,
         bundle: &Bundle,
         now: SystemTime,
-    ) -> Result<(), IssueError> {
+    ) -> Result<x509::LeafInfo, IssueError> {
         let info = x509::check_leaf(&chain[0], Profile::Issued)?;
         if &info.id != id {
             return Err(x509::SvidError::Chain(format!("issued ID {} != {id}", info.id)).into());
         }
-        if info.not_after > x509::chain_expiry(&self.signing_chain, &self.roots)? {
+        if info.not_after > self.chain_not_after {
             return Err(x509::SvidError::Chain("leaf outlives its signing chain".into()).into());
         }
         let chain: Vec<CertificateDer<'_>> = chain
@@ -295,10 +296,18 @@ impl X509Signer {
             .iter()
             .map(|c| CertificateDer::from(c.as_slice()))
             .collect();
-        for usage in [Usage::Server, Usage::Client] {
-            x509::verify_chain(&chain, &roots, &bundle.trust_domain, now, usage)?;
-        }
-        Ok(())
+        // One chain verification suffices: `check_leaf(Issued)` above already required the EKU
+        // to hold both serverAuth and clientAuth, so the client-usage check would repeat the
+        // same signature verification for nothing.
+        x509::verify_path(
+            &info,
+            &chain,
+            &roots,
+            &bundle.trust_domain,
+            now,
+            Usage::Server,
+        )?;
+        Ok(info)
     }
 }
 

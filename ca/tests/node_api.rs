@@ -303,7 +303,8 @@ async fn foreign_expired_superseded_and_evicted_agents_are_refused() {
             SystemTime::now(),
             &mut rand::rng(),
         )
-        .unwrap();
+        .unwrap()
+        .0;
     let forged = ward_net::Svid::from_parts(forged, key.serialize_der()).unwrap();
     let (_, csr) = common::key_and_csr(None);
     let e = common::node_client(&ca, Some(forged))

@@ -145,11 +145,11 @@ pub fn verify_peer(
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
     let now = UNIX_EPOCH + Duration::from_secs(now.as_secs());
-    let info = x509::verify_chain(&chain, &roots, &td, now, usage)?;
-    if !policy.allows(&info.id) {
-        return Err(PeerError::NotAuthorized(info.id.to_string()));
+    x509::verify_path(&leaf, &chain, &roots, &td, now, usage)?;
+    if !policy.allows(&leaf.id) {
+        return Err(PeerError::NotAuthorized(leaf.id.to_string()));
     }
-    Ok(info.id)
+    Ok(leaf.id)
 }
 
 fn to_rustls(e: PeerError) -> rustls::Error {

@@ -299,6 +299,23 @@ pub fn verify_chain(
 ) -> Result<LeafInfo, SvidError> {
     let leaf = chain.first().ok_or(SvidError::EmptyChain)?;
     let info = check_leaf(leaf, Profile::Peer)?;
+    verify_path(&info, chain, roots, trust_domain, now, usage)?;
+    Ok(info)
+}
+
+/// The chain half of [`verify_chain`], for a leaf whose rules were already checked with
+/// [`check_leaf`] (`info`): trust domain membership, intermediate rules, and the signature path
+/// to one of `roots` at `now` for `usage`. Separate so callers that already parsed the leaf do
+/// not parse it again.
+pub fn verify_path(
+    info: &LeafInfo,
+    chain: &[CertificateDer<'_>],
+    roots: &[CertificateDer<'_>],
+    trust_domain: &crate::TrustDomain,
+    now: SystemTime,
+    usage: Usage,
+) -> Result<(), SvidError> {
+    let leaf = chain.first().ok_or(SvidError::EmptyChain)?;
     if !info.id.is_member_of(trust_domain) {
         return Err(SvidError::WrongTrustDomain {
             id: info.id.to_string(),
@@ -331,5 +348,5 @@ pub fn verify_chain(
         None,
     )
     .map_err(|e| SvidError::Chain(e.to_string()))?;
-    Ok(info)
+    Ok(())
 }

@@ -205,3 +205,60 @@ pub async fn attest_agent(ca: &CaServer) -> Svid {
         .into_inner();
     Svid::from_parts(resp.svid.unwrap().cert_chain, key.serialize_der()).unwrap()
 }
+
+// ---------------------------------------------------------------------------------------------
+// In-process agent next to an in-process CA, and Workload API clients.
+
+use ward_agent::{Agent, AgentConfig};
+use ward_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+/// An agent config for `ca` in `dir` (socket `dir/agent.sock`), attesting with a fresh token.
+pub async fn agent_config(ca: &CaServer, dir: &Path) -> AgentConfig {
+    let (token, _) = ca
+        .core
+        .agents
+        .create_join_token(Duration::from_secs(600), ca.core.clock.now())
+        .await
+        .unwrap();
+    let mut cfg = AgentConfig::new(
+        ca.core.cfg.trust_domain.clone(),
+        ca.node_addr.to_string(),
+        dir.join("agent-data"),
+        dir.join("agent.sock"),
+    );
+    cfg.trust_bundle_path = Some(ca.bundle_path.clone());
+    cfg.health_address = "127.0.0.1:0".parse().unwrap();
+    cfg.join_token = Some(token);
+    cfg
+}
+
+/// Starts an agent and waits until it has synced with the CA.
+pub async fn start_agent(cfg: AgentConfig) -> Agent {
+    let agent = Agent::start(cfg).await.unwrap();
+    let mut rx = agent.cache.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.synced))
+        .await
+        .expect("agent synced in time")
+        .unwrap();
+    agent
+}
+
+/// A raw Workload API client on `socket`.
+pub fn workload_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    SpiffeWorkloadApiClient::new(ward_net::process::unix_channel(socket))
+}
+
+/// Wraps a request with the security header.
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    r
+}
+
+/// `unix:uid:<this process's uid>`.
+pub fn my_uid_selector() -> String {
+    format!("unix:uid:{}", nix::unistd::getuid().as_raw())
+}

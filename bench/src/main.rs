@@ -1,0 +1,403 @@
+//! ward-bench: starts real Ward processes, drives them, and prints figures with the baseline
+//! measured in the same run. Every loop is bounded; every process it starts it stops.
+//!
+//! Subcommands: `issuance`, `propagation`, `memory`, and `workload` (a child process used by
+//! `memory` to hold one Workload API stream as one workload).
+
+#![allow(clippy::print_stdout)]
+
+mod procs;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ward_proto::admin;
+use ward_proto::node;
+
+use procs::Ward;
+
+#[derive(Debug, Parser)]
+#[command(name = "ward-bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// X.509-SVIDs per second through the CA's node API vs a raw ring verify+sign loop.
+    Issuance {
+        /// Simulated agents (concurrent mTLS connections).
+        #[arg(long, default_value_t = 8)]
+        agents: usize,
+        /// CSRs per batch.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Batches per agent.
+        #[arg(long, default_value_t = 20)]
+        batches: usize,
+    },
+    /// Entry create acknowledged → new SVID on an open FetchX509SVID stream.
+    Propagation {
+        /// Samples.
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+    },
+    /// RSS of ward-ca and ward-agent idle and serving N workloads.
+    Memory {
+        /// Workloads (child processes with distinct uids when run as root).
+        #[arg(long, default_value_t = 100)]
+        workloads: usize,
+    },
+    /// Internal: hold one Workload API stream until stdin closes.
+    Workload {
+        /// Agent socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Issuance {
+            agents,
+            batch,
+            batches,
+        } => issuance(agents, batch, batches).await,
+        Cmd::Propagation { samples } => propagation(samples).await,
+        Cmd::Memory { workloads } => memory(workloads).await,
+        Cmd::Workload { socket } => workload(socket).await,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn csr(key: &rcgen::KeyPair, id: &str) -> Result<Vec<u8>> {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into()?)];
+    Ok(p.serialize_request(key)?.der().to_vec())
+}
+
+/// ECDSA P-256 verify + sign per item on `threads` threads for `n` items in total.
+fn ring_baseline(n: usize, threads: usize) -> Result<f64> {
+    use ring::rand::SystemRandom;
+    use ring::signature::{self, EcdsaKeyPair, KeyPair};
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("keygen"))?;
+    let kp = Arc::new(
+        EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.as_ref(),
+            &rng,
+        )
+        .map_err(|_| anyhow::anyhow!("key"))?,
+    );
+    let msg = vec![7u8; 400];
+    let sig = kp.sign(&rng, &msg).map_err(|_| anyhow::anyhow!("sign"))?;
+    let public = kp.public_key().as_ref().to_vec();
+    let start = Instant::now();
+    let per = n / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (kp, msg, sig, public) = (
+                kp.clone(),
+                msg.clone(),
+                sig.as_ref().to_vec(),
+                public.clone(),
+            );
+            std::thread::spawn(move || {
+                let rng = SystemRandom::new();
+                let vk =
+                    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, &public);
+                for _ in 0..per {
+                    vk.verify(&msg, &sig).expect("verify");
+                    let s = kp.sign(&rng, &msg).expect("sign");
+                    std::hint::black_box(s);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("baseline thread"))?;
+    }
+    Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn issuance(agents: usize, batch: usize, batches: usize) -> Result<()> {
+    let ward = Ward::start_ca("bench.test").await?;
+    let mut admin = ward.admin();
+    // Attest the simulated agents and give each `batch` entries.
+    let mut clients = Vec::new();
+    for i in 0..agents {
+        let token = admin
+            .create_join_token(admin::CreateJoinTokenRequest { ttl_seconds: 0 })
+            .await?
+            .into_inner();
+        let (client, _svid) = ward.attested_node_client(&token.token).await?;
+        let mut entries = Vec::new();
+        for j in 0..batch {
+            let id = format!("spiffe://bench.test/agent{i}/w{j}");
+            let e = admin
+                .create_entry(admin::EntrySpec {
+                    spiffe_id: id.clone(),
+                    parent_id: token.agent_id.clone(),
+                    selectors: vec![format!("unix:uid:{j}")],
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            entries.push((e.id, id));
+        }
+        clients.push((client, entries));
+    }
+    // CSRs are made before the clock starts: key generation is the agents' cost, not the CA's.
+    let mut work = Vec::new();
+    for (client, entries) in clients {
+        let mut reqs = Vec::new();
+        for _ in 0..batches {
+            let mut params = Vec::new();
+            for (eid, id) in &entries {
+                let key = rcgen::KeyPair::generate()?;
+                params.push(node::NewX509SvidParams {
+                    entry_id: eid.clone(),
+                    csr: csr(&key, id)?,
+                });
+            }
+            reqs.push(node::BatchNewX509SvidRequest { params });
+        }
+        work.push((client, reqs));
+    }
+    // Warm-up: one batch per agent (TLS handshakes, caches).
+    for (client, reqs) in &mut work {
+        let r = client
+            .batch_new_x509_svid(reqs[0].clone())
+            .await?
+            .into_inner();
+        if r.results.iter().any(|r| r.error_code != 0) {
+            bail!(
+                "warm-up batch failed: {:?}",
+                r.results.iter().find(|r| r.error_code != 0)
+            );
+        }
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = work
+        .into_iter()
+        .map(|(mut client, reqs)| {
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut ok = 0usize;
+                for req in reqs {
+                    let t = Instant::now();
+                    let r = client.batch_new_x509_svid(req).await?.into_inner();
+                    lat.push(t.elapsed());
+                    ok += r.results.iter().filter(|r| r.error_code == 0).count();
+                }
+                Ok::<_, anyhow::Error>((ok, lat))
+            })
+        })
+        .collect();
+    let mut total = 0;
+    let mut lat = Vec::new();
+    for t in tasks {
+        let (ok, l) = t.await??;
+        total += ok;
+        lat.extend(l);
+    }
+    let elapsed = start.elapsed();
+    ward.stop().await;
+    let rate = total as f64 / elapsed.as_secs_f64();
+    lat.sort();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let base1 = ring_baseline(20_000, 1)?;
+    let base_n = ring_baseline(20_000, threads)?;
+    println!(
+        "issuance: {total} SVIDs in {elapsed:.2?} by {agents} agents x {batches} batches of {batch}"
+    );
+    println!("  end-to-end rate           : {rate:.0} SVIDs/s");
+    println!(
+        "  batch latency p50/p99/max : {:.1?} / {:.1?} / {:.1?}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+    println!("  ring verify+sign, 1 thread: {base1:.0} /s");
+    println!("  ring verify+sign, {threads} threads: {base_n:.0} /s");
+    println!("  ratio vs {threads}-thread baseline: {:.2}", rate / base_n);
+    println!("  ratio vs 1-thread baseline: {:.2}", rate / base1);
+    Ok(())
+}
+
+async fn propagation(samples: usize) -> Result<()> {
+    use ward_proto::workload::X509svidRequest;
+    let ward = Ward::start_ca("bench.test").await?;
+    let agent_id = ward.start_agent().await?;
+    let mut admin = ward.admin();
+    let uid = nix::unistd::getuid().as_raw();
+    // A first identity so the stream can open.
+    admin
+        .create_entry(admin::EntrySpec {
+            spiffe_id: "spiffe://bench.test/base".into(),
+            parent_id: agent_id.clone(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await?;
+    let mut wl = ward.workload_client();
+    let mut stream = loop {
+        match wl
+            .fetch_x509svid(procs::with_header(X509svidRequest {}))
+            .await
+        {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                match tokio::time::timeout(Duration::from_secs(10), s.message()).await {
+                    Ok(Ok(Some(m))) if !m.svids.is_empty() => break s,
+                    _ => {}
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let mut lat = Vec::new();
+    for i in 0..samples {
+        let id = format!("spiffe://bench.test/p{i}");
+        admin
+            .create_entry(admin::EntrySpec {
+                spiffe_id: id.clone(),
+                parent_id: agent_id.clone(),
+                selectors: vec![format!("unix:uid:{uid}")],
+                ..Default::default()
+            })
+            .await?;
+        let acked = Instant::now();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .context("no update within 10s")??
+                .context("stream ended")?;
+            if m.svids.iter().any(|s| s.spiffe_id == id) {
+                break;
+            }
+        }
+        lat.push(acked.elapsed());
+    }
+    ward.stop().await;
+    lat.sort();
+    println!(
+        "propagation: entry create acknowledged -> SVID on an open FetchX509SVID stream ({samples} samples)"
+    );
+    println!(
+        "  p50 / p99 / max: {:.1?} / {:.1?} / {:.1?}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn memory(workloads: usize) -> Result<()> {
+    let ward = Ward::start_ca("bench.test").await?;
+    let agent_id = ward.start_agent().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ca_idle, agent_idle) = (ward.ca_rss()?, ward.agent_rss()?);
+    let root = nix::unistd::getuid().is_root();
+    let mut admin = ward.admin();
+    let base_uid = 20_000;
+    for i in 0..workloads {
+        let uid = if root {
+            base_uid + i as u32
+        } else {
+            nix::unistd::getuid().as_raw()
+        };
+        let sel = if root {
+            vec![format!("unix:uid:{uid}")]
+        } else {
+            vec![
+                format!("unix:uid:{uid}"),
+                format!("unix:gid:{}", nix::unistd::getgid()),
+            ]
+        };
+        admin
+            .create_entry(admin::EntrySpec {
+                spiffe_id: format!("spiffe://bench.test/w{i}"),
+                parent_id: agent_id.clone(),
+                selectors: sel,
+                ..Default::default()
+            })
+            .await?;
+    }
+    let children = ward
+        .spawn_workloads(workloads, root.then_some(base_uid))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ca_busy, agent_busy) = (ward.ca_rss()?, ward.agent_rss()?);
+    drop(children);
+    ward.stop().await;
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    println!(
+        "memory (VmRSS): {workloads} workloads{}",
+        if root {
+            ", one uid and one open FetchX509SVID stream each"
+        } else {
+            " (not root: all share one uid)"
+        }
+    );
+    println!(
+        "  ward-ca   idle {:.1} MiB, serving {:.1} MiB",
+        mb(ca_idle),
+        mb(ca_busy)
+    );
+    println!(
+        "  ward-agent idle {:.1} MiB, serving {:.1} MiB",
+        mb(agent_idle),
+        mb(agent_busy)
+    );
+    Ok(())
+}
+
+async fn workload(socket: PathBuf) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut client = ward_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        ward_net::process::unix_channel(&socket),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        if let Ok(s) = client
+            .fetch_x509svid(procs::with_header(ward_proto::workload::X509svidRequest {}))
+            .await
+        {
+            let mut s = s.into_inner();
+            if let Ok(Some(m)) = s.message().await
+                && !m.svids.is_empty()
+            {
+                break s;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no SVID in 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("ready");
+    // Hold the stream until the parent closes our stdin.
+    let mut buf = [0u8; 1];
+    let mut stdin = tokio::io::stdin();
+    tokio::select! {
+        _ = stdin.read(&mut buf) => {}
+        _ = async { while let Ok(Some(_)) = stream.message().await {} } => {}
+    }
+    Ok(())
+}
