@@ -56,6 +56,41 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     resp
 }
 
+/// Converts OpenMetrics text (what prometheus-client writes) to the Prometheus text format
+/// 0.0.4 for scrapers that do not ask for OpenMetrics: counter families are named with their
+/// `_total` suffix in `# HELP`/`# TYPE`, `info` becomes `gauge`, and `# UNIT`/`# EOF` go.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = if counters.contains(name) {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            let tail = if *prefix == "# TYPE " && tail == "info" {
+                "gauge"
+            } else {
+                tail
+            };
+            Some(format!("{prefix}{name} {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 fn route(req: &Request<Incoming>, registry: &Registry, ready: &Readiness) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
@@ -64,13 +99,27 @@ fn route(req: &Request<Incoming>, registry: &Registry, ready: &Readiness) -> Res
     match req.uri().path() {
         "/metrics" => {
             let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, registry) {
-                Ok(()) => text(
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n"));
+            }
+            let wants_openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            if wants_openmetrics {
+                text(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     out,
-                ),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+                )
+            } else {
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    openmetrics_to_text(&out),
+                )
             }
         }
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
@@ -83,5 +132,21 @@ fn route(req: &Request<Incoming>, registry: &Registry, ready: &Readiness) -> Res
             ),
         },
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_get_total_names() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total{k=\"v\"} 1\n\
+                  # HELP g Gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{k=\"v\"} 1\n\
+             # HELP g Gauge.\n# TYPE g gauge\ng 2\n"
+        );
     }
 }
