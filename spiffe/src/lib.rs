@@ -16,3 +16,4 @@ pub use bundle::{Bundle, JwtAuthority};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use selector::{Selector, SelectorSet};
+pub mod policy;
