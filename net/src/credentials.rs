@@ -198,33 +198,60 @@ impl CredentialSink {
     }
 
     fn server_config(&self, svid: &Svid) -> Result<Arc<ServerConfig>, CredentialError> {
-        let verifier = SpiffeClientVerifier::new(
+        build_server_config(
             self.trust.clone(),
             self.settings.accept_clients.clone(),
-            self.settings.client_auth == ClientAuth::Required,
-        );
-        let mut cfg = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_single_cert(svid.chain.clone(), svid.private_key())?;
-        cfg.alpn_protocols = self.settings.alpn.clone();
-        Ok(Arc::new(cfg))
+            self.settings.client_auth,
+            svid,
+            self.settings.alpn.clone(),
+        )
     }
 
     /// A client config that presents `svid` (or no certificate) and verifies servers by the
     /// sink's policy.
     pub fn client_config(&self, svid: Option<&Svid>) -> Result<Arc<ClientConfig>, CredentialError> {
-        let verifier =
-            SpiffeServerVerifier::new(self.trust.clone(), self.settings.accept_servers.clone());
-        let builder = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier));
-        let mut cfg = match svid {
-            Some(s) => builder.with_client_auth_cert(s.chain.clone(), s.private_key())?,
-            None => builder.with_no_client_auth(),
-        };
-        cfg.alpn_protocols = self.settings.alpn.clone();
-        Ok(Arc::new(cfg))
+        build_client_config(
+            self.trust.clone(),
+            self.settings.accept_servers.clone(),
+            svid,
+            self.settings.alpn.clone(),
+        )
     }
+}
+
+/// A server config presenting `svid` and verifying clients by `accept` against `trust`.
+pub fn build_server_config(
+    trust: Arc<TrustStore>,
+    accept: PeerPolicy,
+    client_auth: ClientAuth,
+    svid: &Svid,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, CredentialError> {
+    let verifier = SpiffeClientVerifier::new(trust, accept, client_auth == ClientAuth::Required);
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(svid.chain.clone(), svid.private_key())?;
+    cfg.alpn_protocols = alpn;
+    Ok(Arc::new(cfg))
+}
+
+/// A client config presenting `svid` (or nothing) and verifying servers by `accept`.
+pub fn build_client_config(
+    trust: Arc<TrustStore>,
+    accept: PeerPolicy,
+    svid: Option<&Svid>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ClientConfig>, CredentialError> {
+    let verifier = SpiffeServerVerifier::new(trust, accept);
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut cfg = match svid {
+        Some(s) => builder.with_client_auth_cert(s.chain.clone(), s.private_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn;
+    Ok(Arc::new(cfg))
 }

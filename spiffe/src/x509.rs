@@ -252,6 +252,43 @@ pub fn chain_expiry(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<SystemTime, 
     end.ok_or(SvidError::EmptyChain)
 }
 
+/// Splits concatenated DER certificates (as the Workload API carries chains and bundles).
+pub fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
+    let bad = |m: &str| SvidError::Parse(format!("concatenated DER: {m}"));
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes[0] != 0x30 || bytes.len() < 2 {
+            return Err(bad("not a SEQUENCE"));
+        }
+        let (len, hdr) = match bytes[1] {
+            l if l < 0x80 => (usize::from(l), 2),
+            0x81 => (
+                usize::from(*bytes.get(2).ok_or_else(|| bad("truncated length"))?),
+                3,
+            ),
+            0x82 => {
+                let b = bytes.get(2..4).ok_or_else(|| bad("truncated length"))?;
+                (usize::from(b[0]) << 8 | usize::from(b[1]), 4)
+            }
+            0x83 => {
+                let b = bytes.get(2..5).ok_or_else(|| bad("truncated length"))?;
+                (
+                    usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]),
+                    5,
+                )
+            }
+            _ => return Err(bad("unsupported length")),
+        };
+        let total = hdr + len;
+        if bytes.len() < total {
+            return Err(bad("truncated certificate"));
+        }
+        out.push(bytes[..total].to_vec());
+        bytes = &bytes[total..];
+    }
+    Ok(out)
+}
+
 /// The DER SubjectPublicKeyInfo of a certificate.
 pub fn spki_der(der: &[u8]) -> Result<Vec<u8>, SvidError> {
     use der::Encode;

@@ -80,7 +80,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
                 i += 3;
             }
             b'\\' => return Err(PathError::Backslash),
-            b if b < 0x20 || b >= 0x7f => return Err(PathError::BadChar),
+            b if !(0x20..0x7f).contains(&b) => return Err(PathError::BadChar),
             _ => {
                 decoded.push(b as char);
                 i += 1;

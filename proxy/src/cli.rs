@@ -1,0 +1,299 @@
+//! The `ward-proxy` command line: `run`, `check-config`, `policy explain`, `log verify`.
+//!
+//! Exit codes: 0 success (for `policy explain`: the request would be allowed); 1 runtime
+//! failure, or `policy explain` says deny, or `log verify` found a broken chain; 2 invalid
+//! configuration, policy file or arguments.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ward_spiffe::SpiffeId;
+use ward_spiffe::policy::{DefaultPolicy, PolicySet, Request};
+
+use crate::config::ProxyConfig;
+
+/// ward-proxy: Ward's mutual-TLS sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "ward-proxy", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Default {
+    Deny,
+    AllAuthenticated,
+    SameTrustDomain,
+    AllUnauthenticated,
+}
+
+impl From<Default> for DefaultPolicy {
+    fn from(d: Default) -> Self {
+        match d {
+            Default::Deny => DefaultPolicy::Deny,
+            Default::AllAuthenticated => DefaultPolicy::AllAuthenticated,
+            Default::SameTrustDomain => DefaultPolicy::SameTrustDomain,
+            Default::AllUnauthenticated => DefaultPolicy::AllUnauthenticated,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (and its policy files) and print it with defaults.
+    CheckConfig {
+        /// YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Authorization policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// The access log.
+    Log {
+        #[command(subcommand)]
+        cmd: LogCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Can SOURCE call TARGET? Prints the decision, the deciding policy and rule, and why the
+    /// other rules did not match.
+    Explain {
+        /// Proxy config whose policy files and default to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Policy files (in addition to the config's).
+        #[arg(long = "policies")]
+        policies: Vec<PathBuf>,
+        /// Default when no ALLOW policy targets the workload [default: the config's, or deny].
+        #[arg(long, value_enum)]
+        default: Option<Default>,
+        /// Caller SPIFFE ID; omit for an unauthenticated caller.
+        #[arg(long)]
+        source: Option<String>,
+        /// Destination workload SPIFFE ID.
+        #[arg(long)]
+        target: String,
+        /// HTTP method; omit (with --path) for a TCP connection.
+        #[arg(long)]
+        method: Option<String>,
+        /// Request path.
+        #[arg(long)]
+        path: Option<String>,
+        /// Destination port.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCmd {
+    /// Check an access-log file's hash chain; reports the first broken or missing record.
+    Verify {
+        /// The JSON-lines file.
+        file: PathBuf,
+    },
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+#[allow(clippy::print_stdout)]
+fn out(s: &str) {
+    println!("{s}");
+}
+
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("ward-proxy: {e}");
+    ExitCode::from(code)
+}
+
+/// Runs the CLI.
+pub async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { config } => {
+            let mut cfg = match ProxyConfig::from_file(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(2, &e),
+            };
+            if let Err(e) = cfg.apply_env(&env) {
+                return fail(2, &e);
+            }
+            ward_net::process::init_logging(&cfg.log_level, false);
+            let proxy = match crate::Proxy::start(cfg).await {
+                Ok(p) => p,
+                Err(e @ crate::server::StartError::Policy(_)) => return fail(2, &e),
+                Err(e) => return fail(1, &e),
+            };
+            ward_net::process::shutdown_signal().await;
+            tracing::info!("shutting down");
+            proxy.shutdown().await;
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => {
+            let cfg = match ProxyConfig::from_file(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(2, &e),
+            };
+            if let Err(e) = crate::authz::read_policy_files(&cfg.authorization.policy_files)
+                .and_then(|p| PolicySet::compile(p).map_err(|e| e.to_string()))
+            {
+                return fail(2, &e);
+            }
+            match serde_yaml_ng::to_string(&cfg) {
+                Ok(t) => {
+                    out(t.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e),
+            }
+        }
+        Command::Policy { cmd } => explain(cmd),
+        Command::Log {
+            cmd: LogCmd::Verify { file },
+        } => verify(&file),
+    }
+}
+
+fn explain(cmd: PolicyCmd) -> ExitCode {
+    let PolicyCmd::Explain {
+        config,
+        policies,
+        default,
+        source,
+        target,
+        method,
+        path,
+        port,
+        output,
+    } = cmd;
+    let mut files = policies;
+    let mut dflt = DefaultPolicy::Deny;
+    if let Some(c) = &config {
+        match ProxyConfig::from_file(c) {
+            Ok(cfg) => {
+                files.splice(0..0, cfg.authorization.policy_files.clone());
+                dflt = cfg.authorization.default;
+            }
+            Err(e) => return fail(2, &e),
+        }
+    }
+    if let Some(d) = default {
+        dflt = d.into();
+    }
+    let set = match crate::authz::read_policy_files(&files)
+        .and_then(|p| PolicySet::compile(p).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => return fail(2, &e),
+    };
+    let src = match source.as_deref().map(SpiffeId::new).transpose() {
+        Ok(s) => s,
+        Err(e) => return fail(2, &format!("--source: {e}")),
+    };
+    let dst = match SpiffeId::new(&target) {
+        Ok(t) => t,
+        Err(e) => return fail(2, &format!("--target: {e}")),
+    };
+    let norm = match path
+        .as_deref()
+        .map(ward_spiffe::policy::path::normalize)
+        .transpose()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("decision: DENY\nreason:   ambiguous request path: {e}");
+            return report(
+                output,
+                false,
+                &msg,
+                serde_json::json!({ "decision": "DENY", "reason": format!("ambiguous request path: {e}") }),
+            );
+        }
+    };
+    let req = Request {
+        source: src.as_ref(),
+        target: &dst,
+        method: method.as_deref(),
+        path: norm.as_deref().or(method.as_ref().map(|_| "/")),
+        port,
+    };
+    let e = set.explain(&req, dflt);
+    let json = serde_json::json!({
+        "decision": if e.verdict.allowed { "ALLOW" } else { "DENY" },
+        "reason": e.verdict.describe(),
+        "policy": e.verdict.policy.as_deref(),
+        "rule": e.verdict.rule,
+        "audit": e.verdict.audit.as_deref(),
+        "policies": e.policies.iter().map(|p| serde_json::json!({
+            "name": p.name,
+            "action": format!("{:?}", p.action).to_uppercase(),
+            "rules": p.rules.iter().map(|r| r.map_or("matched".to_owned(), |m| m.to_string())).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    report(output, e.verdict.allowed, e.to_string().trim_end(), json)
+}
+
+fn report(output: Output, allowed: bool, text: &str, json: serde_json::Value) -> ExitCode {
+    match output {
+        Output::Text => out(text),
+        Output::Json => out(&serde_json::to_string_pretty(&json).unwrap_or_default()),
+    }
+    if allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn verify(file: &std::path::Path) -> ExitCode {
+    let r = match crate::access_log::verify(file) {
+        Ok(r) => r,
+        Err(e) => return fail(2, &format!("{}: {e}", file.display())),
+    };
+    let mut text = format!("{}: {} records", file.display(), r.lines);
+    if r.dropped > 0 {
+        text.push_str(&format!(
+            ", {} dropped by the proxy (reported in the log)",
+            r.dropped
+        ));
+    }
+    if let Some(h) = &r.starts_after {
+        text.push_str(&format!("\nchain starts after: {h}"));
+    }
+    if let Some(h) = &r.last_hash {
+        text.push_str(&format!("\nlast record hash:   {h}"));
+    }
+    match &r.broken {
+        None => {
+            out(&format!("{text}\nOK: hash chain intact"));
+            ExitCode::SUCCESS
+        }
+        Some((line, why)) => {
+            out(&format!("{text}\nBROKEN at line {line}: {why}"));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The proxy's configuration: one YAML file (unknown keys are an error) with `WARD_PROXY_*`
+//! and `SPIFFE_ENDPOINT_SOCKET` overrides. Listeners are a list so that ingress and egress
+//! listeners can be added beside the sidecar's inbound and outbound ones.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use ward_net::duration::serde_str;
+use ward_spiffe::policy::DefaultPolicy;
+use ward_spiffe::{SpiffeId, TrustDomain};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Invalid YAML, wrong types or unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message.
+        message: String,
+    },
+    /// Out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Where the proxy's SVID comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The agent's Workload API.
+    WorkloadApi {
+        /// `unix:///path` (default: `SPIFFE_ENDPOINT_SOCKET`).
+        #[serde(default)]
+        socket: Option<String>,
+        /// Which SVID to use when the workload has several (default: the first).
+        #[serde(default)]
+        spiffe_id: Option<SpiffeId>,
+    },
+    /// PEM files, watched for changes.
+    Files {
+        /// Certificate chain, leaf first.
+        chain: PathBuf,
+        /// PKCS#8 private key.
+        key: PathBuf,
+        /// Trust bundle (roots of `trust_domain`).
+        bundle: PathBuf,
+        /// Trust domain of the bundle.
+        trust_domain: TrustDomain,
+    },
+}
+
+/// Application protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 (so gRPC); authorized per request.
+    #[default]
+    Http,
+    /// Opaque TCP; authorized per connection.
+    Tcp,
+    /// Detected per connection.
+    Auto,
+}
+
+/// Whether an inbound listener also accepts plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// mTLS only.
+    #[default]
+    Strict,
+    /// mTLS, or plaintext treated as unauthenticated (for migrations).
+    Permissive,
+}
+
+/// Accepts mTLS from other proxies and forwards to the local application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// Name (metrics, logs).
+    pub name: String,
+    /// Public address.
+    pub listen: SocketAddr,
+    /// The application, `host:port`.
+    pub forward_to: String,
+    /// Protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// TLS mode.
+    #[serde(default)]
+    pub tls: TlsMode,
+}
+
+/// Accepts plaintext from the local application and opens mTLS to an upstream proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// Name (metrics, logs).
+    pub name: String,
+    /// Loopback address the application connects to.
+    pub listen: SocketAddr,
+    /// The upstream proxy's inbound listener, `host:port`.
+    pub upstream: String,
+    /// SPIFFE IDs the upstream may present; empty means any ID of a trusted trust domain.
+    #[serde(default)]
+    pub expected_ids: Vec<SpiffeId>,
+    /// Protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// Enforce or only report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthzMode {
+    /// Deny what policy denies.
+    #[default]
+    Enforce,
+    /// Log what would be denied, deny nothing.
+    DryRun,
+}
+
+/// Authorization settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    /// Enforce or dry-run.
+    #[serde(default)]
+    pub mode: AuthzMode,
+    /// What applies when no ALLOW policy targets this workload.
+    #[serde(default)]
+    pub default: DefaultPolicy,
+    /// Policy files (YAML `policies: [...]`), reloaded when they change.
+    #[serde(default)]
+    pub policy_files: Vec<PathBuf>,
+    /// How often policy files are checked for changes.
+    #[serde(default = "default_reload", with = "serde_str")]
+    pub reload_interval: Duration,
+}
+
+impl Default for Authorization {
+    fn default() -> Self {
+        Self {
+            mode: AuthzMode::default(),
+            default: DefaultPolicy::default(),
+            policy_files: Vec::new(),
+            reload_interval: default_reload(),
+        }
+    }
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// The access log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// JSON-lines file.
+    pub path: PathBuf,
+    /// Rotate when the file exceeds this many bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Records queued before new ones are dropped (and counted).
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+
+fn default_queue() -> usize {
+    16 * 1024
+}
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Where the SVID comes from.
+    pub identity: IdentitySource,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_admin")]
+    pub admin_address: SocketAddr,
+    /// Inbound listeners.
+    #[serde(default)]
+    pub inbound: Vec<Inbound>,
+    /// Outbound listeners.
+    #[serde(default)]
+    pub outbound: Vec<Outbound>,
+    /// Authorization.
+    #[serde(default)]
+    pub authorization: Authorization,
+    /// Header carrying the verified peer SPIFFE ID to the application (incoming copies are
+    /// removed).
+    #[serde(default = "default_header")]
+    pub peer_id_header: String,
+    /// Access log; none if absent.
+    #[serde(default)]
+    pub access_log: Option<AccessLog>,
+    /// `tracing` filter.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+
+fn default_header() -> String {
+    "x-ward-peer-id".into()
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl ProxyConfig {
+    /// Reads a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses YAML text.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies overrides: `WARD_PROXY_ADMIN_ADDRESS`, `WARD_PROXY_LOG_LEVEL`,
+    /// `WARD_PROXY_DEFAULT_POLICY`, `WARD_PROXY_AUTHZ_MODE`, and `SPIFFE_ENDPOINT_SOCKET` for a
+    /// Workload API identity without an explicit socket.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |k: &str, e: &dyn std::fmt::Display| ConfigError::Invalid(format!("{k}: {e}"));
+        if let Some(v) = env("WARD_PROXY_ADMIN_ADDRESS") {
+            self.admin_address = v.parse().map_err(|e| bad("WARD_PROXY_ADMIN_ADDRESS", &e))?;
+        }
+        if let Some(v) = env("WARD_PROXY_LOG_LEVEL") {
+            self.log_level = v;
+        }
+        if let Some(v) = env("WARD_PROXY_DEFAULT_POLICY") {
+            self.authorization.default =
+                serde_yaml_ng::from_str(&v).map_err(|e| bad("WARD_PROXY_DEFAULT_POLICY", &e))?;
+        }
+        if let Some(v) = env("WARD_PROXY_AUTHZ_MODE") {
+            self.authorization.mode =
+                serde_yaml_ng::from_str(&v).map_err(|e| bad("WARD_PROXY_AUTHZ_MODE", &e))?;
+        }
+        if let IdentitySource::WorkloadApi {
+            socket: s @ None, ..
+        } = &mut self.identity
+            && let Some(v) = env("SPIFFE_ENDPOINT_SOCKET")
+        {
+            *s = Some(v);
+        }
+        self.validate()
+    }
+
+    /// Checks consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |m: String| Err(ConfigError::Invalid(m));
+        let mut names = std::collections::HashSet::new();
+        for n in self
+            .inbound
+            .iter()
+            .map(|l| &l.name)
+            .chain(self.outbound.iter().map(|l| &l.name))
+        {
+            if n.is_empty() || !names.insert(n.clone()) {
+                return inv(format!(
+                    "listener names must be unique and non-empty ({n:?})"
+                ));
+            }
+        }
+        for l in &self.inbound {
+            host_port(&l.forward_to).map_err(|e| {
+                ConfigError::Invalid(format!("inbound {}: forward_to: {e}", l.name))
+            })?;
+        }
+        for l in &self.outbound {
+            host_port(&l.upstream)
+                .map_err(|e| ConfigError::Invalid(format!("outbound {}: upstream: {e}", l.name)))?;
+        }
+        let h = &self.peer_id_header;
+        if h.is_empty()
+            || http::HeaderName::from_bytes(h.as_bytes()).is_err()
+            || h.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            return inv(format!(
+                "peer_id_header {h:?} must be a lowercase HTTP header name"
+            ));
+        }
+        if let Some(a) = &self.access_log
+            && (a.queue == 0 || a.max_bytes < 4096)
+        {
+            return inv("access_log: queue must be > 0 and max_bytes >= 4096".into());
+        }
+        if let IdentitySource::WorkloadApi {
+            socket: Some(s), ..
+        } = &self.identity
+            && !s.starts_with("unix:")
+        {
+            return inv(format!(
+                "identity.workload_api.socket {s:?} must be a unix: address"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks `host:port`.
+pub fn host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s.rsplit_once(':').ok_or("must be host:port")?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err("must be host:port".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+identity:
+  files: { chain: /c.pem, key: /k.pem, bundle: /b.pem, trust_domain: example.org }
+admin_address: 127.0.0.1:15000
+inbound:
+  - name: in
+    listen: 0.0.0.0:15006
+    forward_to: 127.0.0.1:8080
+    protocol: auto
+    tls: permissive
+outbound:
+  - name: backend
+    listen: 127.0.0.1:15001
+    upstream: backend.local:15006
+    expected_ids: [spiffe://example.org/backend]
+authorization:
+  mode: dry-run
+  default: same-trust-domain
+  policy_files: [/etc/ward/policies.yaml]
+access_log:
+  path: /var/log/ward/access.jsonl
+"#;
+
+    #[test]
+    fn full_config_parses() {
+        let c = ProxyConfig::from_yaml(FULL, "t").unwrap();
+        assert_eq!(c.inbound[0].protocol, Protocol::Auto);
+        assert_eq!(c.inbound[0].tls, TlsMode::Permissive);
+        assert_eq!(c.authorization.default, DefaultPolicy::SameTrustDomain);
+        assert_eq!(c.authorization.mode, AuthzMode::DryRun);
+        assert_eq!(c.peer_id_header, "x-ward-peer-id");
+        assert_eq!(c.access_log.unwrap().queue, 16 * 1024);
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let e = ProxyConfig::from_yaml(&format!("{FULL}\nbogus: 1\n"), "f").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e =
+            ProxyConfig::from_yaml(&FULL.replace("same-trust-domain", "maybe"), "f").unwrap_err();
+        assert!(
+            e.to_string().contains("maybe") || e.to_string().contains("variant"),
+            "{e}"
+        );
+        let e =
+            ProxyConfig::from_yaml(&FULL.replace("127.0.0.1:8080", "nowhere"), "f").unwrap_err();
+        assert!(e.to_string().contains("forward_to"), "{e}");
+        let e = ProxyConfig::from_yaml(
+            &FULL.replace("spiffe://example.org/backend", "spiffe://x//y"),
+            "f",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("expected_ids") || e.to_string().contains("segment"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = ProxyConfig::from_yaml("identity:\n  workload_api: {}\n", "t").unwrap();
+        c.apply_env(&|k| match k {
+            "SPIFFE_ENDPOINT_SOCKET" => Some("unix:///run/agent.sock".into()),
+            "WARD_PROXY_DEFAULT_POLICY" => Some("all-authenticated".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            c.identity,
+            IdentitySource::WorkloadApi {
+                socket: Some("unix:///run/agent.sock".into()),
+                spiffe_id: None
+            }
+        );
+        assert_eq!(c.authorization.default, DefaultPolicy::AllAuthenticated);
+    }
+}

@@ -1,0 +1,169 @@
+//! The proxy's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// Listener name.
+    pub listener: String,
+    /// `allow`, `deny`, `would-deny` (dry run).
+    pub decision: String,
+    /// Deciding policy, or `default:<mode>` / `none`.
+    pub policy: String,
+}
+
+/// A listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// Listener name.
+    pub listener: String,
+}
+
+/// A TLS failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabel {
+    /// Listener name.
+    pub listener: String,
+    /// Short reason (`expired`, `unknown_issuer`, `no_client_cert`, ...).
+    pub reason: String,
+}
+
+/// Every proxy metric.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Requests and TCP connections by decision and policy.
+    pub requests: Family<DecisionLabel, Counter>,
+    /// Request latency through the proxy (to response headers), per listener.
+    pub latency: Family<ListenerLabel, Histogram, fn() -> Histogram>,
+    /// TLS handshake failures by reason.
+    pub tls_failures: Family<TlsFailureLabel, Counter>,
+    /// Open connections per listener.
+    pub open_connections: Family<ListenerLabel, Gauge>,
+    /// Expiry of the current SVID (Unix seconds).
+    pub svid_expiry: Gauge,
+    /// Policies in force.
+    pub policies: Gauge,
+    /// Policy sources refused (the last good set stays).
+    pub policy_errors: Counter,
+    /// Access-log records dropped because the writer fell behind.
+    pub log_dropped: Counter,
+    /// Identity updates refused.
+    pub identity_errors: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics.
+    pub fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            tls_failures: Family::default(),
+            open_connections: Family::default(),
+            svid_expiry: Gauge::default(),
+            policies: Gauge::default(),
+            policy_errors: Counter::default(),
+            log_dropped: Counter::default(),
+            identity_errors: Counter::default(),
+        }
+    }
+
+    /// Registers under `ward_proxy`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("ward_proxy");
+        r.register(
+            "requests",
+            "Requests and TCP connections by decision",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time to response headers",
+            self.latency.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshake failures",
+            self.tls_failures.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Open connections",
+            self.open_connections.clone(),
+        );
+        r.register(
+            "svid_expiry_timestamp_seconds",
+            "Expiry of the current SVID",
+            self.svid_expiry.clone(),
+        );
+        r.register(
+            "policies",
+            "Authorization policies in force",
+            self.policies.clone(),
+        );
+        r.register(
+            "policy_errors",
+            "Policy sources refused",
+            self.policy_errors.clone(),
+        );
+        r.register(
+            "access_log_dropped",
+            "Access-log records dropped",
+            self.log_dropped.clone(),
+        );
+        r.register(
+            "identity_errors",
+            "SVID or bundle updates refused",
+            self.identity_errors.clone(),
+        );
+    }
+
+    /// Counts a TLS failure.
+    pub fn tls_failure(&self, listener: &str, reason: &str) {
+        self.tls_failures
+            .get_or_create(&TlsFailureLabel {
+                listener: listener.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
+/// Holds an open-connection gauge up while alive.
+#[derive(Debug)]
+pub struct ConnGuard(Gauge);
+
+impl ConnGuard {
+    /// Increments `listener`'s gauge until dropped.
+    pub fn new(m: &Metrics, listener: &str) -> Self {
+        let g = m
+            .open_connections
+            .get_or_create(&ListenerLabel {
+                listener: listener.into(),
+            })
+            .clone();
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
