@@ -191,7 +191,8 @@ fn default_queue() -> usize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// Where the SVID comes from.
+    /// Where the SVID comes from: `workload_api: {...}` or `files: {...}`.
+    #[serde(with = "serde_yaml_ng::with::singleton_map")]
     pub identity: IdentitySource,
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default = "default_admin")]
