@@ -101,6 +101,8 @@ pub struct Snapshot {
     pub revision: u64,
     /// True once a first sync update was applied.
     pub synced: bool,
+    /// Authorization policies from the CA.
+    pub policies: Arc<ward_spiffe::policy::PolicySet>,
 }
 
 impl Snapshot {

@@ -10,6 +10,7 @@ pub mod files;
 pub mod identity;
 pub mod manager;
 pub mod metrics;
+pub mod policies;
 pub mod server;
 pub mod sync;
 pub mod workload;

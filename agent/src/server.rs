@@ -115,6 +115,9 @@ impl Agent {
             metrics.clone(),
             shutdown_rx.clone(),
         );
+        let policies = ward_proto::agent::policies_server::PoliciesServer::new(
+            crate::policies::PolicyService::new(api.clone()),
+        );
         let svc =
             ward_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
         let rx = shutdown_rx.clone();
@@ -122,6 +125,7 @@ impl Agent {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let r = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(policies)
                 .serve_with_incoming_shutdown(incoming, stop(rx))
                 .await;
             if let Err(e) = r {

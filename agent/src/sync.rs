@@ -32,6 +32,21 @@ pub fn apply(s: &mut Snapshot, u: &SyncUpdate) -> Result<(), String> {
         let bundle = ward_proto::convert::bundle_from_proto(b)?;
         s.bundle = Some(Arc::new(bundle));
     }
+    if u.policies_changed {
+        // The CA only stores sets that compile; a set that does not is refused whole.
+        let parsed = u
+            .policies
+            .iter()
+            .map(ward_proto::convert::policy_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|p| ward_spiffe::policy::PolicySet::compile(p).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(set) => s.policies = Arc::new(set),
+            Err(e) => {
+                tracing::error!(error = %e, "policies from the CA refused; keeping the previous set")
+            }
+        }
+    }
     s.revision = u.revision;
     s.synced = true;
     Ok(())

@@ -34,13 +34,13 @@ type CachedJwt = (String, SystemTime, SystemTime);
 /// The Workload API service.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
     attestor: UnixAttestor,
     identity: Arc<Identity>,
     clock: Arc<dyn Clock>,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
-    stopping: watch::Receiver<bool>,
+    pub(crate) stopping: watch::Receiver<bool>,
 }
 
 impl WorkloadApi {
@@ -65,7 +65,7 @@ impl WorkloadApi {
     }
 
     /// Checks the security header and attests the caller.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<SelectorSet, Status> {
+    pub(crate) async fn caller<T>(&self, req: &Request<T>) -> Result<SelectorSet, Status> {
         let ok = req
             .metadata()
             .get("workload.spiffe.io")
@@ -99,7 +99,7 @@ impl WorkloadApi {
             .map_err(|e| Status::permission_denied(format!("workload attestation failed: {e}")))
     }
 
-    fn synced(&self) -> Result<Arc<Snapshot>, Status> {
+    pub(crate) fn synced(&self) -> Result<Arc<Snapshot>, Status> {
         let s = self.snapshots.borrow().clone();
         if !s.synced || s.bundle.is_none() {
             return Err(Status::unavailable(
@@ -117,7 +117,7 @@ impl WorkloadApi {
     }
 }
 
-fn no_identity() -> Status {
+pub(crate) fn no_identity() -> Status {
     Status::permission_denied("no identity issued")
 }
 
@@ -150,7 +150,7 @@ fn x509_response(snap: &Snapshot, entries: &[Arc<CachedEntry>]) -> wl::X509svidR
 
 /// Runs a stream task: `render` turns a snapshot into the next message (`Ok(None)` = not
 /// ready yet, `Err` = end the stream with that status). Sends on every change of the message.
-fn spawn_stream<T, F>(
+pub(crate) fn spawn_stream<T, F>(
     mut rx: watch::Receiver<Arc<Snapshot>>,
     mut stopping: watch::Receiver<bool>,
     metrics: Metrics,

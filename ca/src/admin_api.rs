@@ -183,6 +183,140 @@ impl Admin for AdminService {
         Ok(Response::new(admin::EvictAgentResponse {}))
     }
 
+    async fn put_policies(
+        &self,
+        req: Request<admin::PutPoliciesRequest>,
+    ) -> Result<Response<admin::PutPoliciesResponse>, Status> {
+        let policies = req
+            .into_inner()
+            .policies
+            .iter()
+            .map(ward_proto::convert::policy_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ApiError::InvalidArgument)?;
+        let stored = self.core.policies.put(policies).await?;
+        for r in &stored {
+            self.audit("policy-put", &r.policy.name, "").await?;
+        }
+        Ok(Response::new(admin::PutPoliciesResponse {
+            policies: stored
+                .iter()
+                .map(|r| ward_proto::convert::policy_to_proto(&r.policy, r.revision))
+                .collect(),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<admin::GetPolicyRequest>,
+    ) -> Result<Response<types::AuthzPolicy>, Status> {
+        let name = req.into_inner().name;
+        let r = self
+            .core
+            .policies
+            .get(required("name", &name)?)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("policy {name} not found")))?;
+        Ok(Response::new(ward_proto::convert::policy_to_proto(
+            &r.policy, r.revision,
+        )))
+    }
+
+    async fn list_policies(
+        &self,
+        _req: Request<admin::ListPoliciesRequest>,
+    ) -> Result<Response<admin::ListPoliciesResponse>, Status> {
+        let list = self.core.policies.list().await?;
+        Ok(Response::new(admin::ListPoliciesResponse {
+            policies: list
+                .iter()
+                .map(|r| ward_proto::convert::policy_to_proto(&r.policy, r.revision))
+                .collect(),
+        }))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<admin::DeletePolicyRequest>,
+    ) -> Result<Response<admin::DeletePolicyResponse>, Status> {
+        let name = req.into_inner().name;
+        self.core.policies.delete(required("name", &name)?).await?;
+        self.audit("policy-delete", &name, "").await?;
+        Ok(Response::new(admin::DeletePolicyResponse {}))
+    }
+
+    async fn explain_policy(
+        &self,
+        req: Request<admin::ExplainPolicyRequest>,
+    ) -> Result<Response<admin::ExplainPolicyResponse>, Status> {
+        use ward_spiffe::policy::{DefaultPolicy, Request as AuthzRequest, path::normalize};
+        let r = req.into_inner();
+        let inv = |m: String| ApiError::InvalidArgument(m);
+        let source = if r.source.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::new(&r.source).map_err(|e| inv(format!("source: {e}")))?)
+        };
+        let target = SpiffeId::new(required("target", &r.target)?)
+            .map_err(|e| inv(format!("target: {e}")))?;
+        let default = match r.default_policy.as_str() {
+            "" | "deny" => DefaultPolicy::Deny,
+            "all-authenticated" => DefaultPolicy::AllAuthenticated,
+            "same-trust-domain" => DefaultPolicy::SameTrustDomain,
+            "all-unauthenticated" => DefaultPolicy::AllUnauthenticated,
+            other => return Err(inv(format!("default_policy {other:?} is not one of deny, all-authenticated, same-trust-domain, all-unauthenticated")).into()),
+        };
+        let port = u16::try_from(r.port).map_err(|_| inv("port out of range".into()))?;
+        let (method, path) = if r.method.is_empty() && r.path.is_empty() {
+            (None, None)
+        } else {
+            let p = if r.path.is_empty() {
+                "/".to_owned()
+            } else {
+                r.path.clone()
+            };
+            match normalize(&p) {
+                Ok(p) => (
+                    Some(if r.method.is_empty() {
+                        "GET".to_owned()
+                    } else {
+                        r.method.clone()
+                    }),
+                    Some(p),
+                ),
+                Err(e) => {
+                    return Ok(Response::new(admin::ExplainPolicyResponse {
+                        allowed: false,
+                        reason: format!("ambiguous request path: {e}"),
+                        policy: String::new(),
+                        rule: -1,
+                        audit: String::new(),
+                        text: format!("decision: DENY\nreason:   ambiguous request path: {e}\n"),
+                    }));
+                }
+            }
+        };
+        let set = self.core.policies.set().await?;
+        let e = set.explain(
+            &AuthzRequest {
+                source: source.as_ref(),
+                target: &target,
+                method: method.as_deref(),
+                path: path.as_deref(),
+                port,
+            },
+            default,
+        );
+        Ok(Response::new(admin::ExplainPolicyResponse {
+            allowed: e.verdict.allowed,
+            reason: e.verdict.describe(),
+            policy: e.verdict.policy.as_deref().unwrap_or_default().to_owned(),
+            rule: e.verdict.rule.map_or(-1, |r| r as i32),
+            audit: e.verdict.audit.as_deref().unwrap_or_default().to_owned(),
+            text: e.to_string(),
+        }))
+    }
+
     async fn get_bundle(
         &self,
         _req: Request<admin::GetBundleRequest>,

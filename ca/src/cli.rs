@@ -2,7 +2,8 @@
 //! talk to a running CA over its admin socket.
 //!
 //! Exit codes: 0 success; 1 internal or unexpected error; 2 invalid usage or argument; 3 not
-//! found; 4 already exists or concurrent change; 5 permission denied; 6 CA unreachable.
+//! found; 4 already exists or concurrent change; 5 permission denied; 6 CA unreachable; 8
+//! `policy explain`: the request would be denied.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,66 @@ enum Command {
     Bundle {
         #[command(subcommand)]
         cmd: BundleCmd,
+    },
+    /// Authorization policies stored in the CA and streamed to agents and proxies.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Create or replace the policies of a YAML file (`policies: [...]`), all or none.
+    Apply {
+        #[command(flatten)]
+        conn: Conn,
+        /// The policy file.
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// List policies.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show one policy (YAML, or JSON with -o json).
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// Policy name.
+        name: String,
+    },
+    /// Delete a policy.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        /// Policy name.
+        name: String,
+    },
+    /// Can SOURCE call TARGET? Exit 0 if allowed, 8 if denied.
+    Explain {
+        #[command(flatten)]
+        conn: Conn,
+        /// Caller SPIFFE ID; omit for an unauthenticated caller.
+        #[arg(long)]
+        source: Option<String>,
+        /// Destination SPIFFE ID.
+        #[arg(long)]
+        target: String,
+        /// HTTP method; omit together with --path for a TCP connection.
+        #[arg(long)]
+        method: Option<String>,
+        /// Request path.
+        #[arg(long)]
+        path: Option<String>,
+        /// Destination port.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Default when no ALLOW policy targets the destination: deny, all-authenticated,
+        /// same-trust-domain, all-unauthenticated.
+        #[arg(long, default_value = "deny")]
+        default: String,
     },
 }
 
@@ -282,7 +343,9 @@ pub async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ward-ca: {}", e.message);
+            if !e.message.is_empty() {
+                eprintln!("ward-ca: {}", e.message);
+            }
             ExitCode::from(e.code)
         }
     }
@@ -351,6 +414,126 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Entry { cmd } => entry(cmd).await,
         Command::Agent { cmd } => agent(cmd).await,
         Command::Bundle { cmd } => bundle(cmd).await,
+        Command::Policy { cmd } => policy(cmd).await,
+    }
+}
+
+fn policy_doc(
+    list: &[ward_proto::types::AuthzPolicy],
+) -> Result<ward_spiffe::policy::PolicyDoc, CliError> {
+    let policies = list
+        .iter()
+        .map(ward_proto::convert::policy_from_proto)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError::new(1, e))?;
+    Ok(ward_spiffe::policy::PolicyDoc { policies })
+}
+
+fn print_policies(output: Output, list: &[ward_proto::types::AuthzPolicy]) -> Result<(), CliError> {
+    let doc = policy_doc(list)?;
+    match output {
+        Output::Json => {
+            json(serde_json::to_value(&doc).map_err(|e| CliError::new(1, e.to_string()))?)
+        }
+        Output::Text => {
+            let y = serde_yaml_ng::to_string(&doc).map_err(|e| CliError::new(1, e.to_string()))?;
+            print(y.trim_end());
+            Ok(())
+        }
+    }
+}
+
+async fn policy(cmd: PolicyCmd) -> Result<(), CliError> {
+    match cmd {
+        PolicyCmd::Apply { conn, file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::new(2, format!("{}: {e}", file.display())))?;
+            let doc: ward_spiffe::policy::PolicyDoc = serde_yaml_ng::from_str(&text)
+                .map_err(|e| CliError::new(2, format!("{}: {e}", file.display())))?;
+            let policies = doc
+                .policies
+                .iter()
+                .map(|p| ward_proto::convert::policy_to_proto(p, 0))
+                .collect();
+            let r = client(&conn)?
+                .put_policies(admin::PutPoliciesRequest { policies })
+                .await?
+                .into_inner();
+            match conn.output {
+                Output::Json => print_policies(Output::Json, &r.policies),
+                Output::Text => {
+                    for p in &r.policies {
+                        print(&format!(
+                            "Applied policy {} (revision {})",
+                            p.name, p.revision
+                        ));
+                    }
+                    Ok(())
+                }
+            }
+        }
+        PolicyCmd::List { conn } => {
+            let r = client(&conn)?
+                .list_policies(admin::ListPoliciesRequest {})
+                .await?
+                .into_inner();
+            print_policies(conn.output, &r.policies)
+        }
+        PolicyCmd::Show { conn, name } => {
+            let p = client(&conn)?
+                .get_policy(admin::GetPolicyRequest { name })
+                .await?
+                .into_inner();
+            print_policies(conn.output, &[p])
+        }
+        PolicyCmd::Delete { conn, name } => {
+            client(&conn)?
+                .delete_policy(admin::DeletePolicyRequest { name: name.clone() })
+                .await?;
+            match conn.output {
+                Output::Json => json(serde_json::json!({ "deleted": name })),
+                Output::Text => {
+                    print(&format!("Deleted policy {name}"));
+                    Ok(())
+                }
+            }
+        }
+        PolicyCmd::Explain {
+            conn,
+            source,
+            target,
+            method,
+            path,
+            port,
+            default,
+        } => {
+            let r = client(&conn)?
+                .explain_policy(admin::ExplainPolicyRequest {
+                    source: source.unwrap_or_default(),
+                    target,
+                    method: method.unwrap_or_default(),
+                    path: path.unwrap_or_default(),
+                    port: u32::from(port),
+                    default_policy: default,
+                })
+                .await?
+                .into_inner();
+            match conn.output {
+                Output::Json => json(serde_json::json!({
+                    "decision": if r.allowed { "ALLOW" } else { "DENY" },
+                    "reason": r.reason,
+                    "policy": r.policy,
+                    "rule": r.rule,
+                    "audit": r.audit,
+                }))?,
+                Output::Text => print(r.text.trim_end()),
+            }
+            if r.allowed {
+                Ok(())
+            } else {
+                Err(CliError::new(8, String::new()))
+            }
+        }
     }
 }
 

@@ -59,6 +59,8 @@ pub struct CaCore {
     pub entries: EntryRepo,
     /// Agents and join tokens.
     pub agents: AgentRepo,
+    /// Authorization policies.
+    pub policies: crate::policies::PolicyRepo,
     /// Signing authorities and the bundle.
     pub authorities: Authorities,
     /// Time.
@@ -83,6 +85,7 @@ impl CaCore {
         let core = Self {
             entries: EntryRepo::new(store.clone(), td.clone()),
             agents: AgentRepo::new(store.clone(), td),
+            policies: crate::policies::PolicyRepo::new(store.clone()),
             authorities,
             store,
             clock,

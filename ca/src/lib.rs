@@ -21,6 +21,7 @@ pub mod issuer;
 pub mod keys;
 pub mod metrics;
 pub mod node_api;
+pub mod policies;
 pub mod server;
 pub mod sync;
 

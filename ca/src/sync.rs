@@ -90,8 +90,23 @@ async fn full(core: &CaCore, agent: &str) -> Result<(u64, SyncUpdate), ApiError>
             upserted: entries.iter().map(entry_to_proto).collect(),
             removed: Vec::new(),
             bundle: None,
+            policies_changed: false,
+            policies: Vec::new(),
         },
     ))
+}
+
+/// Puts the complete current policy set into `update`.
+async fn add_policies(core: &CaCore, update: &mut SyncUpdate) -> Result<(), ApiError> {
+    update.policies = core
+        .policies
+        .list()
+        .await?
+        .iter()
+        .map(|r| ward_proto::convert::policy_to_proto(&r.policy, r.revision))
+        .collect();
+    update.policies_changed = true;
+    Ok(())
 }
 
 /// Starts the stream for `agent`.
@@ -124,6 +139,7 @@ async fn run(
     let mut agents = core.agents.watch();
     let mut bundles = core.authorities.watch_bundle();
     let mut stopping = core.stopping.subscribe();
+    let mut policies = core.policies.watch();
 
     let current = core.entries.revision().await?;
     let first = if since == 0 || since > current {
@@ -138,13 +154,19 @@ async fn run(
     let bundle = bundles.borrow_and_update().clone();
     let mut sent_seq = bundle.sequence;
     update.bundle = Some(bundle_to_proto(&bundle));
+    add_policies(core, &mut update).await?;
     if tx.send(Ok(update)).await.is_err() {
         return Ok(());
     }
 
     loop {
+        let mut policies_changed = false;
         tokio::select! {
             ok = changes.changed() => if !ok { return Ok(()) },
+            ok = policies.changed() => {
+                if !ok { return Ok(()) }
+                policies_changed = true;
+            }
             ok = agents.changed() => {
                 if !ok { return Ok(()) }
                 core.authorize_agent(peer).await?;
@@ -169,10 +191,14 @@ async fn run(
             sent_seq = bundle.sequence;
             update.bundle = Some(bundle_to_proto(&bundle));
         }
+        if policies_changed {
+            add_policies(core, &mut update).await?;
+        }
         let empty = !update.full
             && update.upserted.is_empty()
             && update.removed.is_empty()
-            && update.bundle.is_none();
+            && update.bundle.is_none()
+            && !update.policies_changed;
         rev = next_rev;
         if empty {
             // Nothing for this agent: stay silent so unrelated changes cost it nothing.

@@ -28,6 +28,13 @@ pub mod ward {
             tonic::include_proto!("ward.node.v1");
         }
     }
+    /// Ward's service on the agent socket.
+    pub mod agent {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("ward.agent.v1");
+        }
+    }
     /// The CA's admin API.
     pub mod admin {
         /// Version 1.
@@ -38,6 +45,7 @@ pub mod ward {
 }
 
 pub use ward::admin::v1 as admin;
+pub use ward::agent::v1 as agent;
 pub use ward::node::v1 as node;
 pub use ward::types::v1 as types;
 
@@ -45,7 +53,108 @@ pub mod convert {
     //! Conversions between the shared SPIFFE types and their messages.
 
     use crate::types;
+    use ward_spiffe::policy::{Action, Operation, Policy, Rule, Source, Target};
     use ward_spiffe::{Bundle, JwtAuthority, TrustDomain};
+
+    /// A policy as a message.
+    pub fn policy_to_proto(p: &Policy, revision: u64) -> types::AuthzPolicy {
+        types::AuthzPolicy {
+            name: p.name.clone(),
+            target_spiffe_ids: p.target.spiffe_ids.clone(),
+            action: match p.action {
+                Action::Allow => "ALLOW",
+                Action::Deny => "DENY",
+                Action::Audit => "AUDIT",
+            }
+            .to_owned(),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| types::AuthzRule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| types::AuthzSource {
+                            principals: s.principals.clone(),
+                            not_principals: s.not_principals.clone(),
+                            trust_domains: s.trust_domains.clone(),
+                            not_trust_domains: s.not_trust_domains.clone(),
+                            namespaces: s.namespaces.clone(),
+                            not_namespaces: s.not_namespaces.clone(),
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| types::AuthzOperation {
+                            methods: o.methods.clone(),
+                            not_methods: o.not_methods.clone(),
+                            paths: o.paths.clone(),
+                            not_paths: o.not_paths.clone(),
+                            ports: o.ports.iter().map(|p| u32::from(*p)).collect(),
+                            not_ports: o.not_ports.iter().map(|p| u32::from(*p)).collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            revision,
+        }
+    }
+
+    /// A policy message as a policy (not yet validated: compile it into a `PolicySet`).
+    pub fn policy_from_proto(p: &types::AuthzPolicy) -> Result<Policy, String> {
+        let action = match p.action.to_ascii_uppercase().as_str() {
+            "ALLOW" => Action::Allow,
+            "DENY" => Action::Deny,
+            "AUDIT" => Action::Audit,
+            other => {
+                return Err(format!(
+                    "policy {:?}: action {other:?} is not ALLOW, DENY or AUDIT",
+                    p.name
+                ));
+            }
+        };
+        let port = |v: &u32| {
+            u16::try_from(*v).map_err(|_| format!("policy {:?}: port {v} is out of range", p.name))
+        };
+        let mut rules = Vec::new();
+        for r in &p.rules {
+            let mut to = Vec::new();
+            for o in &r.to {
+                to.push(Operation {
+                    methods: o.methods.clone(),
+                    not_methods: o.not_methods.clone(),
+                    paths: o.paths.clone(),
+                    not_paths: o.not_paths.clone(),
+                    ports: o.ports.iter().map(port).collect::<Result<_, _>>()?,
+                    not_ports: o.not_ports.iter().map(port).collect::<Result<_, _>>()?,
+                });
+            }
+            rules.push(Rule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|s| Source {
+                        principals: s.principals.clone(),
+                        not_principals: s.not_principals.clone(),
+                        trust_domains: s.trust_domains.clone(),
+                        not_trust_domains: s.not_trust_domains.clone(),
+                        namespaces: s.namespaces.clone(),
+                        not_namespaces: s.not_namespaces.clone(),
+                    })
+                    .collect(),
+                to,
+            });
+        }
+        Ok(Policy {
+            name: p.name.clone(),
+            target: Target {
+                spiffe_ids: p.target_spiffe_ids.clone(),
+            },
+            action,
+            rules,
+        })
+    }
 
     /// A bundle as a message.
     pub fn bundle_to_proto(b: &Bundle) -> types::Bundle {

@@ -144,6 +144,78 @@ impl Authz {
     }
 }
 
+/// Follows the agent's `WatchPolicies` stream for this workload until `stop`, replacing the
+/// agent-sourced policies on every snapshot.
+pub async fn watch_agent(
+    authz: Arc<Authz>,
+    socket: PathBuf,
+    spiffe_id: Option<SpiffeId>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = tokio::select! {
+            r = follow_agent(&authz, &socket, spiffe_id.as_ref()) => r,
+            _ = ward_net::process::until_set(&mut stop) => return,
+        };
+        match r {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::warn!(error = %e, "agent policy stream failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = ward_net::process::until_set(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn follow_agent(
+    authz: &Authz,
+    socket: &Path,
+    spiffe_id: Option<&SpiffeId>,
+) -> Result<(), String> {
+    use ward_proto::agent::WatchPoliciesRequest;
+    use ward_proto::agent::policies_client::PoliciesClient;
+    let mut client = PoliciesClient::new(ward_net::process::unix_channel(socket));
+    let mut req = tonic::Request::new(WatchPoliciesRequest {
+        spiffe_id: spiffe_id.map(ToString::to_string).unwrap_or_default(),
+    });
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let mut stream = client
+        .watch_policies(req)
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    while let Some(snap) = stream
+        .message()
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+    {
+        let result = snap
+            .policies
+            .iter()
+            .map(ward_proto::convert::policy_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|p| authz.set_agent_policies(p));
+        match result {
+            Ok(()) => tracing::info!(
+                for_id = %snap.spiffe_id,
+                policies = snap.policies.len(),
+                "policies from the agent applied"
+            ),
+            Err(e) => {
+                authz.metrics.policy_errors.inc();
+                tracing::error!(error = %e, "policies from the agent refused; keeping the last good set");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses one policy file (YAML `policies: [...]`).
 pub fn read_policy_file(path: &Path) -> Result<Vec<Policy>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;

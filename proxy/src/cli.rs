@@ -1,8 +1,8 @@
 //! The `ward-proxy` command line: `run`, `check-config`, `policy explain`, `log verify`.
 //!
 //! Exit codes: 0 success (for `policy explain`: the request would be allowed); 1 runtime
-//! failure, or `policy explain` says deny, or `log verify` found a broken chain; 2 invalid
-//! configuration, policy file or arguments.
+//! failure, or `log verify` found a broken chain; 2 invalid configuration, policy file or
+//! arguments; 8 `policy explain`: the request would be denied (as `ward-ca policy explain`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -264,7 +264,7 @@ fn report(output: Output, allowed: bool, text: &str, json: serde_json::Value) ->
     if allowed {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(1)
+        ExitCode::from(8)
     }
 }
 

@@ -148,6 +148,10 @@ pub struct Authorization {
     /// How often policy files are checked for changes.
     #[serde(default = "default_reload", with = "serde_str")]
     pub reload_interval: Duration,
+    /// Also follow the policies the CA stores for this workload, streamed by the agent
+    /// (requires a `workload_api` identity).
+    #[serde(default)]
+    pub from_agent: bool,
 }
 
 impl Default for Authorization {
@@ -157,6 +161,7 @@ impl Default for Authorization {
             default: DefaultPolicy::default(),
             policy_files: Vec::new(),
             reload_interval: default_reload(),
+            from_agent: false,
         }
     }
 }
@@ -317,6 +322,11 @@ impl ProxyConfig {
             && (a.queue == 0 || a.max_bytes < 4096)
         {
             return inv("access_log: queue must be > 0 and max_bytes >= 4096".into());
+        }
+        if self.authorization.from_agent
+            && !matches!(self.identity, IdentitySource::WorkloadApi { .. })
+        {
+            return inv("authorization.from_agent needs a workload_api identity".into());
         }
         if let IdentitySource::WorkloadApi {
             socket: Some(s), ..

@@ -93,6 +93,22 @@ impl Proxy {
             )));
         }
 
+        if cfg.authorization.from_agent
+            && let crate::config::IdentitySource::WorkloadApi { socket, spiffe_id } = &cfg.identity
+        {
+            let path = socket.clone().unwrap_or_default();
+            let path = std::path::PathBuf::from(
+                path.trim_start_matches("unix://")
+                    .trim_start_matches("unix:"),
+            );
+            tasks.push(tokio::spawn(crate::authz::watch_agent(
+                authz.clone(),
+                path,
+                spiffe_id.clone(),
+                stop.clone(),
+            )));
+        }
+
         let log = match &cfg.access_log {
             Some(a) => Some(
                 crate::access_log::start(&a.path, a.max_bytes, a.queue, metrics.clone())

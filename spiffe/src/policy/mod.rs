@@ -623,8 +623,15 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
-    /// Indices of the policies targeting `target`, in definition order.
-    fn targeting(&self, target: &SpiffeId) -> impl Iterator<Item = &CPolicy> {
+    /// The policies (as written) that target `target`, in definition order.
+    pub fn policies_targeting(&self, target: &SpiffeId) -> Vec<Policy> {
+        self.targeting_idx(target)
+            .into_iter()
+            .map(|i| self.source[i].clone())
+            .collect()
+    }
+
+    fn targeting_idx(&self, target: &SpiffeId) -> Vec<usize> {
         let exact = self
             .by_target
             .get(target.as_str())
@@ -639,7 +646,14 @@ impl PolicySet {
         let mut idx: Vec<usize> = exact.iter().copied().chain(wild.copied()).collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| &self.policies[i])
+        idx
+    }
+
+    /// The compiled policies targeting `target`, in definition order.
+    fn targeting(&self, target: &SpiffeId) -> impl Iterator<Item = &CPolicy> {
+        self.targeting_idx(target)
+            .into_iter()
+            .map(|i| &self.policies[i])
     }
 
     /// Evaluates `req` with `default` applying when no ALLOW policy targets the destination.
