@@ -46,6 +46,13 @@ pub struct DevArgs {
     /// Log filter.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Also run two demo workloads behind two ward-proxy processes and show one allowed and
+    /// one denied request with their access-log lines.
+    #[arg(long)]
+    pub demo: bool,
+    /// The ward-proxy binary for --demo [default: next to this binary].
+    #[arg(long, env = "WARD_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
 }
 
 /// What dev mode remembers between runs.
@@ -209,6 +216,23 @@ async fn run_with_server(
         writeln!(out, "SPIFFE_ID={id}").map_err(err)?;
         out.flush().map_err(err)?;
     }
+    let demo = if a.demo {
+        let bin = match &a.proxy_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()
+                .map_err(err)?
+                .with_file_name("ward-proxy"),
+        };
+        match crate::demo::run(core, &state.agent_id, &socket, &data_dir.join("demo"), &bin).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                stop_child(&mut child).await;
+                return Err(format!("demo: {e}"));
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(
         admin_socket = %server.admin_socket.display(),
         health = %server.health_addr,
@@ -219,11 +243,15 @@ async fn run_with_server(
         _ = ward_net::process::shutdown_signal() => Ok(()),
         s = child.wait() => Err(format!("ward-agent exited: {}", s.map_err(err)?)),
     };
+    if let Some(d) = demo {
+        d.stop().await;
+    }
     stop_child(&mut child).await;
     result
 }
 
-async fn stop_child(child: &mut tokio::process::Child) {
+/// Stops a child with SIGTERM, then SIGKILL after 10 s.
+pub async fn stop_child(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod core;
 pub mod csr;
 pub mod db;
+pub mod demo;
 pub mod dev;
 pub mod entries;
 pub mod error;

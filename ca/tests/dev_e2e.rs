@@ -11,6 +11,45 @@ use std::time::Duration;
 use futures::StreamExt;
 use spiffe::{SpiffeId, TrustDomain, WorkloadApiClient};
 
+#[test]
+fn demo_shows_an_allowed_and_a_denied_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = common::Dev::start(&dir.path().join("w"), &["--demo"]);
+    let mut lines = Vec::new();
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.starts_with("demo: access log"))
+    {
+        lines.push(
+            dev.lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("demo output"),
+        );
+    }
+    let text = lines.join("\n");
+    assert!(
+        text.contains(
+            "demo: GET /api/hello -> 200 hello from the backend, spiffe://example.org/demo/frontend"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("demo: GET /admin -> 403 forbidden"), "{text}");
+    let logs: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("demo: log "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logs.len(), 2, "{text}");
+    assert_eq!(logs[0]["access"]["decision"], "allow");
+    assert_eq!(
+        logs[0]["access"]["src"],
+        "spiffe://example.org/demo/frontend"
+    );
+    assert_eq!(logs[1]["access"]["decision"], "deny");
+    assert_eq!(logs[1]["access"]["path"], "/admin");
+    assert!(dev.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_serves_unmodified_spiffe_clients() {
     let dir = tempfile::tempdir().unwrap();

@@ -61,6 +61,15 @@ pub async fn join_with_deadline(
     }
 }
 
+/// Formats a time as RFC 3339 UTC with milliseconds (`2026-11-26T10:11:07.123Z`).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let base = rfc3339(t);
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_millis());
+    format!("{}.{ms:03}Z", base.trim_end_matches('Z'))
+}
+
 /// Formats a time as RFC 3339 UTC (`2026-11-26T10:11:07Z`).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;

@@ -213,7 +213,7 @@ impl Writer {
             seq: self.seq,
             prev: self.prev.clone(),
             kind: "anchor".into(),
-            time: ward_net::process::rfc3339(SystemTime::now()),
+            time: ward_net::process::rfc3339_millis(SystemTime::now()),
             dropped: 0,
             access: None,
             continues,
@@ -256,7 +256,7 @@ impl Writer {
             seq: self.seq,
             prev: self.prev.clone(),
             kind: "access".into(),
-            time: ward_net::process::rfc3339(e.time),
+            time: ward_net::process::rfc3339_millis(e.time),
             dropped,
             access: Some(AccessFields {
                 listener: e.listener.to_string(),

@@ -123,7 +123,8 @@ async fn follow(
             None => msg.svids.first(),
         };
         let Some(s) = chosen else {
-            tracing::warn!(wanted = ?want.map(ToString::to_string), "Workload API sent no matching SVID");
+            // Normal right after the entry is created: the agent is still fetching it.
+            tracing::debug!(wanted = ?want.map(ToString::to_string), "Workload API sent no matching SVID yet");
             continue;
         };
         let r = (|| {

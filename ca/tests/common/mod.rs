@@ -14,35 +14,38 @@ pub fn ca_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ward-ca"))
 }
 
-/// The ward-agent binary from the same target directory, built (or brought up to date) once
-/// per test process: cargo only builds the binaries of the package under test.
+/// A binary of another workspace package from the same target directory, built (or brought
+/// up to date) once per test process: cargo only builds the binaries of the package under test.
+fn workspace_bin(name: &'static str, slot: &'static OnceLock<PathBuf>) -> PathBuf {
+    slot.get_or_init(|| {
+        let ca = ca_bin();
+        let dir = ca.parent().unwrap();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+        let bin = dir.join(name);
+        assert!(bin.exists(), "{} missing", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The ward-agent binary.
 pub fn agent_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let ca = ca_bin();
-            let dir = ca.parent().unwrap();
-            let release = dir.file_name().is_some_and(|n| n == "release");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args([
-                "build",
-                "--quiet",
-                "-p",
-                "ward-agent",
-                "--bin",
-                "ward-agent",
-            ]);
-            if release {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build for ward-agent");
-            assert!(status.success(), "building ward-agent failed");
-            let bin = dir.join("ward-agent");
-            assert!(bin.exists(), "{} missing", bin.display());
-            bin
-        })
-        .clone()
+    workspace_bin("ward-agent", &BUILT)
+}
+
+/// The ward-proxy binary.
+pub fn proxy_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    workspace_bin("ward-proxy", &BUILT)
 }
 
 /// A running `ward-ca dev`.
@@ -51,6 +54,8 @@ pub struct Dev {
     pub socket: PathBuf,
     pub spiffe_id: String,
     pub data_dir: PathBuf,
+    /// The rest of stdout, line by line.
+    pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Dev {
@@ -62,6 +67,8 @@ impl Dev {
             .arg(data_dir)
             .arg("--agent-bin")
             .arg(agent_bin())
+            .arg("--proxy-bin")
+            .arg(proxy_bin())
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -97,6 +104,7 @@ impl Dev {
             socket: path,
             spiffe_id: id.unwrap(),
             data_dir: data_dir.to_owned(),
+            lines: rx,
         }
     }
 
