@@ -31,7 +31,9 @@ pub struct Authz {
     default: DefaultPolicy,
     sources: RwLock<Sources>,
     set: RwLock<Arc<PolicySet>>,
-    view: RwLock<Option<Arc<TargetPolicies>>>,
+    /// The view of the current set for this workload, with the set it was built from: a view
+    /// is only used while its set is still the current one.
+    view: RwLock<Option<(Arc<PolicySet>, Arc<TargetPolicies>)>>,
     metrics: Metrics,
 }
 
@@ -63,6 +65,7 @@ impl Decision {
         match (&self.verdict.policy, &self.verdict.reason) {
             (Some(p), _) => p.to_string(),
             (None, ward_spiffe::policy::Reason::Default(d)) => format!("default:{d}"),
+            (None, ward_spiffe::policy::Reason::InvalidPath) => "invalid-path".into(),
             (None, _) => "none".into(),
         }
     }
@@ -122,14 +125,35 @@ impl Authz {
     }
 
     fn view_for(&self, target: &SpiffeId) -> Arc<TargetPolicies> {
-        if let Some(v) = self.view.read().unwrap_or_else(|p| p.into_inner()).as_ref()
+        let set = self.policy_set();
+        if let Some((s, v)) = self.view.read().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && Arc::ptr_eq(s, &set)
             && v.target() == target
         {
             return v.clone();
         }
-        let v = Arc::new(self.policy_set().for_target(target));
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(v.clone());
+        // Built from `set`, cached with it: if another set was installed meanwhile, the next
+        // call sees the pointer differ and rebuilds, so a stale view can never stick.
+        let v = Arc::new(set.for_target(target));
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some((set, v.clone()));
         v
+    }
+
+    /// The decision for a request whose path is ambiguous: denied without consulting policy
+    /// (in dry-run: reported as would-deny and let through).
+    pub fn invalid_path(&self) -> Decision {
+        let dry = self.mode == AuthzMode::DryRun;
+        Decision {
+            proceed: dry,
+            dry_run_denied: dry,
+            verdict: Verdict {
+                allowed: false,
+                reason: ward_spiffe::policy::Reason::InvalidPath,
+                policy: None,
+                rule: None,
+                audit: None,
+            },
+        }
     }
 
     /// Decides one request.

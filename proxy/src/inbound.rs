@@ -246,15 +246,6 @@ impl From<&Decision> for Outcome {
     }
 }
 
-/// A request refused before policy evaluation (its path is ambiguous).
-fn invalid_path() -> Outcome {
-    Outcome {
-        decision: "deny",
-        policy: "invalid-path".into(),
-        audit: None,
-    }
-}
-
 impl Ctx<'_> {
     fn entry(
         &self,
@@ -311,30 +302,24 @@ async fn handle(
         );
     };
     // Normalize before matching; ambiguous paths are refused, not guessed.
-    let path = match normalize(&raw_path) {
-        Ok(p) => p,
-        Err(e) => {
-            let reason = format!("ambiguous request path: {e}");
-            let o = invalid_path();
-            record(&ctx, &o);
-            if let Some(log) = &ctx.log {
-                log.log(lc.entry(403, &o, reason.clone(), 0, 0));
-            }
-            return local_response(
-                grpc,
-                StatusCode::FORBIDDEN,
-                GrpcCode::PermissionDenied,
-                &reason,
-            );
+    let (path, d, reason) = match normalize(&raw_path) {
+        Ok(p) => {
+            let d = ctx.authz.decide(&AuthzRequest {
+                source: peer.as_ref().as_ref(),
+                target: &own,
+                method: Some(req.method().as_str()),
+                path: Some(&p),
+                port: ctx.port,
+            });
+            let r = d.verdict.describe();
+            (p, d, r)
         }
+        Err(e) => (
+            raw_path.clone(),
+            ctx.authz.invalid_path(),
+            format!("ambiguous request path: {e}"),
+        ),
     };
-    let d = ctx.authz.decide(&AuthzRequest {
-        source: peer.as_ref().as_ref(),
-        target: &own,
-        method: Some(req.method().as_str()),
-        path: Some(&path),
-        port: ctx.port,
-    });
     let o = Outcome::from(&d);
     record(&ctx, &o);
     let lc = Ctx {
@@ -342,7 +327,6 @@ async fn handle(
         ..lc
     };
     if !d.proceed {
-        let reason = d.verdict.describe();
         if let Some(log) = &ctx.log {
             log.log(lc.entry(403, &o, reason.clone(), 0, 0));
         }
@@ -354,7 +338,7 @@ async fn handle(
         );
     }
     if d.dry_run_denied {
-        tracing::info!(src = ?lc.src, path = %path, reason = %d.verdict.describe(), "dry run: would deny");
+        tracing::info!(src = ?lc.src, path = %path, %reason, "dry run: would deny");
     }
 
     // Forward to the application.
@@ -430,7 +414,7 @@ async fn handle(
     strip_hop_by_hop(&mut parts.headers);
     let bytes_out = Arc::new(AtomicU64::new(0));
     let done: Option<Box<dyn FnOnce() + Send + Sync>> = ctx.log.clone().map(|log| {
-        let entry = lc.entry(parts.status.as_u16(), &o, d.verdict.describe(), 0, 0);
+        let entry = lc.entry(parts.status.as_u16(), &o, reason.clone(), 0, 0);
         let (bi, bo) = (bytes_in.clone(), bytes_out.clone());
         Box::new(move || {
             let mut e = entry;

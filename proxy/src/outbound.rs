@@ -288,6 +288,17 @@ async fn handle(ctx: Arc<OutboundCtx>, mut req: Request<Incoming>) -> Response<B
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_else(|| ctx.cfg.upstream.clone());
+    // Only a well-formed authority may become the request's :authority (a Host with '/' or
+    // '?' would otherwise change the forwarded path).
+    if http::uri::Authority::try_from(authority.as_str()).is_err() {
+        count(&ctx, "error");
+        return local_response(
+            grpc,
+            StatusCode::BAD_REQUEST,
+            GrpcCode::InvalidArgument,
+            "invalid Host header",
+        );
+    }
     let pq = req
         .uri()
         .path_and_query()

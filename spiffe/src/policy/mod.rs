@@ -350,6 +350,8 @@ pub enum Reason {
     NoAllowMatched,
     /// No ALLOW policy targets the workload; the default decided.
     Default(DefaultPolicy),
+    /// The request path is ambiguous (see [`path::normalize`]); no policy was consulted.
+    InvalidPath,
 }
 
 /// The outcome of evaluating a request.
@@ -375,6 +377,7 @@ impl Verdict {
             (Reason::AllowedByPolicy, Some(p)) => format!("allowed by policy {p}"),
             (Reason::NoAllowMatched, _) => "no ALLOW policy matched".into(),
             (Reason::Default(d), _) => format!("default policy {}", default_name(*d)),
+            (Reason::InvalidPath, _) => "ambiguous request path".into(),
             _ => "unknown".into(),
         }
     }

@@ -23,6 +23,9 @@ pub enum PathError {
     /// `..` would climb above `/`.
     #[error("path escapes the root")]
     AboveRoot,
+    /// A raw `;`: path parameters that some servers strip before routing (`/admin;x/`).
+    #[error("path parameter (';') in path")]
+    PathParameter,
     /// The path does not start with `/`.
     #[error("path is not absolute")]
     NotAbsolute,
@@ -80,6 +83,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
                 i += 3;
             }
             b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::PathParameter),
             b if !(0x20..0x7f).contains(&b) => return Err(PathError::BadChar),
             _ => {
                 decoded.push(b as char);
@@ -133,6 +137,7 @@ mod tests {
             ("/a/%2E%2e/%2e/b", "/b"),
             ("/x%20y", "/x%20y"),
             ("/x%3a", "/x%3A"),
+            ("/a%3bb", "/a%3Bb"),
             ("/%7euser", "/~user"),
             ("/admin/", "/admin/"),
             ("*", "*"),
@@ -145,6 +150,7 @@ mod tests {
             ("/a%2Fb", PathError::EncodedSeparator),
             ("/a%5cb", PathError::EncodedSeparator),
             ("/a\\b", PathError::Backslash),
+            ("/admin;x/users", PathError::PathParameter),
             ("/a%zz", PathError::BadEscape),
             ("/a%2", PathError::BadEscape),
             ("/a%00b", PathError::BadChar),
