@@ -148,6 +148,7 @@ policies:
         forward_to: app.to_string(),
         protocol: Protocol::Http,
         tls: TlsMode::Strict,
+        app_protocol: Default::default(),
     }];
     let backend = ward_proxy::Proxy::start(bcfg).await.unwrap();
     let mut fcfg = proxy_cfg(&agent.socket_path, "spiffe://pf.test/frontend");

@@ -101,6 +101,22 @@ pub struct Inbound {
     /// TLS mode.
     #[serde(default)]
     pub tls: TlsMode,
+    /// HTTP version spoken to the application.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+}
+
+/// The HTTP version an inbound listener speaks to its application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// The version the original client used (carried across the proxy hop).
+    #[default]
+    Auto,
+    /// Always HTTP/1.1 (HTTP/2 clients are translated).
+    Http1,
+    /// Always HTTP/2 with prior knowledge (gRPC applications).
+    Http2,
 }
 
 /// Accepts plaintext from the local application and opens mTLS to an upstream proxy.

@@ -66,6 +66,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Carries the application's HTTP version across the proxy-to-proxy hop, which is always
+/// HTTP/2: the outbound proxy sets it for HTTP/1.x requests and the inbound proxy removes it
+/// and speaks HTTP/1.1 to its application (as Linkerd's `l5d-orig-proto`).
+pub const ORIG_PROTO: &str = "x-ward-orig-proto";
+
 /// True for gRPC requests.
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()

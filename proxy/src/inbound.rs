@@ -22,7 +22,7 @@ use ward_spiffe::policy::{Request as AuthzRequest, path::normalize};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::authz::{Authz, Decision};
-use crate::config::{Inbound, Protocol, TlsMode};
+use crate::config::{AppProtocol, Inbound, Protocol, TlsMode};
 use crate::http::{Body, Counted, GrpcCode, boxed, is_grpc, local_response, strip_hop_by_hop};
 use crate::io::{Prefixed, Sniffed, sniff};
 use crate::metrics::{ConnGuard, DecisionLabel, ListenerLabel, Metrics};
@@ -371,7 +371,13 @@ async fn handle(
             );
         }
     };
-    let h2 = req.version() == Version::HTTP_2;
+    // HTTP/2 to the application only if the original client spoke it (see ORIG_PROTO).
+    let orig_h1 = req.headers_mut().remove(crate::http::ORIG_PROTO).is_some();
+    let h2 = match ctx.cfg.app_protocol {
+        AppProtocol::Auto => req.version() == Version::HTTP_2 && !orig_h1,
+        AppProtocol::Http1 => false,
+        AppProtocol::Http2 => true,
+    };
     *req.uri_mut() = uri;
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();

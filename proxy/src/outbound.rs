@@ -316,8 +316,16 @@ async fn handle(ctx: Arc<OutboundCtx>, mut req: Request<Incoming>) -> Response<B
             );
         }
     };
+    let h1 = req.version() != Version::HTTP_2;
     strip_hop_by_hop(req.headers_mut());
     req.headers_mut().remove(header::HOST);
+    req.headers_mut().remove(crate::http::ORIG_PROTO);
+    if h1 {
+        req.headers_mut().insert(
+            crate::http::ORIG_PROTO,
+            HeaderValue::from_static("HTTP/1.1"),
+        );
+    }
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_2;
     let bytes_in = Arc::new(AtomicU64::new(0));

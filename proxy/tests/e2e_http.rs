@@ -94,3 +94,49 @@ async fn requests_are_authorized_and_carry_the_peer_id() {
     );
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_only_applications_work_across_the_http2_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = common::start_app_h1().await;
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Http,
+        |b| b.inbound[0].forward_to = app.to_string(),
+        |_| {},
+    )
+    .await;
+    // An HTTP/1.1 client reaches the HTTP/1.1-only application although the proxies speak
+    // HTTP/2 to each other (a spoofed orig-proto header changes nothing).
+    let r = request(
+        mesh.outbound(),
+        "GET",
+        "/api/v",
+        &[("x-ward-orig-proto", "HTTP/2")],
+        false,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    // With `auto`, an HTTP/2 client gets HTTP/2 to the application, which this one refuses...
+    let r = request(mesh.outbound(), "GET", "/api/v", &[], true).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    mesh.stop().await;
+
+    // ...and `app_protocol: http1` translates.
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Http,
+        |b| {
+            b.inbound[0].forward_to = app.to_string();
+            b.inbound[0].app_protocol = ward_proxy::config::AppProtocol::Http1;
+        },
+        |_| {},
+    )
+    .await;
+    let r = request(mesh.outbound(), "POST", "/api/v", &[], true).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    mesh.stop().await;
+}

@@ -429,6 +429,7 @@ impl GrpcMesh {
                 forward_to: app.to_string(),
                 protocol: Protocol::Http,
                 tls: TlsMode::Strict,
+                app_protocol: Default::default(),
             }],
             outbound: vec![],
             authorization: Authorization {

@@ -73,6 +73,29 @@ pub async fn start_app() -> SocketAddr {
     addr
 }
 
+/// An application that speaks only HTTP/1.1 (as most do) and reports the version it got.
+pub async fn start_app_h1() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let out = serde_json::json!({ "version": format!("{:?}", req.version()), "path": req.uri().path() });
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out.to_string()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// A TCP echo server.
 pub async fn start_echo() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -156,6 +179,7 @@ impl Mesh {
                 forward_to: app.to_string(),
                 protocol,
                 tls: TlsMode::Strict,
+                app_protocol: Default::default(),
             }],
             outbound: vec![],
             authorization: Authorization {
