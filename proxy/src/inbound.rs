@@ -11,7 +11,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,8 +42,8 @@ pub struct InboundCtx {
     log: Option<AccessLog>,
     metrics: Metrics,
     header: HeaderName,
-    app_h1: Client<HttpConnector, Body>,
-    app_h2: Client<HttpConnector, Body>,
+    app_h1: Client<AppConnector, Body>,
+    app_h2: Client<AppConnector, Body>,
 }
 
 impl std::fmt::Debug for InboundCtx {
@@ -55,11 +54,37 @@ impl std::fmt::Debug for InboundCtx {
     }
 }
 
-fn connector() -> HttpConnector {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    c.set_connect_timeout(Some(Duration::from_secs(5)));
-    c
+/// Dials the application at a fixed address, whatever the request URI names (the URI keeps the
+/// client's authority so the application sees its original Host).
+#[derive(Debug, Clone)]
+pub struct AppConnector(Arc<str>);
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let addr = self.0.clone();
+        Box::pin(async move {
+            let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&*addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(tcp))
+        })
+    }
 }
 
 impl InboundCtx {
@@ -78,12 +103,12 @@ impl InboundCtx {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector());
+            .build(AppConnector(Arc::from(cfg.forward_to.as_str())));
         let app_h2 = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
-            .build(connector());
+            .build(AppConnector(Arc::from(cfg.forward_to.as_str())));
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             port,
@@ -350,17 +375,28 @@ async fn handle(
     {
         headers.insert(ctx.header.clone(), v);
     }
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = req.uri().authority().cloned()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        req.headers_mut().insert(header::HOST, v);
-    }
+    // HTTP/2 to the application only if the original client spoke it (see ORIG_PROTO).
+    let orig_h1 = req.headers_mut().remove(crate::http::ORIG_PROTO).is_some();
+    let h2 = match ctx.cfg.app_protocol {
+        AppProtocol::Auto => req.version() == Version::HTTP_2 && !orig_h1,
+        AppProtocol::Http1 => false,
+        AppProtocol::Http2 => true,
+    };
+    // The request keeps its original authority (Host for HTTP/1.1, :authority for HTTP/2);
+    // the connector dials the application whatever the URI says.
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .filter(|a| http::uri::Authority::try_from(a.as_str()).is_ok())
+        .unwrap_or_else(|| ctx.cfg.forward_to.clone());
     let pq = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.clone(),
     };
-    let uri: Uri = match format!("http://{}{pq}", ctx.cfg.forward_to).parse() {
+    let uri: Uri = match format!("http://{authority}{pq}").parse() {
         Ok(u) => u,
         Err(_) => {
             return local_response(
@@ -371,13 +407,11 @@ async fn handle(
             );
         }
     };
-    // HTTP/2 to the application only if the original client spoke it (see ORIG_PROTO).
-    let orig_h1 = req.headers_mut().remove(crate::http::ORIG_PROTO).is_some();
-    let h2 = match ctx.cfg.app_protocol {
-        AppProtocol::Auto => req.version() == Version::HTTP_2 && !orig_h1,
-        AppProtocol::Http1 => false,
-        AppProtocol::Http2 => true,
-    };
+    if h2 {
+        req.headers_mut().remove(header::HOST);
+    } else if let Ok(v) = HeaderValue::from_str(&authority) {
+        req.headers_mut().insert(header::HOST, v);
+    }
     *req.uri_mut() = uri;
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
