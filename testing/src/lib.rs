@@ -171,3 +171,4 @@ impl Pki {
         p
     }
 }
+pub mod kube;
