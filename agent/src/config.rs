@@ -50,6 +50,21 @@ impl Default for UnixConfig {
     }
 }
 
+/// Node attestation with the agent pod's projected service-account token (Kubernetes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsatConfig {
+    /// The cluster name configured in the CA.
+    pub cluster: String,
+    /// The projected token file (re-read at every attestation; the kubelet rotates it).
+    #[serde(default = "default_token_path")]
+    pub token_path: PathBuf,
+}
+
+fn default_token_path() -> PathBuf {
+    PathBuf::from("/var/run/secrets/tokens/ward-agent")
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,6 +97,9 @@ pub struct AgentConfig {
     /// Join token (prefer the `WARD_AGENT_JOIN_TOKEN` variable: files and command lines leak).
     #[serde(default)]
     pub join_token: Option<String>,
+    /// Attest with a Kubernetes service-account token instead of a join token.
+    #[serde(default)]
+    pub k8s_psat: Option<PsatConfig>,
     /// Unix attestation.
     #[serde(default)]
     pub unix: UnixConfig,
@@ -117,6 +135,7 @@ impl AgentConfig {
             trust_bundle_path: None,
             health_address: default_health(),
             join_token: None,
+            k8s_psat: None,
             unix: UnixConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),

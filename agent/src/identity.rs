@@ -157,20 +157,35 @@ impl Identity {
         }
     }
 
-    /// Attests with the configured join token.
+    /// Attests with the service-account token (Kubernetes) or the join token.
     async fn attest(&self) -> Result<(), IdentityError> {
-        let token = self.cfg.join_token.clone().ok_or_else(|| {
-            IdentityError::Local(
-                "the agent has no valid SVID and no join token to attest with \
-                 (set WARD_AGENT_JOIN_TOKEN; create one with `ward-ca token create`)"
-                    .into(),
-            )
-        })?;
+        let method = match (&self.cfg.k8s_psat, &self.cfg.join_token) {
+            (Some(p), _) => {
+                let token = std::fs::read_to_string(&p.token_path).map_err(|e| {
+                    IdentityError::Local(format!(
+                        "service-account token {}: {e}",
+                        p.token_path.display()
+                    ))
+                })?;
+                node::attest_request::Method::K8sPsat(node::K8sPsatAttestation {
+                    cluster: p.cluster.clone(),
+                    token: token.trim().to_owned(),
+                })
+            }
+            (None, Some(token)) => node::attest_request::Method::JoinToken(JoinTokenAttestation {
+                token: token.clone(),
+            }),
+            (None, None) => {
+                return Err(IdentityError::Local(
+                    "the agent has no valid SVID and no join token to attest with \
+                     (set WARD_AGENT_JOIN_TOKEN; create one with `ward-ca token create`)"
+                        .into(),
+                ));
+            }
+        };
         let key = KeyPair::generate().map_err(|e| IdentityError::Local(e.to_string()))?;
         let req = AttestRequest {
-            method: Some(node::attest_request::Method::JoinToken(
-                JoinTokenAttestation { token },
-            )),
+            method: Some(method),
             csr: csr(&key, None)?,
         };
         let resp = self.node().attest(req).await?.into_inner();
@@ -186,7 +201,7 @@ impl Identity {
             .svid
             .ok_or_else(|| IdentityError::Local("CA sent no SVID".into()))?;
         self.install(svid.cert_chain, key.serialize_der())?;
-        tracing::info!(id = %svid.spiffe_id, "attested with join token");
+        tracing::info!(id = %svid.spiffe_id, "attested");
         Ok(())
     }
 
@@ -276,7 +291,31 @@ impl Identity {
                 .unwrap_or_default();
             tracing::debug!(?wait, "agent SVID renewal scheduled");
             tokio::time::sleep(wait).await;
-            match self.renew().await {
+            let expired = self.renew_at().is_none()
+                || self
+                    .sink
+                    .current()
+                    .is_some_and(|c| c.svid.not_after <= self.clock.now());
+            let result = if expired && self.cfg.k8s_psat.is_some() {
+                self.attest().await
+            } else {
+                match self.renew().await {
+                    // The CA no longer accepts this SVID (expired, superseded by a newer
+                    // instance on the node): attest again when the method allows it.
+                    Err(IdentityError::Ca(s))
+                        if self.cfg.k8s_psat.is_some()
+                            && matches!(
+                                s.code(),
+                                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                            ) =>
+                    {
+                        tracing::warn!(error = %s.message(), "renewal refused; attesting again");
+                        self.attest().await
+                    }
+                    r => r,
+                }
+            };
+            match result {
                 Ok(()) => backoff = Duration::from_secs(1),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "agent SVID renewal failed");

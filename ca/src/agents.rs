@@ -174,6 +174,15 @@ impl AgentRepo {
         Ok(())
     }
 
+    /// Adds to `batch` the creation of a new agent record (fails if one exists).
+    pub fn create(&self, batch: &mut Batch, record: &AgentRecord) -> Result<(), ApiError> {
+        let key = agent_key(&record.id);
+        batch
+            .require(key.clone(), None)
+            .put(key, db::encode(record)?);
+        Ok(())
+    }
+
     /// Reads an agent record with its raw bytes (for conditional updates).
     pub async fn get_raw(&self, id: &SpiffeId) -> Result<Option<(AgentRecord, Vec<u8>)>, ApiError> {
         let key = agent_key(id);

@@ -47,6 +47,67 @@ pub struct UpstreamConfig {
     pub bundle_file: PathBuf,
 }
 
+/// How the CA checks a cluster's service-account tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PsatMode {
+    /// Ask the API server (TokenReview), then read the pod and node.
+    #[default]
+    TokenReview,
+    /// Verify the token's signature against the cluster's JWKS, without TokenReview.
+    Offline,
+}
+
+/// One Kubernetes cluster whose agents attest with projected service-account tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name, part of agent IDs.
+    pub name: String,
+    /// Kubeconfig file; absent means in-cluster configuration.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// `namespace:serviceaccount` pairs allowed to attest as agents.
+    pub service_account_allow_list: Vec<String>,
+    /// Audience the agents' tokens must carry.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// TokenReview or offline verification.
+    #[serde(default)]
+    pub mode: PsatMode,
+    /// Offline: the token issuer (`iss`).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Offline: JWKS file.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Offline: fetch keys from the issuer's OIDC discovery document (when no file is given).
+    #[serde(default)]
+    pub jwks_discovery: bool,
+    /// Offline: CA bundle for HTTPS discovery (default: the system bundle).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Node labels that become agent selectors.
+    #[serde(default)]
+    pub node_label_allow_list: Vec<String>,
+    /// Pod labels (of the agent pod) that become agent selectors.
+    #[serde(default)]
+    pub pod_label_allow_list: Vec<String>,
+}
+
+fn default_audience() -> String {
+    "ward-ca".into()
+}
+
+/// Kubernetes integration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Clusters agents attest from.
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
+}
+
 /// TTLs and lifetimes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -114,6 +175,9 @@ pub struct CaConfig {
     /// Optional upstream authority.
     #[serde(default)]
     pub upstream: Option<UpstreamConfig>,
+    /// Kubernetes node attestation and identity controller.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
     /// `tracing` filter, e.g. `info` or `ward_ca=debug`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
@@ -145,6 +209,7 @@ impl CaConfig {
             admin_socket: None,
             ttl: Ttls::default(),
             upstream: None,
+            kubernetes: KubernetesConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
         }
@@ -216,6 +281,48 @@ impl CaConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir must be set".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for c in &self.kubernetes.clusters {
+            let inv = |m: String| {
+                Err(ConfigError::Invalid(format!(
+                    "kubernetes cluster {:?}: {m}",
+                    c.name
+                )))
+            };
+            let name_ok = !c.name.is_empty()
+                && c.name.len() <= 63
+                && c.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
+            if !name_ok {
+                return inv("name must be 1-63 characters of a-z, 0-9, '-' and '.'".into());
+            }
+            if !names.insert(c.name.clone()) {
+                return inv("duplicate cluster name".into());
+            }
+            if c.service_account_allow_list.is_empty() {
+                return inv(
+                    "service_account_allow_list must name at least one namespace:serviceaccount"
+                        .into(),
+                );
+            }
+            for sa in &c.service_account_allow_list {
+                if sa.split(':').count() != 2 || sa.starts_with(':') || sa.ends_with(':') {
+                    return inv(format!("service account {sa:?} must be namespace:name"));
+                }
+            }
+            if c.audience.is_empty() {
+                return inv("audience must not be empty".into());
+            }
+            if c.mode == PsatMode::Offline {
+                if c.issuer.as_deref().unwrap_or("").is_empty() {
+                    return inv("offline mode needs issuer".into());
+                }
+                if c.jwks_file.is_none() && !c.jwks_discovery {
+                    return inv("offline mode needs jwks_file or jwks_discovery = true".into());
+                }
+            }
         }
         Ok(())
     }

@@ -69,6 +69,8 @@ pub struct CaCore {
     pub metrics: Metrics,
     /// Set when the CA is stopping; long-lived streams end at once.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Kubernetes clusters whose agents attest with service-account tokens.
+    pub clusters: crate::k8s::psat::Clusters,
 }
 
 impl CaCore {
@@ -80,6 +82,9 @@ impl CaCore {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
         let authorities = Authorities::open(&cfg, store.clone(), keys, clock.clone()).await?;
+        let clusters = crate::k8s::psat::Clusters::new(&cfg.kubernetes.clusters)
+            .await
+            .map_err(ApiError::FailedPrecondition)?;
         let td = cfg.trust_domain.clone();
         let metrics = Metrics::new();
         let core = Self {
@@ -92,6 +97,7 @@ impl CaCore {
             metrics,
             cfg,
             stopping: tokio::sync::watch::channel(false).0,
+            clusters,
         };
         core.update_gauges();
         Ok(core)
@@ -172,6 +178,68 @@ impl CaCore {
         })?;
         self.metrics.issued("agent", 1);
         tracing::info!(agent = %agent_id, "agent attested with join token");
+        Ok(iss)
+    }
+
+    /// Attests a Kubernetes node with its agent's projected service-account token. The agent ID
+    /// comes from the node's UID, so a restarted or re-deployed agent on the same node gets the
+    /// same ID (and its previous SVIDs stop working).
+    pub async fn attest_k8s_psat(
+        &self,
+        cluster: &str,
+        token: &str,
+        csr: &[u8],
+    ) -> Result<Issued, ApiError> {
+        let now = self.clock.now();
+        let c = self.clusters.get(cluster).ok_or_else(|| {
+            ApiError::PermissionDenied(format!("cluster {cluster:?} is not configured"))
+        })?;
+        let node = c.attest(&self.cfg.trust_domain, token, now).await?;
+        let key = crate::csr::parse(csr, Some(&node.agent_id))?;
+        let (iss, authority) =
+            self.issue_chain(&key, &node.agent_id, &[], self.cfg.ttl.agent_svid, now)?;
+        let mut b = Batch::new();
+        match self.agents.get_raw(&node.agent_id).await? {
+            Some((rec, _)) if rec.evicted => {
+                return Err(ApiError::PermissionDenied(format!(
+                    "agent {} has been evicted",
+                    rec.id
+                )));
+            }
+            Some((mut rec, raw)) => {
+                rec.serial = iss.serial.clone();
+                rec.prev_serial = None;
+                rec.selectors = node.selectors.clone();
+                rec.expires_at = unix(iss.not_after);
+                self.agents.put(&mut b, &rec, raw)?;
+            }
+            None => {
+                let rec = AgentRecord {
+                    id: node.agent_id.clone(),
+                    attestation_type: "k8s_psat".into(),
+                    selectors: node.selectors.clone(),
+                    serial: iss.serial.clone(),
+                    prev_serial: None,
+                    expires_at: unix(iss.not_after),
+                    attested_at: unix(now),
+                    evicted: false,
+                };
+                self.agents.create(&mut b, &rec)?;
+            }
+        }
+        let mut rec = AuditRecord::new(
+            now,
+            "attest",
+            node.agent_id.as_str(),
+            node.agent_id.as_str(),
+        );
+        rec.serial = iss.serial.clone();
+        rec.not_after = unix(iss.not_after);
+        rec.authority = authority;
+        rec.add_to(&mut b)?;
+        self.store.commit(b).await?;
+        self.metrics.issued("agent", 1);
+        tracing::info!(agent = %node.agent_id, cluster, "agent attested with a service-account token");
         Ok(iss)
     }
 

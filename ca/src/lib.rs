@@ -19,6 +19,7 @@ pub mod dev;
 pub mod entries;
 pub mod error;
 pub mod issuer;
+pub mod k8s;
 pub mod keys;
 pub mod metrics;
 pub mod node_api;

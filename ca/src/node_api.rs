@@ -47,6 +47,12 @@ impl Node for NodeService {
                 "join_token",
                 self.core.attest_join_token(&jt.token, &req.csr).await,
             ),
+            Some(node::attest_request::Method::K8sPsat(p)) => (
+                "k8s_psat",
+                self.core
+                    .attest_k8s_psat(&p.cluster, &p.token, &req.csr)
+                    .await,
+            ),
             None => (
                 "none",
                 Err(ApiError::InvalidArgument(

@@ -682,6 +682,8 @@ async fn token_review(i: &Inner, req: Request<Incoming>) -> Response<Body> {
     };
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     v.validate_aud = false;
+    v.validate_nbf = true;
+    v.leeway = 0;
     v.set_issuer(&[&i.issuer]);
     let claims = match jsonwebtoken::decode::<Value>(&token, &key, &v) {
         Ok(d) => d.claims,

@@ -1,0 +1,5 @@
+//! Kubernetes: node attestation with projected service-account tokens, and (in `controller`)
+//! the identity controller that keeps one registration entry per selected pod.
+
+pub mod http;
+pub mod psat;
