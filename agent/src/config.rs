@@ -100,6 +100,9 @@ pub struct AgentConfig {
     /// Attest with a Kubernetes service-account token instead of a join token.
     #[serde(default)]
     pub k8s_psat: Option<PsatConfig>,
+    /// Attest workloads as Kubernetes pods (cgroups + kubelet).
+    #[serde(default)]
+    pub k8s: Option<crate::k8s::K8sConfig>,
     /// Unix attestation.
     #[serde(default)]
     pub unix: UnixConfig,
@@ -136,6 +139,7 @@ impl AgentConfig {
             health_address: default_health(),
             join_token: None,
             k8s_psat: None,
+            k8s: None,
             unix: UnixConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
@@ -187,6 +191,11 @@ impl AgentConfig {
         }
         if let Some(v) = env("WARD_AGENT_LOG_LEVEL") {
             self.log_level = v;
+        }
+        if let Some(v) = env("WARD_AGENT_NODE_NAME")
+            && let Some(k) = &mut self.k8s
+        {
+            k.node_name = v;
         }
         self.validate()
     }

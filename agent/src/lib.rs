@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod files;
 pub mod identity;
+pub mod k8s;
 pub mod manager;
 pub mod metrics;
 pub mod policies;

@@ -23,6 +23,9 @@ pub enum StartError {
     /// Identity could not be established.
     #[error("{0}")]
     Identity(#[from] crate::identity::IdentityError),
+    /// Inconsistent configuration.
+    #[error("{0}")]
+    Config(String),
     /// A listener could not be bound.
     #[error("cannot listen on {what}: {source}")]
     Bind {
@@ -99,6 +102,13 @@ impl Agent {
             shutdown_rx.clone(),
         ));
 
+        let kubelet = match &cfg.k8s {
+            Some(k) => Some(Arc::new(
+                crate::k8s::Kubelet::new(k.clone(), &cfg.unix.proc_root)
+                    .map_err(StartError::Config)?,
+            )),
+            None => None,
+        };
         // Workload API.
         let listener =
             ward_net::unix::bind_unix(&cfg.socket_path, 0o755, 0o777).map_err(|source| {
@@ -114,6 +124,7 @@ impl Agent {
             clock.clone(),
             metrics.clone(),
             shutdown_rx.clone(),
+            kubelet,
         );
         let policies = ward_proto::agent::policies_server::PoliciesServer::new(
             crate::policies::PolicyService::new(api.clone()),

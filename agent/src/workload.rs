@@ -41,6 +41,7 @@ pub struct WorkloadApi {
     pub(crate) metrics: Metrics,
     jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
     pub(crate) stopping: watch::Receiver<bool>,
+    kubelet: Option<Arc<crate::k8s::Kubelet>>,
 }
 
 impl WorkloadApi {
@@ -52,8 +53,10 @@ impl WorkloadApi {
         clock: Arc<dyn Clock>,
         metrics: Metrics,
         stopping: watch::Receiver<bool>,
+        kubelet: Option<Arc<crate::k8s::Kubelet>>,
     ) -> Self {
         Self {
+            kubelet,
             stopping,
             snapshots,
             attestor,
@@ -86,7 +89,8 @@ impl WorkloadApi {
                 .iter()
                 .any(|s| s.kind() == "unix" && s.value().starts_with("sha256:"))
         });
-        self.attestor
+        let unix = self
+            .attestor
             .attest(
                 Caller {
                     pid: cred.pid(),
@@ -96,7 +100,20 @@ impl WorkloadApi {
                 want_sha256,
             )
             .await
-            .map_err(|e| Status::permission_denied(format!("workload attestation failed: {e}")))
+            .map_err(|e| Status::permission_denied(format!("workload attestation failed: {e}")))?;
+        let (Some(kubelet), Some(pid)) = (&self.kubelet, cred.pid()) else {
+            return Ok(unix);
+        };
+        let k8s = kubelet.attest(pid).await;
+        if k8s.is_empty() {
+            return Ok(unix);
+        }
+        let mut all: Vec<ward_spiffe::Selector> = unix.iter().cloned().collect();
+        all.extend(
+            k8s.iter()
+                .filter_map(|s| ward_spiffe::Selector::parse(s).ok()),
+        );
+        Ok(SelectorSet::new(all))
     }
 
     pub(crate) fn synced(&self) -> Result<Arc<Snapshot>, Status> {
