@@ -178,13 +178,16 @@ pub fn pod_selectors(pod: &Pod, container_id: Option<&str>) -> Vec<String> {
     v
 }
 
+/// Pods by UID, and when the list was last fetched.
+type PodCache = (HashMap<String, Arc<Pod>>, Option<Instant>);
+
 /// The kubelet client with its shared pod cache.
 #[derive(Debug)]
 pub struct Kubelet {
     cfg: K8sConfig,
     proc_root: PathBuf,
     tls: Arc<rustls::ClientConfig>,
-    cache: Mutex<(HashMap<String, Arc<Pod>>, Option<Instant>)>,
+    cache: Mutex<PodCache>,
     refresh: tokio::sync::Mutex<()>,
 }
 
