@@ -5,6 +5,7 @@
 //! same atomic batch, so a reader that saw revision R and then reads the changes after R misses
 //! nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -183,6 +184,36 @@ impl Entry {
     }
 }
 
+/// One write of [`EntryRepo::write_many`].
+#[derive(Debug, Clone)]
+pub enum EntryOp {
+    /// Create an entry with this ID.
+    Create {
+        /// New entry ID.
+        id: String,
+        /// Fields.
+        spec: EntrySpec,
+        /// `admin` or the producing policy.
+        origin: String,
+    },
+    /// Replace an entry's fields.
+    Update {
+        /// Entry ID.
+        id: String,
+        /// New fields.
+        spec: EntrySpec,
+        /// Apply only at this revision (0 = any).
+        expected_revision: u64,
+        /// New origin (None = keep).
+        origin: Option<String>,
+    },
+    /// Delete an entry.
+    Delete {
+        /// Entry ID.
+        id: String,
+    },
+}
+
 /// One entry change in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
@@ -257,23 +288,6 @@ impl EntryRepo {
         Ok((raw, rev))
     }
 
-    /// Commits `batch` as revision `rev+1` together with its change record.
-    async fn commit_change(
-        &self,
-        mut batch: Batch,
-        make_change: impl FnOnce(u64) -> Change,
-    ) -> Result<u64, ApiError> {
-        let (raw, rev) = self.revision_raw().await?;
-        let next = rev + 1;
-        let change = make_change(next);
-        batch
-            .require(REVISION_KEY.to_vec(), raw)
-            .put(REVISION_KEY.to_vec(), next.to_string().into_bytes())
-            .put(change_key(next), db::encode(&change)?);
-        self.store.commit(batch).await?;
-        Ok(next)
-    }
-
     /// Creates an entry. Duplicates (same parent, selectors and SPIFFE ID) are refused.
     pub async fn create(
         &self,
@@ -282,32 +296,12 @@ impl EntryRepo {
         id: String,
         now: SystemTime,
     ) -> Result<Entry, ApiError> {
-        let valid = validate(spec, &self.td)?;
-        let uniq = valid.uniq_key();
-        let _g = self.write_lock.lock().await;
-        if let Some(existing) = self.store.get(&uniq).await? {
-            return Err(ApiError::AlreadyExists(format!(
-                "an entry with the same SPIFFE ID, parent and selectors exists: {}",
-                String::from_utf8_lossy(&existing)
-            )));
-        }
-        let (_, rev) = self.revision_raw().await?;
-        let entry = valid.into_entry(id.clone(), rev + 1, unix(now), origin.to_owned());
-        let mut b = Batch::new();
-        b.require(uniq.clone(), None)
-            .require(entry_key(&id), None)
-            .put(uniq, id.as_bytes().to_vec())
-            .put(parent_key(entry.parent_id.as_str(), &id), Vec::new())
-            .put(entry_key(&id), db::encode(&entry)?);
-        let parent = entry.parent_id.to_string();
-        self.commit_change(b, |revision| Change {
-            revision,
-            entry_id: id.clone(),
-            old_parent: None,
-            new_parent: Some(parent),
-        })
-        .await?;
-        Ok(entry)
+        let op = EntryOp::Create {
+            id,
+            spec: spec.clone(),
+            origin: origin.to_owned(),
+        };
+        self.write_many(vec![op], now).await?.remove(0)
     }
 
     /// Replaces an entry's fields. With `expected_revision != 0` the update applies only if
@@ -318,77 +312,200 @@ impl EntryRepo {
         spec: &EntrySpec,
         expected_revision: u64,
     ) -> Result<Entry, ApiError> {
-        check_entry_id(id)?;
-        let valid = validate(spec, &self.td)?;
-        let _g = self.write_lock.lock().await;
-        let key = entry_key(id);
-        let raw = self
-            .store
-            .get(&key)
+        let op = EntryOp::Update {
+            id: id.to_owned(),
+            spec: spec.clone(),
+            expected_revision,
+            origin: None,
+        };
+        self.write_many(vec![op], SystemTime::now())
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
-        let old: Entry = db::decode(&key, &raw)?;
-        if expected_revision != 0 && old.revision != expected_revision {
-            return Err(ApiError::Aborted(format!(
-                "entry {id} is at revision {}, not {expected_revision}",
-                old.revision
-            )));
-        }
-        let (_, rev) = self.revision_raw().await?;
-        let new_uniq = valid.uniq_key();
-        let old_uniq = old.uniq_key();
-        let entry = valid.into_entry(id.to_owned(), rev + 1, old.created_at, old.origin.clone());
-        let mut b = Batch::new();
-        b.require(key.clone(), Some(raw));
-        if new_uniq != old_uniq {
-            if self.store.get(&new_uniq).await?.is_some() {
-                return Err(ApiError::AlreadyExists(
-                    "an entry with the same SPIFFE ID, parent and selectors exists".into(),
-                ));
-            }
-            b.require(new_uniq.clone(), None)
-                .delete(old_uniq)
-                .put(new_uniq, id.as_bytes().to_vec());
-        }
-        b.delete(parent_key(old.parent_id.as_str(), id))
-            .put(parent_key(entry.parent_id.as_str(), id), Vec::new())
-            .put(key, db::encode(&entry)?);
-        let (old_parent, new_parent) = (old.parent_id.to_string(), entry.parent_id.to_string());
-        self.commit_change(b, |revision| Change {
-            revision,
-            entry_id: id.to_owned(),
-            old_parent: Some(old_parent),
-            new_parent: Some(new_parent),
-        })
-        .await?;
-        Ok(entry)
+            .remove(0)
     }
 
     /// Deletes an entry.
     pub async fn delete(&self, id: &str) -> Result<Entry, ApiError> {
-        check_entry_id(id)?;
-        let _g = self.write_lock.lock().await;
-        let key = entry_key(id);
-        let raw = self
-            .store
-            .get(&key)
+        let op = EntryOp::Delete { id: id.to_owned() };
+        self.write_many(vec![op], SystemTime::now())
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
-        let old: Entry = db::decode(&key, &raw)?;
-        let mut b = Batch::new();
-        b.require(key.clone(), Some(raw))
-            .delete(key)
-            .delete(old.uniq_key())
-            .delete(parent_key(old.parent_id.as_str(), id));
-        let parent = old.parent_id.to_string();
-        self.commit_change(b, |revision| Change {
-            revision,
-            entry_id: id.to_owned(),
-            old_parent: Some(parent),
-            new_parent: None,
-        })
-        .await?;
-        Ok(old)
+            .remove(0)
+    }
+
+    /// Applies several writes in one atomic, durable commit (one revision and one change record
+    /// per write). Each write succeeds or fails on its own: a failing one is left out of the
+    /// commit and its error returned in its place. The outer error means nothing was written.
+    pub async fn write_many(
+        &self,
+        ops: Vec<EntryOp>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
+        let _g = self.write_lock.lock().await;
+        let (raw_rev, mut rev) = self.revision_raw().await?;
+        let mut batch = Batch::new();
+        // Uniqueness slots and entries as they will be after the writes so far in this batch.
+        let mut uniq: HashMap<Vec<u8>, Option<String>> = HashMap::new();
+        let mut current: HashMap<String, Option<(Entry, Vec<u8>)>> = HashMap::new();
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let r = self
+                .plan_one(op, now, rev + 1, &mut batch, &mut uniq, &mut current)
+                .await;
+            if r.is_ok() {
+                rev += 1;
+            }
+            results.push(r);
+        }
+        if results.iter().all(Result::is_err) {
+            return Ok(results);
+        }
+        batch
+            .require(REVISION_KEY.to_vec(), raw_rev)
+            .put(REVISION_KEY.to_vec(), rev.to_string().into_bytes());
+        self.store.commit(batch).await?;
+        Ok(results)
+    }
+
+    /// The ID of the entry holding uniqueness slot `key`, if any.
+    async fn slot_holder(
+        &self,
+        key: &[u8],
+        uniq: &HashMap<Vec<u8>, Option<String>>,
+    ) -> Result<Option<String>, ApiError> {
+        match uniq.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self
+                .store
+                .get(key)
+                .await?
+                .map(|v| String::from_utf8_lossy(&v).into_owned())),
+        }
+    }
+
+    async fn current_entry(
+        &self,
+        id: &str,
+        current: &HashMap<String, Option<(Entry, Vec<u8>)>>,
+    ) -> Result<Option<(Entry, Vec<u8>)>, ApiError> {
+        if let Some(c) = current.get(id) {
+            return Ok(c.clone());
+        }
+        let key = entry_key(id);
+        match self.store.get(&key).await? {
+            Some(raw) => Ok(Some((db::decode(&key, &raw)?, raw))),
+            None => Ok(None),
+        }
+    }
+
+    async fn plan_one(
+        &self,
+        op: EntryOp,
+        now: SystemTime,
+        revision: u64,
+        batch: &mut Batch,
+        uniq: &mut HashMap<Vec<u8>, Option<String>>,
+        current: &mut HashMap<String, Option<(Entry, Vec<u8>)>>,
+    ) -> Result<Entry, ApiError> {
+        let dup = |holder: String| {
+            ApiError::AlreadyExists(format!(
+                "an entry with the same SPIFFE ID, parent and selectors exists: {holder}"
+            ))
+        };
+        let (entry, change) = match op {
+            EntryOp::Create { id, spec, origin } => {
+                check_entry_id(&id)?;
+                let valid = validate(&spec, &self.td)?;
+                let key = valid.uniq_key();
+                if let Some(holder) = self.slot_holder(&key, uniq).await? {
+                    return Err(dup(holder));
+                }
+                if self.current_entry(&id, current).await?.is_some() {
+                    return Err(ApiError::AlreadyExists(format!("entry {id} exists")));
+                }
+                let entry = valid.into_entry(id.clone(), revision, unix(now), origin);
+                batch
+                    .put(key.clone(), id.as_bytes().to_vec())
+                    .put(parent_key(entry.parent_id.as_str(), &id), Vec::new());
+                uniq.insert(key, Some(id.clone()));
+                let change = Change {
+                    revision,
+                    entry_id: id,
+                    old_parent: None,
+                    new_parent: Some(entry.parent_id.to_string()),
+                };
+                (entry, change)
+            }
+            EntryOp::Update {
+                id,
+                spec,
+                expected_revision,
+                origin,
+            } => {
+                check_entry_id(&id)?;
+                let valid = validate(&spec, &self.td)?;
+                let (old, _) = self
+                    .current_entry(&id, current)
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+                if expected_revision != 0 && old.revision != expected_revision {
+                    return Err(ApiError::Aborted(format!(
+                        "entry {id} is at revision {}, not {expected_revision}",
+                        old.revision
+                    )));
+                }
+                let (new_key, old_key) = (valid.uniq_key(), old.uniq_key());
+                if new_key != old_key {
+                    if let Some(holder) = self.slot_holder(&new_key, uniq).await? {
+                        return Err(dup(holder));
+                    }
+                    batch
+                        .delete(old_key.clone())
+                        .put(new_key.clone(), id.as_bytes().to_vec());
+                    uniq.insert(old_key, None);
+                    uniq.insert(new_key, Some(id.clone()));
+                }
+                let origin = origin.unwrap_or_else(|| old.origin.clone());
+                let entry = valid.into_entry(id.clone(), revision, old.created_at, origin);
+                batch
+                    .delete(parent_key(old.parent_id.as_str(), &id))
+                    .put(parent_key(entry.parent_id.as_str(), &id), Vec::new());
+                let change = Change {
+                    revision,
+                    entry_id: id,
+                    old_parent: Some(old.parent_id.to_string()),
+                    new_parent: Some(entry.parent_id.to_string()),
+                };
+                (entry, change)
+            }
+            EntryOp::Delete { id } => {
+                check_entry_id(&id)?;
+                let (old, _) = self
+                    .current_entry(&id, current)
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+                let key = old.uniq_key();
+                batch
+                    .delete(entry_key(&id))
+                    .delete(key.clone())
+                    .delete(parent_key(old.parent_id.as_str(), &id));
+                uniq.insert(key, None);
+                current.insert(id.clone(), None);
+                batch.put(
+                    change_key(revision),
+                    db::encode(&Change {
+                        revision,
+                        entry_id: id,
+                        old_parent: Some(old.parent_id.to_string()),
+                        new_parent: None,
+                    })?,
+                );
+                return Ok(old);
+            }
+        };
+        let raw = db::encode(&entry)?;
+        batch.put(entry_key(&entry.id), raw.clone());
+        batch.put(change_key(revision), db::encode(&change)?);
+        current.insert(entry.id.clone(), Some((entry.clone(), raw)));
+        Ok(entry)
     }
 
     /// Reads one entry.
@@ -662,5 +779,95 @@ mod tests {
             repo.get("../x").await,
             Err(ApiError::InvalidArgument(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn write_many_commits_the_good_writes_and_reports_the_bad() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let repo = EntryRepo::new(store.clone(), td());
+        let now = SystemTime::now();
+        repo.create(&spec("spiffe://example.org/a"), "admin", "e1".into(), now)
+            .await
+            .unwrap();
+        let create = |id: &str, sid: &str| EntryOp::Create {
+            id: id.into(),
+            spec: spec(sid),
+            origin: "identitypolicy/p".into(),
+        };
+        let results = repo
+            .write_many(
+                vec![
+                    create("e2", "spiffe://example.org/b"),
+                    // Same slot as e2, taken earlier in this batch.
+                    create("e3", "spiffe://example.org/b"),
+                    EntryOp::Delete { id: "e1".into() },
+                    // e1's slot, freed earlier in this batch.
+                    create("e4", "spiffe://example.org/a"),
+                    EntryOp::Delete {
+                        id: "missing".into(),
+                    },
+                    EntryOp::Update {
+                        id: "e2".into(),
+                        spec: spec("spiffe://example.org/c"),
+                        expected_revision: 2,
+                        origin: None,
+                    },
+                ],
+                now,
+            )
+            .await
+            .unwrap();
+        let revs: Vec<Option<u64>> = results
+            .iter()
+            .map(|r| r.as_ref().ok().map(|e| e.revision))
+            .collect();
+        // A delete returns the entry as it was (e1 at revision 1); its change is revision 3.
+        assert_eq!(revs, vec![Some(2), None, Some(1), Some(4), None, Some(5)]);
+        match &results[1] {
+            Err(ApiError::AlreadyExists(m)) => assert!(m.ends_with("e2"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(results[4], Err(ApiError::NotFound(_))));
+        assert_eq!(repo.revision().await.unwrap(), 5);
+        let mut ids: Vec<(String, String)> = repo
+            .list(None, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.spiffe_id.to_string()))
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec![
+                ("e2".into(), "spiffe://example.org/c".into()),
+                ("e4".into(), "spiffe://example.org/a".into()),
+            ]
+        );
+        let revs: Vec<u64> = repo
+            .changes_since(1, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.revision)
+            .collect();
+        assert_eq!(revs, vec![2, 3, 4, 5]);
+        // The slot e2 left when it became /c is free, the one it holds now is not.
+        repo.create(&spec("spiffe://example.org/b"), "admin", "e5".into(), now)
+            .await
+            .unwrap();
+        assert!(
+            repo.create(&spec("spiffe://example.org/c"), "admin", "e6".into(), now)
+                .await
+                .is_err()
+        );
+        // A batch of only failures writes nothing.
+        let before = repo.revision().await.unwrap();
+        let r = repo
+            .write_many(vec![EntryOp::Delete { id: "nope".into() }], now)
+            .await
+            .unwrap();
+        assert!(r[0].is_err());
+        assert_eq!(repo.revision().await.unwrap(), before);
     }
 }

@@ -93,6 +93,9 @@ impl TrustDomain {
     ) -> Result<SpiffeId, IdError> {
         let mut s = self.id_string();
         for seg in segments {
+            if seg.contains('/') {
+                return Err(IdError::PathChar);
+            }
             s.push('/');
             s.push_str(seg);
         }
@@ -337,5 +340,7 @@ mod tests {
             "spiffe://td/a/b"
         );
         assert!(td.id_from_segments(["a/.."]).is_err());
+        // A segment must be one segment, even when the joined path would be valid.
+        assert!(td.id_from_segments(["a/b"]).is_err());
     }
 }
