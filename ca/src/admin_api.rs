@@ -35,6 +35,17 @@ impl AdminService {
     }
 }
 
+/// Policies named `k8s:...` mirror `AuthorizationPolicy` resources; only the controller
+/// writes them.
+fn reserved_policy(name: &str) -> Result<(), ApiError> {
+    if name.starts_with("k8s:") {
+        return Err(ApiError::FailedPrecondition(format!(
+            "policy {name} is managed by the Kubernetes controller; change the AuthorizationPolicy resource instead"
+        )));
+    }
+    Ok(())
+}
+
 fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, ApiError> {
     if v.is_empty() {
         Err(ApiError::InvalidArgument(format!("{field} is required")))
@@ -194,6 +205,9 @@ impl Admin for AdminService {
             .map(ward_proto::convert::policy_from_proto)
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::InvalidArgument)?;
+        for p in &policies {
+            reserved_policy(&p.name)?;
+        }
         let stored = self.core.policies.put(policies).await?;
         for r in &stored {
             self.audit("policy-put", &r.policy.name, "").await?;
@@ -240,6 +254,7 @@ impl Admin for AdminService {
         req: Request<admin::DeletePolicyRequest>,
     ) -> Result<Response<admin::DeletePolicyResponse>, Status> {
         let name = req.into_inner().name;
+        reserved_policy(&name)?;
         self.core.policies.delete(required("name", &name)?).await?;
         self.audit("policy-delete", &name, "").await?;
         Ok(Response::new(admin::DeletePolicyResponse {}))

@@ -63,6 +63,9 @@ enum Command {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Print the Kubernetes CustomResourceDefinitions (IdentityPolicy, AuthorizationPolicy)
+    /// as YAML, for `kubectl apply -f -`.
+    Crds,
 }
 
 #[derive(Debug, Subcommand)]
@@ -415,6 +418,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent { cmd } => agent(cmd).await,
         Command::Bundle { cmd } => bundle(cmd).await,
         Command::Policy { cmd } => policy(cmd).await,
+        Command::Crds => {
+            let yaml = crate::k8s::crd::definitions_yaml().map_err(|e| CliError::new(1, e))?;
+            print(&yaml);
+            Ok(())
+        }
     }
 }
 

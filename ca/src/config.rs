@@ -93,6 +93,60 @@ pub struct ClusterConfig {
     /// Pod labels (of the agent pod) that become agent selectors.
     #[serde(default)]
     pub pod_label_allow_list: Vec<String>,
+    /// The identity controller for this cluster.
+    #[serde(default)]
+    pub controller: ControllerConfig,
+}
+
+impl ClusterConfig {
+    /// Whether the CA talks to this cluster's API server (TokenReview, or a kubeconfig given).
+    pub fn has_api(&self) -> bool {
+        self.mode == PsatMode::TokenReview || self.kubeconfig.is_some()
+    }
+
+    /// Whether the identity controller runs for this cluster.
+    pub fn controller_enabled(&self) -> bool {
+        self.controller.enabled.unwrap_or_else(|| self.has_api())
+    }
+}
+
+/// The identity controller: one registration entry per selected pod, from `IdentityPolicy`
+/// resources and the built-in default; `AuthorizationPolicy` resources become CA policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// On or off; by default on whenever the CA has API access to the cluster.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The built-in policy `spiffe://<td>/ns/<namespace>/sa/<service-account>` for every pod
+    /// no `IdentityPolicy` selects.
+    #[serde(default = "yes")]
+    pub default_policy: bool,
+    /// Namespaces whose pods never get identities (add the namespace Ward runs in).
+    #[serde(default = "default_ignore_namespaces")]
+    pub ignore_namespaces: Vec<String>,
+    /// Turn `AuthorizationPolicy` resources into CA policies.
+    #[serde(default = "yes")]
+    pub authorization_policies: bool,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            default_policy: true,
+            ignore_namespaces: default_ignore_namespaces(),
+            authorization_policies: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_ignore_namespaces() -> Vec<String> {
+    vec!["kube-system".into(), "kube-public".into(), "ward".into()]
 }
 
 fn default_audience() -> String {
@@ -314,6 +368,12 @@ impl CaConfig {
             }
             if c.audience.is_empty() {
                 return inv("audience must not be empty".into());
+            }
+            if c.controller.enabled == Some(true) && !c.has_api() {
+                return inv(
+                    "controller.enabled needs API access: a kubeconfig, or mode = \"token_review\""
+                        .into(),
+                );
             }
             if c.mode == PsatMode::Offline {
                 if c.issuer.as_deref().unwrap_or("").is_empty() {

@@ -23,6 +23,13 @@ pub struct AttestLabel {
     pub result: String,
 }
 
+/// Label: a Kubernetes cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    /// Cluster name.
+    pub cluster: String,
+}
+
 /// Every CA metric.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -40,6 +47,14 @@ pub struct Metrics {
     pub x509_authority_expiry: Gauge,
     /// Time to sign one batch of X.509-SVIDs, including the durable audit write.
     pub batch_seconds: Histogram,
+    /// Entries the identity controller manages, by cluster.
+    pub k8s_entries: Family<ClusterLabel, Gauge>,
+    /// Selected pods whose identity could not be rendered, by cluster.
+    pub k8s_render_failures: Family<ClusterLabel, Gauge>,
+    /// 1 once the controller has listed everything it watches, by cluster.
+    pub k8s_synced: Family<ClusterLabel, Gauge>,
+    /// Entry writes (creates, updates, deletes) by the controller, by cluster.
+    pub k8s_entry_writes: Family<ClusterLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,6 +74,10 @@ impl Metrics {
             bundle_sequence: Gauge::default(),
             x509_authority_expiry: Gauge::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            k8s_entries: Family::default(),
+            k8s_render_failures: Family::default(),
+            k8s_synced: Family::default(),
+            k8s_entry_writes: Family::default(),
         }
     }
 
@@ -95,6 +114,26 @@ impl Metrics {
             "sign_batch_duration_seconds",
             "Time to sign and durably log one batch of X.509-SVIDs",
             self.batch_seconds.clone(),
+        );
+        r.register(
+            "k8s_managed_entries",
+            "Registration entries the Kubernetes identity controller manages",
+            self.k8s_entries.clone(),
+        );
+        r.register(
+            "k8s_render_failures",
+            "Selected pods whose identity templates did not render a valid entry",
+            self.k8s_render_failures.clone(),
+        );
+        r.register(
+            "k8s_synced",
+            "1 once the identity controller has listed all it watches",
+            self.k8s_synced.clone(),
+        );
+        r.register(
+            "k8s_entry_writes",
+            "Entry creates, updates and deletes by the identity controller",
+            self.k8s_entry_writes.clone(),
         );
     }
 

@@ -257,6 +257,24 @@ impl CaServer {
             }
         }));
 
+        // Kubernetes identity controllers.
+        for cluster in core.clusters.all() {
+            let cc = cluster.config();
+            if !cc.controller_enabled() {
+                continue;
+            }
+            let Some(client) = cluster.client() else {
+                continue;
+            };
+            let ctl = crate::k8s::controller::Controller::new(
+                core.clone(),
+                client.clone(),
+                cluster.name(),
+                cc.controller.clone(),
+            );
+            tasks.push(tokio::spawn(ctl.run(shutdown_rx.clone())));
+        }
+
         tracing::info!(
             trust_domain = %cfg.trust_domain,
             node_api = %node_addr,

@@ -65,6 +65,11 @@ fn cluster(fake: &FakeKube, dir: &std::path::Path, mode: PsatMode) -> ClusterCon
         jwks_ca_file: None,
         node_label_allow_list: vec!["topology.kubernetes.io/zone".into()],
         pod_label_allow_list: vec![],
+        // These tests manage entries themselves.
+        controller: ward_ca::config::ControllerConfig {
+            enabled: Some(false),
+            ..Default::default()
+        },
     }
 }
 

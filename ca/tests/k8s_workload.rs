@@ -78,6 +78,11 @@ async fn workloads_are_attested_as_pods() {
         jwks_ca_file: None,
         node_label_allow_list: vec![],
         pod_label_allow_list: vec![],
+        // These tests manage entries themselves.
+        controller: ward_ca::config::ControllerConfig {
+            enabled: Some(false),
+            ..Default::default()
+        },
     }];
     let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
 

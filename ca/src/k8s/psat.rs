@@ -265,8 +265,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
 impl Cluster {
     /// Connects (lazily) to the cluster `cfg` describes.
     pub async fn new(cfg: ClusterConfig) -> Result<Self, String> {
-        let needs_api = cfg.mode == PsatMode::TokenReview || cfg.kubeconfig.is_some();
-        let client = if needs_api {
+        let client = if cfg.has_api() {
             Some(client(cfg.kubeconfig.as_deref()).await?)
         } else {
             None
@@ -287,6 +286,11 @@ impl Cluster {
     /// The cluster's name.
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// The cluster's configuration.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
     }
 
     /// The kube client, if the cluster has API access.
