@@ -27,6 +27,8 @@ pub struct Metrics {
     pub svids_signed: Counter,
     /// Sync updates applied.
     pub sync_updates: Counter,
+    /// Protobuf bytes of the sync updates received.
+    pub sync_bytes: Counter,
     /// 1 while the sync stream is connected.
     pub sync_connected: Gauge,
     /// Open Workload API streams.
@@ -49,6 +51,7 @@ impl Metrics {
             entries: Gauge::default(),
             svids_signed: Counter::default(),
             sync_updates: Counter::default(),
+            sync_bytes: Counter::default(),
             sync_connected: Gauge::default(),
             streams: Gauge::default(),
             sign_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -68,6 +71,11 @@ impl Metrics {
             "svids_signed",
             "Workload X.509-SVIDs obtained",
             self.svids_signed.clone(),
+        );
+        r.register(
+            "sync_bytes",
+            "Protobuf bytes of sync updates received from the CA",
+            self.sync_bytes.clone(),
         );
         r.register(
             "sync_updates",

@@ -137,6 +137,9 @@ async fn follow_inner(
         }
         metrics.entries.set(cache.snapshot().entries.len() as i64);
         metrics.sync_updates.inc();
+        metrics
+            .sync_bytes
+            .inc_by(prost::Message::encoded_len(&u) as u64);
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod k8sbench;
 mod procs;
 mod proxybench;
 
@@ -71,6 +72,19 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
         rates: Vec<u32>,
     },
+    /// The Kubernetes controller: convergence time and CA peak RSS, bytes to one agent per
+    /// pod change, pod created → SVID latency (fake API server and kubelet in-process).
+    K8s {
+        /// Pods existing before the CA starts.
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        /// Nodes they are spread over.
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// Pod created → SVID samples.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
     /// Internal: hold one Workload API stream until stdin closes.
     Workload {
         /// Agent socket.
@@ -90,6 +104,18 @@ async fn main() -> Result<()> {
         Cmd::Propagation { samples } => propagation(samples).await,
         Cmd::Memory { workloads } => memory(workloads).await,
         Cmd::Workload { socket } => workload(socket).await,
+        Cmd::K8s {
+            pods,
+            nodes,
+            samples,
+        } => {
+            k8sbench::run(k8sbench::Opts {
+                pods,
+                nodes,
+                samples,
+            })
+            .await
+        }
         Cmd::Proxy {
             envoy,
             ward_proxy,

@@ -129,6 +129,13 @@ async fn health_and_metrics_endpoints() {
         agent_metrics.contains("ward_agent_entries 1"),
         "{agent_metrics}"
     );
+    // The sync stream's bytes are counted (at least the entry and the bundle arrived).
+    let sync_bytes: u64 = agent_metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ward_agent_sync_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("ward_agent_sync_bytes_total");
+    assert!(sync_bytes > 200, "{agent_metrics}");
     promtool(&agent_metrics);
     // Scrapers that ask for OpenMetrics get it.
     let (status, om) = get_with(

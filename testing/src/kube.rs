@@ -408,9 +408,11 @@ impl FakeKube {
 
     /// A fake cluster-wide pod list for `node` (what the kubelet returns).
     pub fn pods_on(&self, node: &str) -> Vec<Value> {
-        self.list("pods")
-            .into_iter()
-            .filter(|p| p["spec"]["nodeName"].as_str() == Some(node))
+        let st = self.inner.state.lock().unwrap();
+        st.objects
+            .iter()
+            .filter(|((p, _, _), v)| p == "pods" && v["spec"]["nodeName"].as_str() == Some(node))
+            .map(|(_, v)| v.clone())
             .collect()
     }
 }
@@ -500,22 +502,40 @@ async fn handle(i: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             watch(i, t, q)
         }
         (Method::GET, None, _) => {
+            // Pages as the API server does: `limit` items, then a `continue` token (here the
+            // offset, with the list's resourceVersion so later pages stay consistent enough).
+            let limit: usize = q
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let (skip, rv) = match q.get("continue").and_then(|c| c.split_once('-')) {
+                Some((off, rv)) => (off.parse().unwrap_or(0), rv.to_owned()),
+                None => (0, String::new()),
+            };
             let st = i.state.lock().unwrap();
-            let items: Vec<Value> = st
-                .objects
-                .iter()
-                .filter(|((p, ns, _), _)| {
-                    *p == t.plural && (t.namespace.is_none() || *ns == t.namespace)
-                })
+            let rv = if rv.is_empty() { st.rv.to_string() } else { rv };
+            let mut matching = st.objects.iter().filter(|((p, ns, _), _)| {
+                *p == t.plural && (t.namespace.is_none() || *ns == t.namespace)
+            });
+            let items: Vec<Value> = matching
+                .by_ref()
+                .skip(skip)
+                .take(limit)
                 .map(|(_, v)| v.clone())
                 .collect();
+            let more = matching.next().is_some();
             let kind = items
                 .first()
                 .map(list_kind)
                 .unwrap_or_else(|| "List".into());
+            let mut meta = json!({ "resourceVersion": rv });
+            if more {
+                meta["continue"] = format!("{}-{rv}", skip + items.len()).into();
+            }
             json_response(
                 StatusCode::OK,
-                &json!({ "apiVersion": t.api_version, "kind": kind, "metadata": { "resourceVersion": st.rv.to_string() }, "items": items }),
+                &json!({ "apiVersion": t.api_version, "kind": kind, "metadata": meta, "items": items }),
             )
         }
         (Method::GET, Some(name), None) => {
