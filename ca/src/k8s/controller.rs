@@ -1131,7 +1131,7 @@ impl Controller {
 
     /// Writes the status of every policy whose status changed.
     async fn write_statuses(&mut self) {
-        if !self.synced || self.model.has_dirty() {
+        if !self.synced {
             return;
         }
         let api: Api<IdentityPolicy> = Api::all(self.client.clone());
