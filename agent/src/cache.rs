@@ -88,6 +88,37 @@ pub fn rotation_time(received: SystemTime, not_after: SystemTime, jitter: f64) -
     received + life.mul_f64(f)
 }
 
+/// Authorities the CA tainted: everything they signed is replaced at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Taints {
+    /// DER SubjectPublicKeyInfo of the tainted X.509 signing keys.
+    pub x509_keys: Vec<Vec<u8>>,
+    /// Key IDs of the tainted JWT authorities.
+    pub jwt_key_ids: Vec<String>,
+}
+
+impl Taints {
+    /// True if a tainted key signed the leaf of `chain` (leaf first). With an intermediate in
+    /// the chain its key is compared; a leaf signed directly by a root is checked against each
+    /// tainted key's signature.
+    pub fn taints_chain<C: AsRef<[u8]>>(&self, chain: &[C]) -> bool {
+        if self.x509_keys.is_empty() {
+            return false;
+        }
+        let Some(leaf) = chain.first() else {
+            return false;
+        };
+        match chain.get(1) {
+            Some(issuer) => ward_spiffe::x509::spki_der(issuer.as_ref())
+                .is_ok_and(|k| self.x509_keys.contains(&k)),
+            None => self
+                .x509_keys
+                .iter()
+                .any(|k| ward_spiffe::x509::signed_by(leaf.as_ref(), k)),
+        }
+    }
+}
+
 /// One consistent view of the cache.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -103,6 +134,8 @@ pub struct Snapshot {
     pub synced: bool,
     /// Authorization policies from the CA.
     pub policies: Arc<ward_spiffe::policy::PolicySet>,
+    /// Tainted authorities, as of the last bundle.
+    pub taints: Arc<Taints>,
 }
 
 impl Snapshot {

@@ -52,6 +52,8 @@ pub struct Identity {
     channel: RwLock<Channel>,
     clock: Arc<dyn Clock>,
     generation: watch::Sender<u64>,
+    /// Tainted authorities, from the sync stream: an agent SVID they signed is renewed at once.
+    taints: watch::Sender<Arc<crate::cache::Taints>>,
     /// When the current SVID was installed (renewal is timed from here, not from the
     /// backdated NotBefore).
     installed_at: RwLock<SystemTime>,
@@ -108,6 +110,7 @@ impl Identity {
             sink,
             clock,
             generation,
+            taints: watch::channel(Arc::default()).0,
         };
         if !this.load_saved()? {
             this.attest().await?;
@@ -232,6 +235,23 @@ impl Identity {
             .map_err(|e| IdentityError::Local(format!("saving bundle: {e}")))
     }
 
+    /// Records the tainted authorities; wakes the renewal loop if they changed.
+    pub fn set_taints(&self, taints: Arc<crate::cache::Taints>) {
+        self.taints.send_if_modified(|t| {
+            let changed = **t != *taints;
+            *t = taints;
+            changed
+        });
+    }
+
+    /// True if a tainted authority signed the current agent SVID.
+    fn svid_tainted(&self) -> bool {
+        let taints = self.taints.borrow().clone();
+        self.sink
+            .current()
+            .is_some_and(|c| taints.taints_chain(&c.svid.chain))
+    }
+
     /// A node API client on the current channel.
     pub fn node(&self) -> NodeClient<Channel> {
         let ch = self
@@ -282,15 +302,32 @@ impl Identity {
     }
 
     /// Keeps the agent SVID fresh: renews at half-life, retrying with backoff on failure.
-    pub async fn renewal_loop(self: Arc<Self>) {
+    pub async fn renewal_loop(self: Arc<Self>, metrics: crate::metrics::Metrics) {
         let mut backoff = Duration::from_secs(1);
+        let mut taints = self.taints.subscribe();
         loop {
             let wait = self
                 .renew_at()
                 .and_then(|t| t.duration_since(self.clock.now()).ok())
                 .unwrap_or_default();
             tracing::debug!(?wait, "agent SVID renewal scheduled");
-            tokio::time::sleep(wait).await;
+            let reason = if self.svid_tainted() {
+                "tainted"
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => "rotation",
+                    r = taints.changed() => {
+                        if r.is_err() || !self.svid_tainted() {
+                            continue;
+                        }
+                        "tainted"
+                    }
+                }
+            };
+            if reason == "tainted" {
+                tracing::info!("the agent SVID's authority was tainted; renewing now");
+            }
+            metrics.reissued("agent", reason, 1);
             let expired = self.renew_at().is_none()
                 || self
                     .sink

@@ -21,21 +21,27 @@ pub const BATCH: usize = 500;
 /// Wait after a failed signing attempt for an entry.
 const RETRY: Duration = Duration::from_secs(2);
 
-/// What the manager must do for each entry at `now`: the IDs needing a (new) SVID. Pure.
+/// What the manager must do for each entry at `now`: the IDs needing a (new) SVID, each with
+/// the reason (`new`, `entry_changed`, `tainted`, `rotation`). Pure.
 pub fn due(
     snap: &Snapshot,
     now: SystemTime,
     retry_after: &HashMap<String, SystemTime>,
-) -> Vec<String> {
-    let mut ids: Vec<String> = snap
+) -> Vec<(String, &'static str)> {
+    let mut ids: Vec<(String, &'static str)> = snap
         .entries
         .values()
         .filter(|e| retry_after.get(&e.id).is_none_or(|t| *t <= now))
-        .filter(|e| match snap.svids.get(&e.id) {
-            None => true,
-            Some(s) => s.entry_revision != e.revision || s.rotate_at <= now,
+        .filter_map(|e| {
+            let reason = match snap.svids.get(&e.id) {
+                None => "new",
+                Some(s) if s.entry_revision != e.revision => "entry_changed",
+                Some(s) if snap.taints.taints_chain(&s.chain) => "tainted",
+                Some(s) if s.rotate_at <= now => "rotation",
+                Some(_) => return None,
+            };
+            Some((e.id.clone(), reason))
         })
-        .map(|e| e.id.clone())
         .collect();
     ids.sort();
     ids
@@ -63,7 +69,11 @@ pub async fn run(
         let snap = rx.borrow_and_update().clone();
         let now = clock.now();
         retry_after.retain(|id, t| snap.entries.contains_key(id) && *t > now);
-        let ids = due(&snap, now, &retry_after);
+        let due = due(&snap, now, &retry_after);
+        for (_, reason) in &due {
+            metrics.reissued("workload", reason, 1);
+        }
+        let ids: Vec<String> = due.into_iter().map(|(id, _)| id).collect();
         for chunk in ids.chunks(BATCH) {
             sign(
                 chunk,
@@ -173,6 +183,12 @@ async fn sign(
                 continue;
             }
         };
+        if snap.taints.taints_chain(&svid.cert_chain) {
+            // Cannot happen with a CA that never taints its active authority; do not spin.
+            tracing::error!(entry = %r.entry_id, "CA issued an SVID from a tainted authority");
+            retry_after.insert(r.entry_id, now + RETRY);
+            continue;
+        }
         let jitter = rand::rng().random_range(-0.1..=0.1);
         fresh.push(WorkloadSvid {
             entry_id: r.entry_id,

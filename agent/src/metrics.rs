@@ -16,6 +16,15 @@ pub struct CallLabel {
     pub code: String,
 }
 
+/// Labels of a re-issued SVID.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReissueLabel {
+    /// `workload` or `agent`.
+    pub svid: String,
+    /// `new`, `entry_changed`, `rotation`, `tainted`.
+    pub reason: String,
+}
+
 /// Every agent metric.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -25,6 +34,8 @@ pub struct Metrics {
     pub entries: Gauge,
     /// Workload SVIDs signed.
     pub svids_signed: Counter,
+    /// SVIDs requested from the CA, by SVID kind and reason.
+    pub reissued: Family<ReissueLabel, Counter>,
     /// Sync updates applied.
     pub sync_updates: Counter,
     /// Protobuf bytes of the sync updates received.
@@ -50,6 +61,7 @@ impl Metrics {
             calls: Family::default(),
             entries: Gauge::default(),
             svids_signed: Counter::default(),
+            reissued: Family::default(),
             sync_updates: Counter::default(),
             sync_bytes: Counter::default(),
             sync_connected: Gauge::default(),
@@ -67,6 +79,11 @@ impl Metrics {
             self.calls.clone(),
         );
         r.register("entries", "Entries served", self.entries.clone());
+        r.register(
+            "svids_reissued",
+            "SVIDs requested from the CA by kind (workload, agent) and reason",
+            self.reissued.clone(),
+        );
         r.register(
             "svids_signed",
             "Workload X.509-SVIDs obtained",
@@ -100,6 +117,16 @@ impl Metrics {
     }
 
     /// Counts a call.
+    pub fn reissued(&self, svid: &str, reason: &str, n: u64) {
+        self.reissued
+            .get_or_create(&ReissueLabel {
+                svid: svid.into(),
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts one Workload API call.
     pub fn call(&self, rpc: &str, code: tonic::Code) {
         let code = if code == tonic::Code::Ok {
             "OK".to_owned()

@@ -98,7 +98,7 @@ impl Agent {
             shutdown_rx.clone(),
         ));
         tasks.push(spawn_until(
-            Box::pin(identity.clone().renewal_loop()),
+            Box::pin(identity.clone().renewal_loop(metrics.clone())),
             shutdown_rx.clone(),
         ));
 

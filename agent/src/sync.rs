@@ -31,6 +31,10 @@ pub fn apply(s: &mut Snapshot, u: &SyncUpdate) -> Result<(), String> {
     if let Some(b) = &u.bundle {
         let bundle = ward_proto::convert::bundle_from_proto(b)?;
         s.bundle = Some(Arc::new(bundle));
+        s.taints = Arc::new(crate::cache::Taints {
+            x509_keys: u.tainted_x509_keys.clone(),
+            jwt_key_ids: u.tainted_jwt_key_ids.clone(),
+        });
     }
     if u.policies_changed {
         // The CA only stores sets that compile; a set that does not is refused whole.
@@ -130,10 +134,11 @@ async fn follow_inner(
         if let Some(e) = err {
             return Err(e);
         }
-        if let Some(b) = bundle_changed
-            && let Err(e) = identity.set_bundle((*b).clone())
-        {
-            tracing::error!(error = %e, "bundle update refused");
+        if let Some(b) = bundle_changed {
+            if let Err(e) = identity.set_bundle((*b).clone()) {
+                tracing::error!(error = %e, "bundle update refused");
+            }
+            identity.set_taints(cache.snapshot().taints.clone());
         }
         metrics.entries.set(cache.snapshot().entries.len() as i64);
         metrics.sync_updates.inc();

@@ -28,8 +28,8 @@ use crate::metrics::Metrics;
 const FIRST_SVID_WAIT: Duration = Duration::from_secs(10);
 
 type JwtKey = (String, Vec<String>);
-/// A cached JWT-SVID: token, expiry, and when to fetch a new one.
-type CachedJwt = (String, SystemTime, SystemTime);
+/// A cached JWT-SVID: token, expiry, when to fetch a new one, and its key ID.
+type CachedJwt = (String, SystemTime, SystemTime, String);
 
 /// The Workload API service.
 #[derive(Debug, Clone)]
@@ -407,10 +407,14 @@ impl WorkloadApi {
     async fn jwt_for(&self, entry: &CachedEntry, audience: &[String]) -> Result<String, Status> {
         let key = (entry.id.clone(), audience.to_vec());
         let now = self.clock.now();
+        let taints = self.snapshots.borrow().taints.clone();
         {
             let mut cache = self.jwts.lock().unwrap_or_else(|p| p.into_inner());
-            cache.retain(|_, (_, _, refresh)| *refresh > now);
-            if let Some((t, _, _)) = cache.get(&key) {
+            // Tokens signed by a tainted key are not handed out again.
+            cache.retain(|_, (_, _, refresh, kid)| {
+                *refresh > now && !taints.jwt_key_ids.contains(kid)
+            });
+            if let Some((t, _, _, _)) = cache.get(&key) {
                 return Ok(t.clone());
             }
         }
@@ -430,7 +434,10 @@ impl WorkloadApi {
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(key, (resp.token.clone(), exp, refresh));
+        let kid = ward_spiffe::jwt::check_header(&resp.token)
+            .map(|(_, kid)| kid)
+            .unwrap_or_default();
+        cache.insert(key, (resp.token.clone(), exp, refresh, kid));
         Ok(resp.token)
     }
 }

@@ -9,6 +9,7 @@ use ward_proto::types;
 use ward_spiffe::SpiffeId;
 
 use crate::audit::AuditRecord;
+use crate::authority::{Kind, Live, Op, View};
 use crate::convert::{bundle_to_proto, entry_to_proto, spec_from_proto};
 use crate::core::CaCore;
 use crate::error::ApiError;
@@ -44,6 +45,19 @@ fn reserved_policy(name: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+fn authority_to_proto(kind: Kind, v: &View, live: Live) -> admin::Authority {
+    admin::Authority {
+        kind: kind.as_str().into(),
+        id: v.id.clone(),
+        state: v.state.as_str().into(),
+        not_before: crate::db::unix(v.not_before),
+        not_after: crate::db::unix(v.not_after),
+        upstream: v.upstream,
+        live_svids: live.count,
+        live_until: live.until.map_or(0, crate::db::unix),
+    }
 }
 
 fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, ApiError> {
@@ -337,5 +351,53 @@ impl Admin for AdminService {
         _req: Request<admin::GetBundleRequest>,
     ) -> Result<Response<types::Bundle>, Status> {
         Ok(Response::new(bundle_to_proto(&self.core.bundle())))
+    }
+
+    async fn list_authorities(
+        &self,
+        req: Request<admin::ListAuthoritiesRequest>,
+    ) -> Result<Response<admin::ListAuthoritiesResponse>, Status> {
+        let kind = Kind::parse(&req.into_inner().kind)?;
+        let authorities = self
+            .core
+            .authorities
+            .show(kind)
+            .await?
+            .into_iter()
+            .map(|(v, live)| authority_to_proto(kind, &v, live))
+            .collect();
+        Ok(Response::new(admin::ListAuthoritiesResponse {
+            authorities,
+        }))
+    }
+
+    async fn change_authority(
+        &self,
+        req: Request<admin::ChangeAuthorityRequest>,
+    ) -> Result<Response<admin::Authority>, Status> {
+        let r = req.into_inner();
+        let kind = Kind::parse(&r.kind)?;
+        let id = || required("id", &r.id).map(str::to_owned);
+        let op = match r.action.as_str() {
+            "prepare" => Op::Prepare,
+            "activate" => Op::Activate((!r.id.is_empty()).then(|| r.id.clone())),
+            "taint" => Op::Taint(id()?),
+            "revoke" => Op::Revoke(id()?),
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "action {other:?}: expected prepare, activate, taint or revoke"
+                ))
+                .into());
+            }
+        };
+        let v = self.core.authorities.operate(kind, op, r.force).await?;
+        self.core.update_gauges();
+        let live = self.core.authorities.show(kind).await?;
+        let live = live
+            .into_iter()
+            .find(|(a, _)| a.id == v.id)
+            .map(|(_, l)| l)
+            .unwrap_or_default();
+        Ok(Response::new(authority_to_proto(kind, &v, live)))
     }
 }

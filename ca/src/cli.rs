@@ -63,6 +63,14 @@ enum Command {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Signing authorities: show them and move them through prepare, activate, taint, revoke.
+    Authority {
+        /// Which authority: the X.509 signing authority or the JWT signing key.
+        #[arg(value_enum)]
+        kind: AuthorityKind,
+        #[command(subcommand)]
+        cmd: AuthorityCmd,
+    },
     /// Print the Kubernetes CustomResourceDefinitions (IdentityPolicy, AuthorizationPolicy)
     /// as YAML, for `kubectl apply -f -`.
     Crds,
@@ -270,6 +278,50 @@ enum AgentCmd {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum AuthorityKind {
+    X509,
+    Jwt,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthorityCmd {
+    /// List the authorities with their state, validity and the SVIDs still chained to each.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Create a successor: published in the bundle at once, not signing yet.
+    Prepare {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make the prepared authority sign; the active one becomes old (still trusted).
+    Activate {
+        #[command(flatten)]
+        conn: Conn,
+        /// Authority ID [default: the prepared one].
+        id: Option<String>,
+    },
+    /// Have every agent replace, at once, each SVID this (non-active) authority signed.
+    Taint {
+        #[command(flatten)]
+        conn: Conn,
+        /// Authority ID.
+        id: String,
+    },
+    /// Remove a (non-active) authority from the bundle: SVIDs chained to it stop working.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        /// Authority ID.
+        id: String,
+        /// Revoke even though unexpired SVIDs still chain to it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum BundleFormat {
     Spiffe,
     Pem,
@@ -418,6 +470,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent { cmd } => agent(cmd).await,
         Command::Bundle { cmd } => bundle(cmd).await,
         Command::Policy { cmd } => policy(cmd).await,
+        Command::Authority { kind, cmd } => authority(kind, cmd).await,
         Command::Crds => {
             let yaml = crate::k8s::crd::definitions_yaml().map_err(|e| CliError::new(1, e))?;
             print(&yaml);
@@ -812,6 +865,84 @@ async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
                     Ok(())
                 }
             }
+        }
+    }
+}
+
+fn authority_json(a: &admin::Authority) -> serde_json::Value {
+    serde_json::json!({
+        "kind": a.kind,
+        "id": a.id,
+        "state": a.state,
+        "not_before": time(a.not_before),
+        "not_after": time(a.not_after),
+        "upstream": a.upstream,
+        "live_svids": a.live_svids,
+        "live_until": (a.live_until != 0).then(|| time(a.live_until)),
+    })
+}
+
+fn authority_text(a: &admin::Authority) -> String {
+    let live = match a.live_svids {
+        0 => "none".to_owned(),
+        n => format!("{n} (until {})", time(a.live_until)),
+    };
+    format!(
+        "ID               : {}\nState            : {}\nValid            : {} .. {}\n\
+         Upstream         : {}\nLive SVIDs       : {live}\n",
+        a.id,
+        a.state,
+        time(a.not_before),
+        time(a.not_after),
+        a.upstream
+    )
+}
+
+async fn authority(kind: AuthorityKind, cmd: AuthorityCmd) -> Result<(), CliError> {
+    let kind = match kind {
+        AuthorityKind::X509 => "x509",
+        AuthorityKind::Jwt => "jwt",
+    };
+    let (conn, action, id, force) = match cmd {
+        AuthorityCmd::Show { conn } => {
+            let r = client(&conn)?
+                .list_authorities(admin::ListAuthoritiesRequest { kind: kind.into() })
+                .await?
+                .into_inner();
+            return match conn.output {
+                Output::Json => json(serde_json::Value::Array(
+                    r.authorities.iter().map(authority_json).collect(),
+                )),
+                Output::Text => {
+                    let mut out = format!("Found {} {kind} authorities\n", r.authorities.len());
+                    for a in &r.authorities {
+                        out.push('\n');
+                        out.push_str(&authority_text(a));
+                    }
+                    print(out.trim_end());
+                    Ok(())
+                }
+            };
+        }
+        AuthorityCmd::Prepare { conn } => (conn, "prepare", String::new(), false),
+        AuthorityCmd::Activate { conn, id } => (conn, "activate", id.unwrap_or_default(), false),
+        AuthorityCmd::Taint { conn, id } => (conn, "taint", id, false),
+        AuthorityCmd::Revoke { conn, id, force } => (conn, "revoke", id, force),
+    };
+    let a = client(&conn)?
+        .change_authority(admin::ChangeAuthorityRequest {
+            kind: kind.into(),
+            action: action.into(),
+            id,
+            force,
+        })
+        .await?
+        .into_inner();
+    match conn.output {
+        Output::Json => json(authority_json(&a)),
+        Output::Text => {
+            print(authority_text(&a).trim_end());
+            Ok(())
         }
     }
 }

@@ -206,8 +206,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// When authorities rotate on their own, as fractions of the active authority's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Rotate on the schedule (false: only `ward-ca authority ...` changes states, except that
+    /// an empty store still gets its first authorities and expired ones are still removed).
+    pub automatic: bool,
+    /// Fraction of the active authority's lifetime at which a successor is prepared.
+    pub prepare_at: f64,
+    /// Fraction at which the prepared successor becomes active.
+    pub activate_at: f64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            automatic: true,
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+        }
+    }
+}
+
 /// The whole CA configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaConfig {
     /// The trust domain this CA issues for.
@@ -229,6 +252,9 @@ pub struct CaConfig {
     /// Optional upstream authority.
     #[serde(default)]
     pub upstream: Option<UpstreamConfig>,
+    /// The rotation schedule.
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// Kubernetes node attestation and identity controller.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
@@ -263,6 +289,7 @@ impl CaConfig {
             admin_socket: None,
             ttl: Ttls::default(),
             upstream: None,
+            rotation: RotationConfig::default(),
             kubernetes: KubernetesConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
@@ -332,6 +359,14 @@ impl CaConfig {
             return Err(ConfigError::Invalid(
                 "ttl.x509_svid and ttl.agent_svid must be shorter than ttl.ca".into(),
             ));
+        }
+        let r = &self.rotation;
+        if !(r.prepare_at > 0.0 && r.prepare_at < r.activate_at && r.activate_at < 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "rotation: need 0 < prepare_at < activate_at < 1, got prepare_at = {} and \
+                 activate_at = {}",
+                r.prepare_at, r.activate_at
+            )));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir must be set".into()));

@@ -110,6 +110,28 @@ impl CaCore {
         self.metrics
             .x509_authority_expiry
             .set(unix(set.x509.not_after));
+        // Dropped authorities disappear from the families.
+        self.metrics.authority_state.clear();
+        self.metrics.authority_expiry.clear();
+        for (kind, a) in &set.authorities {
+            for s in crate::authority::AuthorityState::ALL {
+                self.metrics
+                    .authority_state
+                    .get_or_create(&crate::metrics::AuthorityStateLabel {
+                        kind: kind.as_str().into(),
+                        id: a.id.clone(),
+                        state: s.as_str().into(),
+                    })
+                    .set(i64::from(a.state == s));
+            }
+            self.metrics
+                .authority_expiry
+                .get_or_create(&crate::metrics::AuthorityLabel {
+                    kind: kind.as_str().into(),
+                    id: a.id.clone(),
+                })
+                .set(unix(a.not_after));
+        }
     }
 
     /// The current bundle.
@@ -264,6 +286,39 @@ impl CaCore {
                 "agent SVID has expired; reconnect".into(),
             ));
         }
+        // The handshake verified the chain against the bundle of its time; a connection can
+        // outlive a revocation, so check it against the bundle in force, and refuse chains
+        // through a revoked intermediate whose upstream root is still trusted.
+        let set = self.authorities.current();
+        if peer.peer_chain.iter().skip(1).any(|c| {
+            set.revoked_signing
+                .iter()
+                .any(|r| r.as_slice() == c.as_ref())
+        }) {
+            return Err(ApiError::Unauthenticated(
+                "agent SVID is signed by a revoked authority; attest again".into(),
+            ));
+        }
+        let chain = &peer.peer_chain;
+        let roots: Vec<rustls_pki_types::CertificateDer<'_>> = set
+            .bundle
+            .x509_authorities
+            .iter()
+            .map(|c| c.as_slice().into())
+            .collect();
+        x509::verify_path(
+            &info,
+            chain,
+            &roots,
+            &self.cfg.trust_domain,
+            self.clock.now(),
+            x509::Usage::Client,
+        )
+        .map_err(|e| {
+            ApiError::Unauthenticated(format!(
+                "agent SVID does not verify against the current bundle ({e}); attest again"
+            ))
+        })?;
         let serial = hex::encode(info.serial);
         let found = self.agents.get_raw(id).await?;
         let check = check_caller(found.as_ref().map(|(r, _)| r), &serial)?;

@@ -30,6 +30,26 @@ pub struct ClusterLabel {
     pub cluster: String,
 }
 
+/// Labels: one signing authority.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityLabel {
+    /// `x509` or `jwt`.
+    pub kind: String,
+    /// Authority ID or JWT key ID.
+    pub id: String,
+}
+
+/// Labels: one signing authority in one state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityStateLabel {
+    /// `x509` or `jwt`.
+    pub kind: String,
+    /// Authority ID or JWT key ID.
+    pub id: String,
+    /// `prepared`, `active`, `old`, `tainted`, `revoked`.
+    pub state: String,
+}
+
 /// Every CA metric.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -45,6 +65,10 @@ pub struct Metrics {
     pub bundle_sequence: Gauge,
     /// Unix time at which the active X.509 authority expires.
     pub x509_authority_expiry: Gauge,
+    /// 1 for the state each authority is in, 0 for the others.
+    pub authority_state: Family<AuthorityStateLabel, Gauge>,
+    /// Expiry of each authority (Unix seconds).
+    pub authority_expiry: Family<AuthorityLabel, Gauge>,
     /// Time to sign one batch of X.509-SVIDs, including the durable audit write.
     pub batch_seconds: Histogram,
     /// Entries the identity controller manages, by cluster.
@@ -73,6 +97,8 @@ impl Metrics {
             sync_streams: Gauge::default(),
             bundle_sequence: Gauge::default(),
             x509_authority_expiry: Gauge::default(),
+            authority_state: Family::default(),
+            authority_expiry: Family::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             k8s_entries: Family::default(),
             k8s_render_failures: Family::default(),
@@ -109,6 +135,16 @@ impl Metrics {
             "x509_authority_expiry_timestamp_seconds",
             "Expiry of the active X.509 authority (Unix seconds)",
             self.x509_authority_expiry.clone(),
+        );
+        r.register(
+            "authority_state",
+            "Signing authorities: 1 for the state each is in",
+            self.authority_state.clone(),
+        );
+        r.register(
+            "authority_expiry_timestamp_seconds",
+            "Expiry of each signing authority (Unix seconds)",
+            self.authority_expiry.clone(),
         );
         r.register(
             "sign_batch_duration_seconds",

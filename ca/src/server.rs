@@ -210,7 +210,8 @@ impl CaServer {
         let mut rx = shutdown_rx.clone();
         let (c, s, bp) = (core.clone(), sink.clone(), bundle_path.clone());
         tasks.push(tokio::spawn(async move {
-            let mut bundles = c.authorities.watch_bundle();
+            let mut sets = c.authorities.watch();
+            let mut published = sets.borrow_and_update().bundle.sequence;
             // Short SVID lifetimes (tests, demos) need a faster tick than the default.
             let every = MAINTAIN_EVERY
                 .min(c.cfg.ttl.x509_svid / 4)
@@ -236,19 +237,24 @@ impl CaServer {
                         }
                         c.update_gauges();
                     }
-                    r = bundles.changed() => {
+                    r = sets.changed() => {
                         if r.is_err() { return; }
-                        let b = bundles.borrow_and_update().clone();
-                        if let Err(e) = s.update_bundle((*b).clone()) {
-                            tracing::error!(error = %e, "bundle refused by the CA's TLS");
-                        }
-                        if let Err(e) = write_atomic(&bp, b.x509_pem().as_bytes()) {
-                            tracing::error!(error = %e, "cannot write bundle file");
-                        }
-                        // A new authority means a new server SVID chain.
+                        let set = sets.borrow_and_update().clone();
+                        // A new active authority, a taint or a revocation: the CA's own server
+                        // SVID moves to the active authority first, so that it still verifies
+                        // against the new bundle when the TLS configuration takes it.
                         match refresh_server_svid(&c, &s) {
                             Ok(()) => renew_at = server_renew_at(&c, &s),
                             Err(e) => tracing::error!(error = %e, "CA server SVID renewal failed"),
+                        }
+                        if set.bundle.sequence != published {
+                            published = set.bundle.sequence;
+                            if let Err(e) = s.update_bundle((*set.bundle).clone()) {
+                                tracing::error!(error = %e, "bundle refused by the CA's TLS");
+                            }
+                            if let Err(e) = write_atomic(&bp, set.bundle.x509_pem().as_bytes()) {
+                                tracing::error!(error = %e, "cannot write bundle file");
+                            }
                         }
                         c.update_gauges();
                     }

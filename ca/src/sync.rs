@@ -18,6 +18,7 @@ use ward_net::PeerInfo;
 use ward_proto::node::SyncUpdate;
 
 use crate::agents::AgentRecord;
+use crate::authority::ActiveSet;
 use crate::convert::{bundle_to_proto, entry_to_proto};
 use crate::core::CaCore;
 use crate::error::ApiError;
@@ -90,10 +91,16 @@ async fn full(core: &CaCore, agent: &str) -> Result<(u64, SyncUpdate), ApiError>
             upserted: entries.iter().map(entry_to_proto).collect(),
             removed: Vec::new(),
             bundle: None,
-            policies_changed: false,
-            policies: Vec::new(),
+            ..Default::default()
         },
     ))
+}
+
+/// Puts the bundle and the taints that come with it into `update`.
+fn add_bundle(set: &ActiveSet, update: &mut SyncUpdate) {
+    update.bundle = Some(bundle_to_proto(&set.bundle));
+    update.tainted_x509_keys = set.taints.x509_keys.clone();
+    update.tainted_jwt_key_ids = set.taints.jwt_key_ids.clone();
 }
 
 /// Puts the complete current policy set into `update`.
@@ -137,7 +144,7 @@ async fn run(
     let me = agent.id.to_string();
     let mut changes = core.entries.watch();
     let mut agents = core.agents.watch();
-    let mut bundles = core.authorities.watch_bundle();
+    let mut sets = core.authorities.watch();
     let mut stopping = core.stopping.subscribe();
     let mut policies = core.policies.watch();
 
@@ -151,9 +158,9 @@ async fn run(
         Some(u) => u,
         None => full(core, &me).await?,
     };
-    let bundle = bundles.borrow_and_update().clone();
-    let mut sent_seq = bundle.sequence;
-    update.bundle = Some(bundle_to_proto(&bundle));
+    let set = sets.borrow_and_update().clone();
+    let mut sent_seq = set.bundle.sequence;
+    add_bundle(&set, &mut update);
     add_policies(core, &mut update).await?;
     if tx.send(Ok(update)).await.is_err() {
         return Ok(());
@@ -172,7 +179,7 @@ async fn run(
                 core.authorize_agent(peer).await?;
                 continue;
             }
-            r = bundles.changed() => if r.is_err() { return Ok(()) },
+            r = sets.changed() => if r.is_err() { return Ok(()) },
             _ = tokio::time::sleep(RECHECK) => {
                 core.authorize_agent(peer).await?;
                 continue;
@@ -186,10 +193,10 @@ async fn run(
             Some(u) => u,
             None => full(core, &me).await?,
         };
-        let bundle = bundles.borrow_and_update().clone();
-        if bundle.sequence != sent_seq {
-            sent_seq = bundle.sequence;
-            update.bundle = Some(bundle_to_proto(&bundle));
+        let set = sets.borrow_and_update().clone();
+        if set.bundle.sequence != sent_seq {
+            sent_seq = set.bundle.sequence;
+            add_bundle(&set, &mut update);
         }
         if policies_changed {
             add_policies(core, &mut update).await?;

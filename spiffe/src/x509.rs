@@ -299,6 +299,49 @@ pub fn spki_der(der: &[u8]) -> Result<Vec<u8>, SvidError> {
         .map_err(|e| SvidError::Parse(e.to_string()))
 }
 
+/// True if `cert` (DER) carries a valid signature by the key in `spki` (DER
+/// SubjectPublicKeyInfo). ECDSA P-256/P-384 keys, the only kinds Ward's authorities use; any
+/// other key or algorithm, or unparsable input, gives `false`.
+pub fn signed_by(cert: &[u8], spki: &[u8]) -> bool {
+    use der::Encode;
+    use ring::signature::{
+        ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA384_ASN1, ECDSA_P384_SHA256_ASN1,
+        ECDSA_P384_SHA384_ASN1, UnparsedPublicKey, VerificationAlgorithm,
+    };
+    const SHA256: &str = "1.2.840.10045.4.3.2";
+    const SHA384: &str = "1.2.840.10045.4.3.3";
+    const P256: &str = "1.2.840.10045.3.1.7";
+    const P384: &str = "1.3.132.0.34";
+    let Ok(c) = parse(cert) else { return false };
+    let Ok(key) = x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(spki) else {
+        return false;
+    };
+    let curve = key
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<const_oid::ObjectIdentifier>().ok())
+        .map(|o| o.to_string());
+    let alg: &'static dyn VerificationAlgorithm = match (
+        curve.as_deref(),
+        c.signature_algorithm.oid.to_string().as_str(),
+    ) {
+        (Some(P256), SHA256) => &ECDSA_P256_SHA256_ASN1,
+        (Some(P256), SHA384) => &ECDSA_P256_SHA384_ASN1,
+        (Some(P384), SHA256) => &ECDSA_P384_SHA256_ASN1,
+        (Some(P384), SHA384) => &ECDSA_P384_SHA384_ASN1,
+        _ => return false,
+    };
+    let (Ok(tbs), Some(sig), Some(pk)) = (
+        c.tbs_certificate.to_der(),
+        c.signature.as_bytes(),
+        key.subject_public_key.as_bytes(),
+    ) else {
+        return false;
+    };
+    UnparsedPublicKey::new(alg, pk).verify(&tbs, sig).is_ok()
+}
+
 /// Which side of a TLS connection the leaf is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
