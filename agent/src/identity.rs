@@ -262,6 +262,11 @@ impl Identity {
         NodeClient::new(ch).max_decoding_message_size(64 * 1024 * 1024)
     }
 
+    /// The agent SVID in use.
+    pub fn svid(&self) -> Option<Svid> {
+        self.sink.current().map(|c| c.svid.clone())
+    }
+
     /// The agent's SPIFFE ID.
     pub fn id(&self) -> Option<SpiffeId> {
         self.sink.current().map(|c| c.id.clone())

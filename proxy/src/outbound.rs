@@ -109,12 +109,20 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 }
 
+/// The HTTP/2 client pool and the credentials and trust it was built under.
+struct Pool {
+    svid: Option<Arc<ward_net::TlsConfigs>>,
+    trust: Arc<ward_net::verify::BundleSet>,
+    client: Client<UpstreamConnector, Body>,
+}
+
 /// Everything an outbound listener's connections share.
 pub struct OutboundCtx {
     cfg: Outbound,
     name: Arc<str>,
     tcp_tls: Arc<ListenerTls>,
-    client: Client<UpstreamConnector, Body>,
+    connector: UpstreamConnector,
+    pool: std::sync::RwLock<Pool>,
     log: Option<AccessLog>,
     metrics: Metrics,
     sink: Arc<ward_net::CredentialSink>,
@@ -154,23 +162,62 @@ impl OutboundCtx {
             name: name.clone(),
             metrics: metrics.clone(),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let pool = std::sync::RwLock::new(Pool {
+            svid: sink.current(),
+            trust: sink.trust().snapshot(),
+            client: new_client(connector.clone()),
+        });
         Self {
             cfg,
             name,
             tcp_tls,
-            client,
+            connector,
+            pool,
             log,
             metrics,
             sink,
         }
     }
+
+    /// The client for the next request. When the SVID or the trusted bundles changed since the
+    /// pool was built, a new pool starts: new requests go over fresh handshakes that present
+    /// the new SVID and verify the upstream against the new bundle (a revoked root stops being
+    /// used at once), while requests in flight finish on the old connections, which then close.
+    fn client(&self) -> Client<UpstreamConnector, Body> {
+        let svid = self.sink.current();
+        let trust = self.sink.trust().snapshot();
+        let same_svid =
+            |p: &Pool| p.svid.as_ref().map(Arc::as_ptr) == svid.as_ref().map(Arc::as_ptr);
+        {
+            let p = self.pool.read().unwrap_or_else(|e| e.into_inner());
+            if same_svid(&p) && Arc::ptr_eq(&p.trust, &trust) {
+                return p.client.clone();
+            }
+        }
+        let mut p = self.pool.write().unwrap_or_else(|e| e.into_inner());
+        if same_svid(&p) && *p.trust == *trust {
+            // The same bundles set again: remember the new snapshot, keep the pool.
+            p.trust = trust;
+        } else {
+            tracing::debug!(listener = %self.name, "credentials or trust changed; new upstream pool");
+            *p = Pool {
+                svid,
+                trust,
+                client: new_client(self.connector.clone()),
+            };
+        }
+        p.client.clone()
+    }
+}
+
+fn new_client(connector: UpstreamConnector) -> Client<UpstreamConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_only(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
 }
 
 /// Accepts connections until `stop`.
@@ -331,7 +378,7 @@ async fn handle(ctx: Arc<OutboundCtx>, mut req: Request<Incoming>) -> Response<B
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
     let out = Request::from_parts(parts, boxed(Counted::new(body, bytes_in.clone(), None)));
-    let result = ctx.client.request(out).await;
+    let result = ctx.client().request(out).await;
     ctx.metrics
         .latency
         .get_or_create(&ListenerLabel {
