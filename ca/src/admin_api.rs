@@ -392,12 +392,7 @@ impl Admin for AdminService {
         };
         let v = self.core.authorities.operate(kind, op, r.force).await?;
         self.core.update_gauges();
-        let live = self.core.authorities.show(kind).await?;
-        let live = live
-            .into_iter()
-            .find(|(a, _)| a.id == v.id)
-            .map(|(_, l)| l)
-            .unwrap_or_default();
+        let live = self.core.authorities.live(kind, &v).await?;
         Ok(Response::new(authority_to_proto(kind, &v, live)))
     }
 }

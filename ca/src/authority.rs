@@ -644,6 +644,11 @@ impl Authorities {
         Ok(out)
     }
 
+    /// The SVIDs still chained to authority `a` of `kind`.
+    pub async fn live(&self, kind: Kind, a: &View) -> Result<Live, ApiError> {
+        self.records.live_svids(kind, a, self.clock.now()).await
+    }
+
     /// All stored X.509 authority records.
     pub async fn x509_authorities(&self) -> Result<Vec<X509Record>, ApiError> {
         self.records.x509_records().await
@@ -782,7 +787,7 @@ impl Records {
         actor: Actor,
     ) -> Result<(), ApiError> {
         let mut b = Batch::new();
-        for (id, state) in changes {
+        for (i, (id, state)) in changes.iter().enumerate() {
             let key = kind.key(id);
             let raw = self
                 .store
@@ -802,7 +807,9 @@ impl Records {
                 }
             };
             b.require(key.clone(), Some(raw)).put(key, new);
-            journal(&mut b, now, kind, id, state.as_str(), actor)?;
+            // One nanosecond apart, so the journal reads in the order the changes were made.
+            let at = now + Duration::from_nanos(i as u64);
+            journal(&mut b, at, kind, id, state.as_str(), actor)?;
             tracing::info!(kind = kind.as_str(), authority = %id, state = state.as_str(), actor = actor.as_str(), "authority state changed");
         }
         self.store.commit(b).await?;
