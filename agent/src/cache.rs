@@ -216,6 +216,48 @@ mod tests {
         assert_eq!(rotation_time(na, nb, 0.0), na);
     }
 
+    fn ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, Vec<u8>) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_owned());
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        (rcgen::Issuer::new(p, key), der)
+    }
+
+    fn leaf(issuer: &rcgen::Issuer<'static, rcgen::KeyPair>) -> Vec<u8> {
+        let p = rcgen::CertificateParams::new(vec!["w".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.signed_by(&key, issuer).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn taints_find_the_signer_by_signature_or_intermediate_key() {
+        let (r1, r1_der) = ca("one");
+        let (r2, r2_der) = ca("two");
+        let spki = |d: &[u8]| ward_spiffe::x509::spki_der(d).unwrap();
+        let l1 = leaf(&r1);
+        let t1 = Taints {
+            x509_keys: vec![spki(&r1_der)],
+            jwt_key_ids: vec![],
+        };
+        let t2 = Taints {
+            x509_keys: vec![spki(&r2_der)],
+            jwt_key_ids: vec![],
+        };
+        assert!(t1.taints_chain(std::slice::from_ref(&l1)));
+        assert!(!t2.taints_chain(std::slice::from_ref(&l1)));
+        assert!(!Taints::default().taints_chain(std::slice::from_ref(&l1)));
+        assert!(!t1.taints_chain::<Vec<u8>>(&[]));
+        // With an intermediate, its key decides.
+        let l2 = leaf(&r2);
+        assert!(t2.taints_chain(&[l2.clone(), r2_der.clone()]));
+        assert!(!t1.taints_chain(&[l2, r2_der]));
+        // Garbage is never "signed by" anything.
+        assert!(!t1.taints_chain(&[b"junk".to_vec()]));
+    }
+
     #[test]
     fn matching_is_subset_based() {
         let mk = |id: &str, sel: &[&str]| {

@@ -9,6 +9,7 @@
 mod k8sbench;
 mod procs;
 mod proxybench;
+mod rotationbench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -85,6 +86,16 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// Authority rotation: admin call → effect held by every subscriber, for one real agent
+    /// with a Workload API stream and for many simulated agents on their sync streams.
+    Rotation {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 200)]
+        agents: usize,
+        /// Full rotations (prepare, activate, taint, revoke) per set-up.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Internal: hold one Workload API stream until stdin closes.
     Workload {
         /// Agent socket.
@@ -104,6 +115,9 @@ async fn main() -> Result<()> {
         Cmd::Propagation { samples } => propagation(samples).await,
         Cmd::Memory { workloads } => memory(workloads).await,
         Cmd::Workload { socket } => workload(socket).await,
+        Cmd::Rotation { agents, rounds } => {
+            rotationbench::run(rotationbench::Opts { agents, rounds }).await
+        }
         Cmd::K8s {
             pods,
             nodes,

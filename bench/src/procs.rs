@@ -171,6 +171,12 @@ impl Ward {
         Ok((client, svid))
     }
 
+    /// A node API client presenting `svid` (after a renewal), trusting the current bundle.
+    pub(crate) fn node_client_for(&self, svid: &Svid) -> Result<NodeClient<Channel>> {
+        let sink = self.sink()?;
+        Ok(NodeClient::new(self.channel(&sink, Some(svid))?))
+    }
+
     /// Starts `ward-agent run` attested with a fresh token; returns its agent ID once its
     /// Workload API socket exists.
     pub(crate) async fn start_agent(&self) -> Result<String> {

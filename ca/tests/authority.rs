@@ -298,10 +298,11 @@ async fn rails_journal_and_jwt_rotation() {
         .sync(SyncRequest { since_revision: 0 })
         .await
         .expect_err("an agent SVID from a revoked root must be refused");
+    // TLS 1.3: the refused client certificate surfaces as a failed connection or a closed one.
     assert!(
         matches!(
             e.code(),
-            Code::Unavailable | Code::Unauthenticated | Code::Unknown
+            Code::Unavailable | Code::Unauthenticated | Code::Unknown | Code::Cancelled
         ),
         "{e:?}"
     );
