@@ -443,6 +443,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.bind_address.to_string(), "127.0.0.1:8081");
         assert_eq!(c.ttl.x509_svid, Duration::from_secs(3600));
+        assert_eq!(c.rotation, RotationConfig::default());
         assert_eq!(
             c.admin_socket_path(),
             PathBuf::from("/tmp/x/admin/api.sock")
@@ -469,6 +470,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("duration"), "{e}");
+        let e = CaConfig::from_toml(
+            "trust_domain = \"td\"\ndata_dir = \"/x\"\n[rotation]\nprepare_at = 0.9\nactivate_at = 0.5\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("prepare_at < activate_at"), "{e}");
+        let c = CaConfig::from_toml(
+            "trust_domain = \"td\"\ndata_dir = \"/x\"\n[rotation]\nautomatic = false\n",
+            "f",
+        )
+        .unwrap();
+        assert!(!c.rotation.automatic);
     }
 
     #[test]

@@ -117,6 +117,11 @@ async fn health_and_metrics_endpoints() {
         ca_metrics.contains("ward_ca_sync_streams 1"),
         "{ca_metrics}"
     );
+    assert!(
+        ca_metrics.contains("state=\"active\"} 1")
+            && ca_metrics.contains("ward_ca_authority_expiry_timestamp_seconds{kind=\"jwt\""),
+        "{ca_metrics}"
+    );
     promtool(&ca_metrics);
     let (status, agent_metrics) = get(agent.health_addr, "/metrics").await;
     assert_eq!(status, 200);
@@ -136,6 +141,11 @@ async fn health_and_metrics_endpoints() {
         .and_then(|v| v.parse().ok())
         .expect("ward_agent_sync_bytes_total");
     assert!(sync_bytes > 200, "{agent_metrics}");
+    assert!(
+        agent_metrics
+            .contains("ward_agent_svids_reissued_total{svid=\"workload\",reason=\"new\"} 1"),
+        "{agent_metrics}"
+    );
     promtool(&agent_metrics);
     // Scrapers that ask for OpenMetrics get it.
     let (status, om) = get_with(
