@@ -96,6 +96,11 @@ pub struct ClusterConfig {
     /// The identity controller for this cluster.
     #[serde(default)]
     pub controller: ControllerConfig,
+    /// `<namespace>/<name>` of a ConfigMap the CA keeps holding the trust bundle
+    /// (`bundle.pem`, `bundle.spiffe`), so agents in the cluster can trust the CA before they
+    /// first attest. Needs API access.
+    #[serde(default)]
+    pub bundle_config_map: Option<String>,
 }
 
 impl ClusterConfig {
@@ -403,6 +408,32 @@ impl CaConfig {
             }
             if c.audience.is_empty() {
                 return inv("audience must not be empty".into());
+            }
+            if let Some(cm) = &c.bundle_config_map {
+                let ok = cm.split_once('/').is_some_and(|(ns, name)| {
+                    let dns = |s: &str| {
+                        !s.is_empty()
+                            && s.len() <= 253
+                            && s.chars().all(|ch| {
+                                ch.is_ascii_lowercase()
+                                    || ch.is_ascii_digit()
+                                    || ch == '-'
+                                    || ch == '.'
+                            })
+                    };
+                    dns(ns) && dns(name)
+                });
+                if !ok {
+                    return inv(format!(
+                        "bundle_config_map {cm:?} must be <namespace>/<name> (lower-case DNS names)"
+                    ));
+                }
+                if !c.has_api() {
+                    return inv(
+                        "bundle_config_map needs API access: a kubeconfig, or mode = \"token_review\""
+                            .into(),
+                    );
+                }
             }
             if c.controller.enabled == Some(true) && !c.has_api() {
                 return inv(

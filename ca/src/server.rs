@@ -263,9 +263,18 @@ impl CaServer {
             }
         }));
 
-        // Kubernetes identity controllers.
+        // Kubernetes identity controllers and bundle ConfigMaps.
         for cluster in core.clusters.all() {
             let cc = cluster.config();
+            if let (Some(target), Some(client)) = (&cc.bundle_config_map, cluster.client()) {
+                tasks.push(tokio::spawn(crate::k8s::bundle_cm::run(
+                    core.clone(),
+                    client.clone(),
+                    cluster.name().to_owned(),
+                    target.clone(),
+                    shutdown_rx.clone(),
+                )));
+            }
             if !cc.controller_enabled() {
                 continue;
             }

@@ -68,6 +68,7 @@ fn cluster(fake: &FakeKube, dir: &std::path::Path) -> ClusterConfig {
         node_label_allow_list: vec![],
         pod_label_allow_list: vec![],
         controller: ControllerConfig::default(),
+        bundle_config_map: None,
     }
 }
 
@@ -560,5 +561,52 @@ async fn an_agent_cannot_get_a_pod_of_another_node() {
         "{r:?}"
     );
     assert!(r.results[0].svid.is_none());
+    ca.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_is_published_to_a_config_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::start().await;
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "k8s.test");
+    let mut c = cluster(&fake, dir.path());
+    c.controller.enabled = Some(false);
+    c.bundle_config_map = Some("ward/ward-bundle".into());
+    cfg.kubernetes.clusters = vec![c];
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    let published = |n: usize| {
+        let fake = fake.clone();
+        let ca = &ca;
+        async move {
+            let Some(cm) = fake.get("configmaps", Some("ward"), "ward-bundle") else {
+                return Err("no ConfigMap".to_owned());
+            };
+            let pem = cm["data"]["bundle.pem"].as_str().unwrap_or("");
+            let roots = ward_spiffe::bundle::pem_certificates(pem.as_bytes()).unwrap_or_default();
+            let spiffe = cm["data"]["bundle.spiffe"].as_str().unwrap_or("");
+            let ok = roots.len() == n
+                && roots == ca.core.bundle().x509_authorities
+                && ward_spiffe::Bundle::from_spiffe_json(ca.core.cfg.trust_domain.clone(), spiffe)
+                    .is_ok_and(|b| b.sequence == ca.core.bundle().sequence)
+                && cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ward-ca";
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("ConfigMap not (yet) right: {cm}"))
+            }
+        }
+    };
+    eventually("bundle ConfigMap written", || published(1)).await;
+    // A prepared authority is published there too.
+    ca.core
+        .authorities
+        .operate(
+            ward_ca::authority::Kind::X509,
+            ward_ca::authority::Op::Prepare,
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("bundle ConfigMap updated", || published(2)).await;
     ca.shutdown().await;
 }

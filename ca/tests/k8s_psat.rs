@@ -70,6 +70,7 @@ fn cluster(fake: &FakeKube, dir: &std::path::Path, mode: PsatMode) -> ClusterCon
             enabled: Some(false),
             ..Default::default()
         },
+        bundle_config_map: None,
     }
 }
 

@@ -83,6 +83,7 @@ async fn workloads_are_attested_as_pods() {
             enabled: Some(false),
             ..Default::default()
         },
+        bundle_config_map: None,
     }];
     let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
 

@@ -574,6 +574,55 @@ async fn handle(i: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             let v = fk.put_json(&t.plural, current);
             json_response(StatusCode::OK, &v)
         }
+        (Method::PATCH, Some(name), None) => {
+            // Server-side apply creates or updates; a merge patch needs the object to exist.
+            let ct = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let name = name.clone();
+            let body: Value = match req.into_body().collect().await {
+                Ok(b) => match serde_json::from_slice(&b.to_bytes()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
+                    }
+                },
+                Err(_) => Value::Null,
+            };
+            let fk = FakeKube {
+                inner: i.clone(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            };
+            let current = fk.get(&t.plural, t.namespace.as_deref(), &name);
+            let mut obj = match (ct.as_str(), current) {
+                ("application/apply-patch+yaml", None) => Value::Object(Default::default()),
+                ("application/apply-patch+yaml" | "application/merge-patch+json", Some(c)) => c,
+                ("application/merge-patch+json", None) => {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("{} \"{name}\" not found", t.plural),
+                    );
+                }
+                _ => {
+                    return status(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        &format!("the fake does not support {ct:?} patches"),
+                    );
+                }
+            };
+            merge(&mut obj, &body);
+            obj["metadata"]["name"] = name.into();
+            if let Some(ns) = &t.namespace {
+                obj["metadata"]["namespace"] = ns.clone().into();
+            }
+            let v = fk.put_json(&t.plural, obj);
+            json_response(StatusCode::OK, &v)
+        }
         _ => status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",

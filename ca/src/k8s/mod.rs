@@ -1,6 +1,7 @@
 //! Kubernetes: node attestation with projected service-account tokens, and (in `controller`)
 //! the identity controller that keeps one registration entry per selected pod.
 
+pub mod bundle_cm;
 pub mod controller;
 pub mod crd;
 pub mod http;
