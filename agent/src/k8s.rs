@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct K8sConfig {
-    /// This node's name (usually from the downward API: `WARD_AGENT_NODE_NAME`).
+    /// This node's name; usually left out of the file and set from the downward API through
+    /// `WARD_AGENT_NODE_NAME`. Required by the time the agent starts.
+    #[serde(default)]
     pub node_name: String,
     /// The kubelet's secure port.
     #[serde(default = "default_kubelet")]
@@ -233,6 +235,11 @@ const MIN_REFRESH: Duration = Duration::from_millis(100);
 impl Kubelet {
     /// A client for the kubelet `cfg` names; `proc_root` is where `/proc` is.
     pub fn new(cfg: K8sConfig, proc_root: &Path) -> Result<Self, String> {
+        if cfg.node_name.is_empty() {
+            return Err(
+                "k8s.node_name is not set: set it in the file or WARD_AGENT_NODE_NAME".into(),
+            );
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()

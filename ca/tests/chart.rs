@@ -1,0 +1,302 @@
+//! The Helm chart (charts/ward): `helm lint` and `helm template` with the default values and
+//! with ci/custom-values.yaml; every rendered document and CRD checked by
+//! `kubernetes-validate --strict`; the rendered CA and agent configurations parsed and validated
+//! by the binaries' own loaders and cross-checked against the manifests (service account,
+//! audience, bundle ConfigMap, CA address), so the chart and the code cannot drift apart; the
+//! CRDs in the chart equal `ward-ca crds`; wrong values fail at install time with the path.
+//!
+//! Tools: `helm` and `kubernetes-validate` from `WARD_HELM` / `WARD_KUBERNETES_VALIDATE` or
+//! `PATH` (`./scripts/test` installs both).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml_ng::Value;
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/ward")
+}
+
+fn tool(var: &str, name: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| name.to_owned())
+}
+
+/// Runs helm with private cache/config dirs; returns (success, stdout, stderr).
+fn helm(args: &[&str]) -> (bool, String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(tool("WARD_HELM", "helm"))
+        .args(args)
+        .env("HELM_CACHE_HOME", home.path())
+        .env("HELM_CONFIG_HOME", home.path())
+        .env("HELM_DATA_HOME", home.path())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run helm ({e}); run ./scripts/test, which installs it"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn render(values: Option<&Path>) -> String {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "rel",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "ward-system",
+        "--include-crds",
+    ];
+    let v;
+    if let Some(p) = values {
+        v = p.to_str().unwrap().to_owned();
+        args.extend(["--values", &v]);
+    }
+    let (ok, out, err) = helm(&args);
+    assert!(ok, "helm template failed: {err}");
+    out
+}
+
+fn docs(rendered: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(rendered)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
+}
+
+/// kubernetes-validate --strict on every document; returns how many passed.
+fn validate(rendered: &str) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("all.yaml");
+    std::fs::write(&f, rendered).unwrap();
+    let out = Command::new(tool("WARD_KUBERNETES_VALIDATE", "kubernetes-validate"))
+        .args(["--strict", f.to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run kubernetes-validate ({e}); run ./scripts/test, which installs it")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
+    for line in text.lines() {
+        // Only the prometheus-operator's ServiceMonitor has no schema here.
+        assert!(
+            line.starts_with("INFO") || line.contains("kind ServiceMonitor"),
+            "kubernetes-validate: {line}"
+        );
+    }
+    text.lines().filter(|l| l.contains(" passed for ")).count()
+}
+
+/// Checks one rendering: every document valid, configs accepted by the loaders, manifests
+/// and configs agreeing. Returns (CA config, agent config).
+fn check(rendered: &str) -> (ward_ca::CaConfig, ward_agent::AgentConfig, Vec<Value>) {
+    let docs = docs(rendered);
+    let passed = validate(rendered);
+    let monitors = docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceMonitor")
+        .count();
+    assert_eq!(passed + monitors, docs.len(), "every document validated");
+
+    let ca_cm = find(&docs, "ConfigMap", "rel-ward-ca");
+    let ca = ward_ca::CaConfig::from_toml(s(&ca_cm["data"]["ca.toml"]), "chart ca.toml")
+        .unwrap_or_else(|e| panic!("{e}\n{}", s(&ca_cm["data"]["ca.toml"])));
+    let agent_cm = find(&docs, "ConfigMap", "rel-ward-agent");
+    let mut agent =
+        ward_agent::AgentConfig::from_toml(s(&agent_cm["data"]["agent.toml"]), "chart agent.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{}", s(&agent_cm["data"]["agent.toml"])));
+    agent
+        .apply_env(&|k| (k == "WARD_AGENT_NODE_NAME").then(|| "node-1".to_owned()))
+        .unwrap();
+    assert_eq!(agent.k8s.as_ref().unwrap().node_name, "node-1");
+
+    // The agent and the CA agree with each other and with the manifests.
+    assert_eq!(agent.trust_domain, ca.trust_domain);
+    let cluster = &ca.kubernetes.clusters[0];
+    assert_eq!(agent.k8s_psat.as_ref().unwrap().cluster, cluster.name);
+    let ds = find(&docs, "DaemonSet", "rel-ward-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        cluster.service_account_allow_list,
+        vec![format!("ward-system:{}", s(&pod["serviceAccountName"]))]
+    );
+    assert_eq!(pod["hostPID"], true);
+    let vols = pod["volumes"].as_sequence().unwrap();
+    let vol = |name: &str| vols.iter().find(|v| v["name"] == name).unwrap();
+    let token = &vol("token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(s(&token["audience"]), cluster.audience);
+    let mounts = pod["containers"][0]["volumeMounts"].as_sequence().unwrap();
+    let mount = |name: &str| {
+        PathBuf::from(s(
+            &mounts.iter().find(|m| m["name"] == name).unwrap()["mountPath"],
+        ))
+    };
+    assert_eq!(
+        agent.k8s_psat.as_ref().unwrap().token_path,
+        mount("token").join(s(&token["path"]))
+    );
+    assert_eq!(
+        cluster.bundle_config_map.as_deref().unwrap(),
+        format!("ward-system/{}", s(&vol("bundle")["configMap"]["name"]))
+    );
+    assert_eq!(
+        agent.trust_bundle_path.as_deref().unwrap(),
+        mount("bundle").join("bundle.pem")
+    );
+    assert_eq!(agent.socket_path.parent().unwrap(), mount("socket"));
+    let svc = find(&docs, "Service", "rel-ward-ca");
+    let port = svc["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert_eq!(
+        agent.server_address,
+        format!("rel-ward-ca.ward-system.svc:{port}")
+    );
+    let health = agent.health_address.port();
+    assert_eq!(
+        pod["containers"][0]["ports"][0]["containerPort"].as_u64(),
+        Some(u64::from(health))
+    );
+    // The CA's data directory is the StatefulSet's volume; its namespace is ignored.
+    let sts = find(&docs, "StatefulSet", "rel-ward-ca");
+    let ca_mounts = sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        ca_mounts
+            .iter()
+            .any(|m| m["name"] == "data" && Path::new(s(&m["mountPath"])) == ca.data_dir)
+    );
+    assert!(
+        cluster
+            .controller
+            .ignore_namespaces
+            .contains(&"ward-system".to_owned())
+    );
+    // Hardened: no privilege escalation, read-only root, no capabilities, everywhere.
+    for c in [
+        &sts["spec"]["template"]["spec"]["containers"][0],
+        &pod["containers"][0],
+    ] {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    }
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    (ca, agent, docs)
+}
+
+#[test]
+fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
+    let (ok, out, err) = helm(&["lint", chart().to_str().unwrap()]);
+    assert!(ok, "helm lint: {out}{err}");
+    let custom = chart().join("ci/custom-values.yaml");
+    let (ok, out, err) = helm(&[
+        "lint",
+        chart().to_str().unwrap(),
+        "--values",
+        custom.to_str().unwrap(),
+    ]);
+    assert!(ok, "helm lint with custom values: {out}{err}");
+
+    // Defaults: self-signed root, default identities, no ServiceMonitor.
+    let (ca, agent, docs) = check(&render(None));
+    assert_eq!(ca.trust_domain.to_string(), "example.org");
+    assert!(ca.upstream.is_none());
+    assert!(ca.kubernetes.clusters[0].controller.default_policy);
+    assert!(agent.k8s.as_ref().unwrap().kubelet_ca.is_some());
+    assert!(!docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
+    assert_eq!(
+        docs.iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+            .count(),
+        2
+    );
+
+    // Custom values reach the configs.
+    let (ca, agent, docs) = check(&render(Some(&custom)));
+    assert_eq!(ca.trust_domain.to_string(), "prod.example.com");
+    assert_eq!(ca.kubernetes.clusters[0].name, "eu-west-1");
+    assert_eq!(ca.kubernetes.clusters[0].audience, "ward-ca-prod");
+    assert_eq!(ca.ttl.ca, std::time::Duration::from_secs(7 * 86400));
+    assert!(!ca.rotation.automatic);
+    assert!((ca.rotation.prepare_at - 0.4).abs() < 1e-9);
+    assert_eq!(
+        ca.upstream.as_ref().unwrap().cert_file,
+        PathBuf::from("/etc/ward/upstream/tls.crt")
+    );
+    assert!(!ca.kubernetes.clusters[0].controller.default_policy);
+    assert_eq!(
+        ca.kubernetes.clusters[0].node_label_allow_list,
+        vec![
+            "topology.kubernetes.io/zone",
+            "node.kubernetes.io/instance-type"
+        ]
+    );
+    assert!(agent.k8s.as_ref().unwrap().kubelet_insecure);
+    assert_eq!(agent.socket_path, PathBuf::from("/run/ward/agent.sock"));
+    let sts = find(&docs, "StatefulSet", "rel-ward-ca");
+    assert_eq!(
+        s(&sts["spec"]["template"]["spec"]["containers"][0]["image"]),
+        "registry.example.com/sec/ward-ca:0.1.0-rc1"
+    );
+    let ds = find(&docs, "DaemonSet", "rel-ward-agent");
+    let host = ds["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "socket")
+        .unwrap();
+    assert_eq!(s(&host["hostPath"]["path"]), "/run/spiffe");
+    assert!(docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
+}
+
+#[test]
+fn wrong_values_fail_at_install_with_the_path() {
+    let chart = chart();
+    for (set, want) in [
+        ("trustDomain=Not_A_Domain", "/trustDomain"),
+        ("agent.healthPort=high", "/agent/healthPort"),
+        ("ca.ttl.ca=one day", "/ca/ttl/ca"),
+        ("proxy.defaultPolicy=allow-all", "/proxy/defaultPolicy"),
+        ("ca.rotation.prepareAt=1.5", "/ca/rotation/prepareAt"),
+        ("unknownKey=1", "unknownKey"),
+    ] {
+        let (ok, _, err) = helm(&["template", "rel", chart.to_str().unwrap(), "--set", set]);
+        assert!(!ok, "--set {set} was accepted");
+        assert!(err.contains(want), "--set {set}: {err}");
+    }
+}
+
+#[test]
+fn the_chart_crds_are_what_ward_ca_generates() {
+    let out = Command::new(common::ca_bin()).arg("crds").output().unwrap();
+    assert!(out.status.success());
+    let in_chart = std::fs::read_to_string(chart().join("crds/ward.dev.yaml")).unwrap();
+    assert_eq!(
+        in_chart,
+        String::from_utf8(out.stdout).unwrap(),
+        "charts/ward/crds/ward.dev.yaml is stale: regenerate it with `ward-ca crds`"
+    );
+}
