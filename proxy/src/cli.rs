@@ -1,4 +1,5 @@
-//! The `ward-proxy` command line: `run`, `check-config`, `policy explain`, `log verify`.
+//! The `ward-proxy` command line: `run`, `check-config`, `inject`, `policy explain`,
+//! `log verify`.
 //!
 //! Exit codes: 0 success (for `policy explain`: the request would be allowed); 1 runtime
 //! failure, or `log verify` found a broken chain; 2 invalid configuration, policy file or
@@ -51,8 +52,27 @@ enum Command {
     /// Run the proxy.
     Run {
         /// YAML configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "config_yaml")]
+        config: Option<PathBuf>,
+        /// The configuration itself, as YAML (what `inject` sets).
+        #[arg(long, env = "WARD_PROXY_CONFIG_YAML", hide_env_values = true)]
+        config_yaml: Option<String>,
+    },
+    /// Add the Ward sidecar to the Kubernetes workloads of YAML streams (files or stdin) and
+    /// print the result; other documents and already injected workloads are left as they were.
+    Inject {
+        /// Input files ('-' or none: stdin).
+        #[arg(long = "filename", short = 'f')]
+        files: Vec<PathBuf>,
+        /// Sidecar image.
+        #[arg(long, default_value = concat!("ghcr.io/ward-dev/ward-proxy:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// Decision when no ALLOW policy targets the workload.
+        #[arg(long, value_enum, default_value = "same-trust-domain")]
+        default_policy: Default,
+        /// Host directory holding the agent socket (the chart's agent.socketDir).
+        #[arg(long, default_value = "/run/ward")]
+        socket_dir: String,
     },
     /// Validate a configuration file (and its policy files) and print it with defaults.
     CheckConfig {
@@ -116,6 +136,12 @@ enum LogCmd {
     },
 }
 
+fn read_stdin() -> String {
+    let mut s = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s);
+    s
+}
+
 fn env(k: &str) -> Option<String> {
     std::env::var(k).ok()
 }
@@ -133,8 +159,16 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 /// Runs the CLI.
 pub async fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config } => {
-            let mut cfg = match ProxyConfig::from_file(&config) {
+        Command::Run {
+            config,
+            config_yaml,
+        } => {
+            let loaded = match (&config, &config_yaml) {
+                (Some(path), _) => ProxyConfig::from_file(path),
+                (None, Some(text)) => ProxyConfig::from_yaml(text, "WARD_PROXY_CONFIG_YAML"),
+                (None, None) => return fail(2, &"--config or WARD_PROXY_CONFIG_YAML is required"),
+            };
+            let mut cfg = match loaded {
                 Ok(c) => c,
                 Err(e) => return fail(2, &e),
             };
@@ -150,6 +184,46 @@ pub async fn main() -> ExitCode {
             ward_net::process::shutdown_signal().await;
             tracing::info!("shutting down");
             proxy.shutdown().await;
+            ExitCode::SUCCESS
+        }
+        Command::Inject {
+            files,
+            image,
+            default_policy,
+            socket_dir,
+        } => {
+            let opts = crate::inject::Options {
+                image,
+                default_policy: default_policy.into(),
+                socket_dir,
+            };
+            let inputs: Vec<(String, String)> = if files.is_empty() {
+                vec![("-".into(), read_stdin())]
+            } else {
+                let mut v = Vec::new();
+                for f in &files {
+                    if f.as_os_str() == "-" {
+                        v.push(("-".into(), read_stdin()));
+                        continue;
+                    }
+                    match std::fs::read_to_string(f) {
+                        Ok(t) => v.push((f.display().to_string(), t)),
+                        Err(e) => return fail(2, &format!("{}: {e}", f.display())),
+                    }
+                }
+                v
+            };
+            let mut all = Vec::new();
+            for (name, text) in inputs {
+                match crate::inject::inject(&text, &opts) {
+                    Ok(o) => all.push(o),
+                    Err(e) => return fail(2, &format!("{name}: {e}")),
+                }
+            }
+            #[allow(clippy::print_stdout)]
+            {
+                print!("{}", all.join("---\n"));
+            }
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => {

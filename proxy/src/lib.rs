@@ -11,6 +11,7 @@ pub mod config;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod inject;
 pub mod io;
 pub mod metrics;
 pub mod outbound;

@@ -1,0 +1,264 @@
+//! `ward-proxy inject` golden tests: every `tests/inject/*.in.yaml` through the real binary must
+//! give `*.out.yaml` (set `WARD_UPDATE_GOLDEN=1` to rewrite them after a deliberate change);
+//! injecting the output again changes nothing; stdin and several files work; untouched
+//! documents keep their exact text; every output document passes `kubernetes-validate
+//! --strict` and every injected proxy configuration passes the proxy's own loader; bad input is
+//! refused with exit code 2, a message naming the document, and nothing on stdout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_yaml_ng::Value;
+use ward_proxy::config::ProxyConfig;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ward-proxy"))
+}
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inject")
+}
+
+fn inject(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(bin())
+        .arg("inject")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "inject failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// Every document, with List items taken out (kubernetes-validate has no schema for List).
+fn flat_docs(text: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for d in serde_yaml_ng::Deserializer::from_str(text) {
+        let v: Value = serde::Deserialize::deserialize(d).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        if v["kind"] == "List" {
+            out.extend(v["items"].as_sequence().unwrap().iter().cloned());
+        } else {
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn validate(docs: &[Value]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("docs.yaml");
+    let text: Vec<String> = docs
+        .iter()
+        .map(|d| serde_yaml_ng::to_string(d).unwrap())
+        .collect();
+    std::fs::write(&f, text.join("---\n")).unwrap();
+    let tool =
+        std::env::var("WARD_KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
+    let o = Command::new(tool)
+        .args(["--strict", f.to_str().unwrap()])
+        .output()
+        .expect("kubernetes-validate (./scripts/test installs it)");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" passed for ")).count(),
+        docs.len(),
+        "{text}"
+    );
+}
+
+fn sidecars(docs: &[Value]) -> Vec<Value> {
+    let mut v = Vec::new();
+    for d in docs {
+        let spec = match d["kind"].as_str() {
+            Some("Pod") => &d["spec"],
+            _ => &d["spec"]["template"]["spec"],
+        };
+        for c in spec["containers"].as_sequence().into_iter().flatten() {
+            if c["name"] == "ward-proxy" {
+                v.push(c.clone());
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn golden_files_idempotence_and_validity() {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_str().unwrap().ends_with(".in.yaml"))
+        .collect();
+    cases.sort();
+    assert!(!cases.is_empty());
+    for input in cases {
+        let golden = PathBuf::from(input.to_str().unwrap().replace(".in.yaml", ".out.yaml"));
+        let got = ok(&inject(&["-f", input.to_str().unwrap()], None));
+        if std::env::var("WARD_UPDATE_GOLDEN").is_ok() {
+            std::fs::write(&golden, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|_| panic!("{} missing (WARD_UPDATE_GOLDEN=1)", golden.display()));
+        assert_eq!(
+            got,
+            want,
+            "{} differs from its golden file",
+            input.display()
+        );
+
+        // Idempotent, and the same through stdin.
+        assert_eq!(ok(&inject(&["-f", golden.to_str().unwrap()], None)), want);
+        let text = std::fs::read_to_string(&input).unwrap();
+        assert_eq!(ok(&inject(&[], Some(&text))), want);
+
+        let docs = flat_docs(&want);
+        validate(&docs);
+        for c in sidecars(&docs) {
+            let yaml = c["env"][0]["value"].as_str().unwrap();
+            ProxyConfig::from_yaml(yaml, "injected").unwrap();
+        }
+    }
+}
+
+#[test]
+fn what_gets_injected() {
+    let input = dir().join("mixed.in.yaml");
+    let out = ok(&inject(
+        &[
+            "-f",
+            input.to_str().unwrap(),
+            "--default-policy",
+            "deny",
+            "--image",
+            "reg/proxy:9",
+            "--socket-dir",
+            "/run/spiffe",
+        ],
+        None,
+    ));
+    let docs = flat_docs(&out);
+    let by = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    // The Deployment: one sidecar, TCP ports wrapped (not the UDP one), the socket volume.
+    let web = by("Deployment", "web");
+    let pod = &web["spec"]["template"]["spec"];
+    let side = &sidecars(std::slice::from_ref(&web))[0];
+    assert_eq!(side["image"], "reg/proxy:9");
+    let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    let listens: Vec<(String, String)> = cfg
+        .inbound
+        .iter()
+        .map(|i| (i.listen.to_string(), i.forward_to.clone()))
+        .collect();
+    assert_eq!(
+        listens,
+        vec![
+            ("0.0.0.0:28080".to_owned(), "127.0.0.1:8080".to_owned()),
+            ("0.0.0.0:29100".to_owned(), "127.0.0.1:9100".to_owned())
+        ]
+    );
+    assert_eq!(
+        cfg.authorization.default,
+        ward_spiffe::policy::DefaultPolicy::Deny
+    );
+    assert!(cfg.authorization.from_agent);
+    let vol = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "ward-agent-socket")
+        .unwrap();
+    assert_eq!(vol["hostPath"]["path"], "/run/spiffe");
+    // Its Service now targets the proxy ports.
+    let svc = by("Service", "web");
+    let targets: Vec<&str> = svc["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["targetPort"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, vec!["ward-8080", "ward-9100"]);
+    // Opted out: untouched. The bare Pod: outbound only.
+    assert!(sidecars(&[by("StatefulSet", "db")]).is_empty());
+    let client = sidecars(&[by("Pod", "client")]);
+    let cfg = ProxyConfig::from_yaml(client[0]["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    assert!(cfg.inbound.is_empty());
+    assert_eq!(cfg.outbound[0].listen.to_string(), "127.0.0.1:9001");
+    assert_eq!(
+        cfg.outbound[0].expected_ids[0].as_str(),
+        "spiffe://example.org/ns/shop/sa/web"
+    );
+    // The List's DaemonSet and Service, in another namespace.
+    assert_eq!(sidecars(&[by("DaemonSet", "logger")]).len(), 1);
+    assert_eq!(
+        by("Service", "logger")["spec"]["ports"][0]["targetPort"],
+        "ward-24224"
+    );
+    // The unrelated ConfigMap keeps its exact text, comments included.
+    assert!(out.contains(
+        "# Unrelated: kept byte for byte, comments included.\napiVersion: v1\nkind: ConfigMap\nmetadata: { name: settings, namespace: shop }\ndata:\n  mode: \"fast\"   # inline comment\n"
+    ));
+    // Several files: each stream in turn.
+    let both = ok(&inject(
+        &["-f", input.to_str().unwrap(), "-f", input.to_str().unwrap()],
+        None,
+    ));
+    assert_eq!(
+        flat_docs(&both).len(),
+        2 * flat_docs(&ok(&inject(&["-f", input.to_str().unwrap()], None))).len()
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_the_document() {
+    for (input, want) in [
+        ("a: [1,\n", "document 1: not YAML"),
+        (
+            "kind: ConfigMap\napiVersion: v1\nmetadata: {name: c}\n---\nkind: Deployment\napiVersion: apps/v1\nmetadata: {name: x}\nspec:\n  template:\n    metadata:\n      annotations: {ward.dev/outbound: \"abc\"}\n    spec:\n      containers: [{name: a, image: b}]\n",
+            "document 2: Deployment x: ward.dev/outbound \"abc\"",
+        ),
+        (
+            "kind: Pod\napiVersion: v1\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: b, ports: [{containerPort: 50000}]}]\n",
+            "Pod p: port 50000",
+        ),
+        (
+            "kind: Deployment\napiVersion: apps/v1\nmetadata: {name: y}\nspec: {}\n",
+            "document 1: Deployment y: no pod template",
+        ),
+    ] {
+        let o = inject(&[], Some(input));
+        assert_eq!(o.status.code(), Some(2), "{input}");
+        assert!(o.stdout.is_empty());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{err} lacks {want}");
+    }
+    let o = inject(&["-f", "/nonexistent.yaml"], None);
+    assert_eq!(o.status.code(), Some(2));
+}
