@@ -300,3 +300,29 @@ fn the_chart_crds_are_what_ward_ca_generates() {
         "charts/ward/crds/ward.dev.yaml is stale: regenerate it with `ward-ca crds`"
     );
 }
+
+#[test]
+fn the_kubernetes_example_holds_valid_policies_and_manifests() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes/shop.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs = docs(&text);
+    let mut policies = 0;
+    for d in &docs {
+        if d["kind"] == "AuthorizationPolicy" {
+            let p: ward_ca::k8s::crd::AuthorizationPolicy =
+                serde_yaml_ng::from_value(d.clone()).unwrap();
+            p.to_policy().unwrap();
+            policies += 1;
+        }
+    }
+    assert_eq!(policies, 1);
+    // The built-in kinds pass kubernetes-validate (the AuthorizationPolicy has no schema there:
+    // the CRD check above covers it).
+    let builtin: Vec<String> = docs
+        .iter()
+        .filter(|d| d["apiVersion"] != "ward.dev/v1alpha1")
+        .map(|d| serde_yaml_ng::to_string(d).unwrap())
+        .collect();
+    let n = builtin.len();
+    assert_eq!(validate(&builtin.join("---\n")), n);
+}

@@ -262,3 +262,19 @@ fn bad_input_is_refused_with_the_document() {
     let o = inject(&["-f", "/nonexistent.yaml"], None);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn the_kubernetes_example_injects_cleanly() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes/shop.yaml");
+    let once = ok(&inject(&["-f", path.to_str().unwrap()], None));
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("once.yaml");
+    std::fs::write(&again, &once).unwrap();
+    assert_eq!(ok(&inject(&["-f", again.to_str().unwrap()], None)), once);
+    let docs: Vec<Value> = flat_docs(&once)
+        .into_iter()
+        .filter(|d| d["apiVersion"] != "ward.dev/v1alpha1")
+        .collect();
+    validate(&docs);
+    assert_eq!(sidecars(&docs).len(), 2, "api and web get a sidecar");
+}
