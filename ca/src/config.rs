@@ -234,6 +234,30 @@ impl Default for RotationConfig {
     }
 }
 
+/// OIDC discovery for JWT-SVIDs: `/.well-known/openid-configuration` and `/keys` (the public
+/// JWT authorities) over HTTP, for serving behind a TLS-terminating proxy at `issuer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The public issuer URL (https://…, no trailing slash); also the `iss` of every JWT-SVID.
+    pub issuer: String,
+    /// Where the discovery endpoints listen.
+    #[serde(default = "default_oidc_bind")]
+    pub bind_address: SocketAddr,
+    /// `Cache-Control: max-age` of the responses. Keys are published from `prepare` on, long
+    /// before they sign, so a cache shorter than the prepare → activate interval never misses.
+    #[serde(default = "default_oidc_max_age", with = "serde_str")]
+    pub max_age: Duration,
+}
+
+fn default_oidc_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8084))
+}
+
+fn default_oidc_max_age() -> Duration {
+    Duration::from_secs(300)
+}
+
 /// The whole CA configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +284,9 @@ pub struct CaConfig {
     /// The rotation schedule.
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// OIDC discovery for JWT-SVIDs; off if absent.
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
     /// Kubernetes node attestation and identity controller.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
@@ -295,6 +322,7 @@ impl CaConfig {
             ttl: Ttls::default(),
             upstream: None,
             rotation: RotationConfig::default(),
+            oidc: None,
             kubernetes: KubernetesConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
@@ -364,6 +392,19 @@ impl CaConfig {
             return Err(ConfigError::Invalid(
                 "ttl.x509_svid and ttl.agent_svid must be shorter than ttl.ca".into(),
             ));
+        }
+        if let Some(o) = &self.oidc {
+            let ok = (o.issuer.starts_with("https://") || o.issuer.starts_with("http://"))
+                && !o.issuer.ends_with('/')
+                && !o.issuer.contains(['?', '#', ' '])
+                && o.issuer.len() > "https://".len();
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "oidc.issuer {:?} must be an http(s) URL without a trailing '/', query or \
+                     fragment",
+                    o.issuer
+                )));
+            }
         }
         let r = &self.rotation;
         if !(r.prepare_at > 0.0 && r.prepare_at < r.activate_at && r.activate_at < 1.0) {
@@ -507,6 +548,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("prepare_at < activate_at"), "{e}");
+        let e = CaConfig::from_toml(
+            "trust_domain = \"td\"\ndata_dir = \"/x\"\n[oidc]\nissuer = \"https://o.example/\"\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("oidc.issuer"), "{e}");
         let c = CaConfig::from_toml(
             "trust_domain = \"td\"\ndata_dir = \"/x\"\n[rotation]\nautomatic = false\n",
             "f",

@@ -478,7 +478,14 @@ impl CaCore {
         let set = self.authorities.current();
         let (token, exp) = set
             .jwt
-            .mint(&entry.spiffe_id, audience, ttl, &set.bundle, now)
+            .mint(
+                &entry.spiffe_id,
+                audience,
+                ttl,
+                self.cfg.oidc.as_ref().map(|o| o.issuer.as_str()),
+                &set.bundle,
+                now,
+            )
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut b = Batch::new();
         let mut rec =

@@ -377,13 +377,16 @@ impl JwtSigner {
         self.key.id()
     }
 
-    /// Mints a JWT-SVID; `exp` never exceeds the key's own expiry. The token is verified with
-    /// the shared verifier against `bundle` before it is returned.
+    /// Mints a JWT-SVID; `exp` never exceeds the key's own expiry; `iss` is set when the CA
+    /// serves OIDC discovery. The token is verified with the shared verifier against `bundle`
+    /// before it is returned.
+    #[allow(clippy::too_many_arguments)]
     pub fn mint(
         &self,
         id: &SpiffeId,
         audience: &[String],
         ttl: Duration,
+        issuer: Option<&str>,
         bundle: &Bundle,
         now: SystemTime,
     ) -> Result<(String, SystemTime), IssueError> {
@@ -405,12 +408,15 @@ impl JwtSigner {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
         header.typ = Some("JWT".into());
-        let claims = serde_json::json!({
+        let mut claims = serde_json::json!({
             "sub": id.as_str(),
             "aud": audience,
             "exp": exp,
             "iat": iat,
         });
+        if let Some(iss) = issuer {
+            claims["iss"] = iss.into();
+        }
         let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map_err(|e| IssueError::Jwt(e.to_string()))?;
         ward_spiffe::jwt::verify(&token, first, bundle, now)

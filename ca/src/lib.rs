@@ -23,6 +23,7 @@ pub mod k8s;
 pub mod keys;
 pub mod metrics;
 pub mod node_api;
+pub mod oidc;
 pub mod policies;
 pub mod server;
 pub mod sync;

@@ -63,6 +63,8 @@ pub struct CaServer {
     pub node_addr: SocketAddr,
     /// Where `/metrics`, `/healthz`, `/readyz` are served.
     pub health_addr: SocketAddr,
+    /// Where OIDC discovery is served, if configured.
+    pub oidc_addr: Option<SocketAddr>,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// The bundle file agents can bootstrap from.
@@ -186,6 +188,27 @@ impl CaServer {
             }
         }));
 
+        // OIDC discovery.
+        let mut oidc_addr = None;
+        if let Some(o) = &cfg.oidc {
+            let l = tokio::net::TcpListener::bind(o.bind_address)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: format!("oidc.bind_address {}", o.bind_address),
+                    source,
+                })?;
+            oidc_addr = Some(l.local_addr().map_err(dd)?);
+            let mut rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(crate::oidc::serve(
+                l,
+                core.clone(),
+                o.clone(),
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            )));
+        }
+
         // Health and metrics.
         let mut registry = Registry::default();
         core.metrics.register(&mut registry);
@@ -301,6 +324,7 @@ impl CaServer {
             core,
             node_addr,
             health_addr,
+            oidc_addr,
             admin_socket,
             bundle_path,
             shutdown,
