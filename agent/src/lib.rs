@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod files;
+pub mod helper;
 pub mod identity;
 pub mod k8s;
 pub mod manager;

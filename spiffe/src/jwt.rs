@@ -128,6 +128,17 @@ pub fn unverified_subject(token: &str) -> Result<SpiffeId, JwtError> {
     SpiffeId::new_with_path(sub).map_err(|e| JwtError::Subject(e.to_string()))
 }
 
+/// The `exp` of a token, without verifying anything (to schedule a refresh of a token the
+/// issuer already verified).
+pub fn unverified_expiry(token: &str) -> Result<std::time::SystemTime, JwtError> {
+    let claims = part(token, 1)?;
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_u64)
+        .ok_or(JwtError::Expired)?;
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp))
+}
+
 fn decoding_key(kid: &str, alg: Algorithm, spki: &[u8]) -> Result<DecodingKey, JwtError> {
     let mismatch = || JwtError::KeyMismatch(kid.to_owned(), format!("{alg:?}"));
     let key = PublicKey::from_spki_der(spki).map_err(|_| mismatch())?;
