@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ward/node/v1/node.proto",
         "proto/ward/admin/v1/admin.proto",
         "proto/ward/agent/v1/agent.proto",
+        "proto/envoy/service/secret/v3/sds.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -106,6 +106,9 @@ pub struct AgentConfig {
     /// Unix attestation.
     #[serde(default)]
     pub unix: UnixConfig,
+    /// Envoy SDS on the Workload API socket.
+    #[serde(default)]
+    pub sds: crate::sds::SdsConfig,
     /// `tracing` filter.
     #[serde(default = "default_log_level")]
     pub log_level: String,
@@ -141,6 +144,7 @@ impl AgentConfig {
             k8s_psat: None,
             k8s: None,
             unix: UnixConfig::default(),
+            sds: crate::sds::SdsConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
         }

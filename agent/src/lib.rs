@@ -13,6 +13,7 @@ pub mod k8s;
 pub mod manager;
 pub mod metrics;
 pub mod policies;
+pub mod sds;
 pub mod server;
 pub mod sync;
 pub mod workload;

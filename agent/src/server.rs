@@ -129,6 +129,9 @@ impl Agent {
         let policies = ward_proto::agent::policies_server::PoliciesServer::new(
             crate::policies::PolicyService::new(api.clone()),
         );
+        let sds = ward_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(
+            crate::sds::SdsService::new(api.clone(), cfg.sds.clone()),
+        );
         let svc =
             ward_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
         let rx = shutdown_rx.clone();
@@ -137,6 +140,7 @@ impl Agent {
             let r = tonic::transport::Server::builder()
                 .add_service(svc)
                 .add_service(policies)
+                .add_service(sds)
                 .serve_with_incoming_shutdown(incoming, stop(rx))
                 .await;
             if let Err(e) = r {

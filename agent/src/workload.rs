@@ -79,6 +79,12 @@ impl WorkloadApi {
                 "security header missing from request",
             ));
         }
+        self.attest_peer(req).await
+    }
+
+    /// Attests the process at the other end of the socket (Envoy's SDS client sends no
+    /// Workload API header; the peer credentials are what count).
+    pub(crate) async fn attest_peer<T>(&self, req: &Request<T>) -> Result<SelectorSet, Status> {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()

@@ -44,6 +44,58 @@ pub mod ward {
     }
 }
 
+/// The parts of Envoy's API that the agent's SDS server speaks.
+pub mod envoy {
+    /// Core types.
+    pub mod config {
+        /// `envoy.config.core`.
+        pub mod core {
+            /// v3.
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// Services.
+    pub mod service {
+        /// xDS messages.
+        pub mod discovery {
+            /// v3.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+        /// SDS.
+        pub mod secret {
+            /// v3.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.secret.v3");
+            }
+        }
+    }
+    /// Extensions.
+    pub mod extensions {
+        /// Transport sockets.
+        pub mod transport_sockets {
+            /// TLS.
+            pub mod tls {
+                /// v3.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                }
+            }
+        }
+    }
+}
+
+/// `google.rpc` (xDS error details).
+pub mod google {
+    /// `google.rpc`.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
 pub use ward::admin::v1 as admin;
 pub use ward::agent::v1 as agent;
 pub use ward::node::v1 as node;
