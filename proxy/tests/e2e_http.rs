@@ -88,6 +88,7 @@ async fn requests_are_authorized_and_carry_the_peer_id() {
     let m = common::admin(mesh.backend.admin_addr, "/metrics").await;
     assert!(m.contains("ward_proxy_requests_total{listener=\"public\",decision=\"deny\",policy=\"backend-deny-admin\"}"), "{m}");
     assert!(m.contains("ward_proxy_requests_total{listener=\"public\",decision=\"allow\",policy=\"backend-allow-frontend\"} 3"), "{m}");
+    ward_testing::promtool_check(&m);
     assert_eq!(
         common::get(mesh.backend.admin_addr, "/readyz").await.status,
         200
