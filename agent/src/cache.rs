@@ -139,6 +139,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The SVID held for `e`, only if it was issued for the entry as it is now (same revision,
+    /// so same SPIFFE ID and selectors): after an update, the SVID of the old version must not
+    /// reach callers the new version entitles.
+    pub fn current_svid(&self, e: &CachedEntry) -> Option<&Arc<WorkloadSvid>> {
+        self.svids
+            .get(&e.id)
+            .filter(|s| s.entry_revision == e.revision && s.spiffe_id == e.spiffe_id)
+    }
+
     /// Entries whose selectors are all among `selectors`, in a stable order.
     pub fn matching(&self, selectors: &SelectorSet) -> Vec<Arc<CachedEntry>> {
         let mut v: Vec<_> = self
@@ -256,6 +265,36 @@ mod tests {
         assert!(!t1.taints_chain(&[l2, r2_der]));
         // Garbage is never "signed by" anything.
         assert!(!t1.taints_chain(&[b"junk".to_vec()]));
+    }
+
+    #[test]
+    fn an_svid_of_an_older_entry_version_is_not_served() {
+        let entry = |rev: u64, id: &str| CachedEntry {
+            id: "e".into(),
+            spiffe_id: SpiffeId::new(id).unwrap(),
+            selectors: SelectorSet::new(vec![]),
+            dns_names: vec![],
+            hint: String::new(),
+            revision: rev,
+        };
+        let mut s = Snapshot::default();
+        s.svids.insert(
+            "e".into(),
+            Arc::new(WorkloadSvid {
+                entry_id: "e".into(),
+                entry_revision: 1,
+                spiffe_id: SpiffeId::new("spiffe://td/admin").unwrap(),
+                chain: vec![],
+                key: Arc::new(Zeroizing::new(vec![])),
+                not_before: SystemTime::UNIX_EPOCH,
+                not_after: SystemTime::UNIX_EPOCH,
+                rotate_at: SystemTime::UNIX_EPOCH,
+            }),
+        );
+        assert!(s.current_svid(&entry(1, "spiffe://td/admin")).is_some());
+        // Updated entry (new revision, new ID, maybe new selectors): not until re-issued.
+        assert!(s.current_svid(&entry(2, "spiffe://td/guest")).is_none());
+        assert!(s.current_svid(&entry(2, "spiffe://td/admin")).is_none());
     }
 
     #[test]

@@ -87,12 +87,14 @@ fn pem_files(m: &X509svidResponse, want: Option<&str>) -> Result<Option<(String,
 /// Writes `data` to `dir/name` atomically: a temporary file in the same directory (created with
 /// `mode`), synced, then renamed over the target. On error the old file is untouched.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
     let result = (|| {
+        // A fresh name that must not exist yet, and never through a symlink: in a directory
+        // others can write, a planted file or link cannot receive the key.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -125,8 +127,14 @@ fn check_dir(dir: &Path) -> Result<(), HelperError> {
             dir.display()
         )));
     }
-    let probe = dir.join(format!(".ward-probe-{}", std::process::id()));
-    match std::fs::File::create(&probe) {
+    let probe = dir.join(format!(".ward-probe-{:016x}", rand::random::<u64>()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&probe)
+    {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
             Ok(())
@@ -155,6 +163,9 @@ fn notify(o: &Options) {
             (None, None) => None,
         };
         match pid {
+            Some(p) if p <= 0 => {
+                tracing::warn!(pid = p, "refusing to signal pid <= 0 (a process group)");
+            }
             Some(p) => {
                 if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig) {
                     tracing::warn!(pid = p, signal = %sig, error = %e, "cannot signal");
@@ -241,7 +252,14 @@ async fn follow(o: &Options) -> Result<(), HelperError> {
                 continue;
             }
         };
-        let Some(msg) = msg else { return Ok(()) };
+        let Some(msg) = msg else {
+            if o.once {
+                return Err(failed(
+                    "the Workload API stream ended before an SVID arrived".into(),
+                ));
+            }
+            return Ok(());
+        };
         let Some((id, files)) = pem_files(&msg, o.spiffe_id.as_deref()).map_err(failed)? else {
             tracing::debug!("no matching SVID in this update yet");
             continue;
@@ -256,11 +274,16 @@ async fn follow(o: &Options) -> Result<(), HelperError> {
             ],
         )
         .map_err(failed)?;
-        if let Some(aud) = &o.jwt_audience {
-            jwt_refresh = Some(write_jwt(&mut client, o, aud).await.map_err(failed)?);
-        }
         tracing::info!(id = %id, dir = %o.dir.display(), "SVID files written");
+        // The certificate files changed: tell the server even if the JWT below fails.
+        let jwt = match &o.jwt_audience {
+            Some(aud) => Some(write_jwt(&mut client, o, aud).await),
+            None => None,
+        };
         notify(o);
+        if let Some(j) = jwt {
+            jwt_refresh = Some(j.map_err(failed)?);
+        }
         if o.once {
             return Ok(());
         }

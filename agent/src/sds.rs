@@ -95,7 +95,7 @@ pub fn render(
             entitled
                 .iter()
                 .filter(|e| id.is_none_or(|id| e.spiffe_id.as_str() == id))
-                .find_map(|e| snap.svids.get(&e.id))
+                .find_map(|e| snap.current_svid(e))
                 .cloned()
         };
         let secret = if name == cfg.default_svid_name
@@ -281,13 +281,20 @@ impl SecretDiscoveryService for SdsService {
                 }
                 let Some(n) = &names else { continue };
                 let snap = snaps.borrow_and_update().clone();
-                let resources = encode(render(&snap, &selectors, n, &cfg));
-                let v = version(&resources);
+                let mut resources = encode(render(&snap, &selectors, n, &cfg));
+                let mut v = version(&resources);
                 if !must_send && last.as_ref().is_some_and(|(lv, _)| *lv == v) {
                     continue; // nothing changed for this client
                 }
                 if !must_send && let Some(b) = backoff {
-                    tokio::time::sleep(b).await;
+                    // After a NACK, wait before pushing again, then send what is current then.
+                    tokio::select! {
+                        _ = tokio::time::sleep(b) => {}
+                        _ = ward_net::process::until_set(&mut stopping) => return,
+                    }
+                    let snap = snaps.borrow_and_update().clone();
+                    resources = encode(render(&snap, &selectors, n, &cfg));
+                    v = version(&resources);
                 }
                 nonce += 1;
                 let resp = DiscoveryResponse {

@@ -153,7 +153,7 @@ fn x509_response(snap: &Snapshot, entries: &[Arc<CachedEntry>]) -> wl::X509svidR
     wl::X509svidResponse {
         svids: entries
             .iter()
-            .filter_map(|e| snap.svids.get(&e.id))
+            .filter_map(|e| snap.current_svid(e))
             .map(|s| wl::X509svid {
                 spiffe_id: s.spiffe_id.to_string(),
                 x509_svid: s.chain.concat(),

@@ -270,7 +270,16 @@ pub fn plan(authorities: &[View], schedule: Schedule, now: SystemTime) -> Vec<St
     let at = |f: f64| active.not_before + life.mul_f64(f);
     match prepared {
         None if now >= at(schedule.prepare_at) => steps.push(Step::Prepare),
-        Some(p) if now >= at(schedule.activate_at) => steps.push(Step::Activate(p.id.clone())),
+        Some(p) if now >= at(schedule.activate_at) => {
+            // A successor must be published for as long as the schedule intends (prepare_at →
+            // activate_at) before it signs, so every peer holds its root first — unless the
+            // active authority is about to expire (after an outage, or a late prepare).
+            let gap = life.mul_f64(schedule.activate_at - schedule.prepare_at);
+            let deadline = active.not_after - life.mul_f64((1.0 - schedule.activate_at) / 2.0);
+            if now >= p.not_before + gap || now >= deadline {
+                steps.push(Step::Activate(p.id.clone()));
+            }
+        }
         _ => {}
     }
     steps
@@ -552,11 +561,13 @@ impl Authorities {
         self.set_tx.subscribe()
     }
 
-    /// Runs the rotation schedule once and publishes the result. Called periodically.
+    /// Runs the rotation schedule once and publishes the result (also when a step failed, so
+    /// what did happen reaches subscribers). Called periodically.
     pub async fn maintain(&self) -> Result<(), ApiError> {
         let _g = self.lock.lock().await;
-        self.records.run_steps(self.clock.now()).await?;
-        self.publish().await
+        let steps = self.records.run_steps(self.clock.now()).await;
+        let published = self.publish().await;
+        steps.and(published)
     }
 
     /// Rebuilds the set in force from the store and tells subscribers if the bundle sequence
@@ -694,28 +705,38 @@ impl Records {
         })
     }
 
-    /// Prepares, activates and drops authorities as the schedule says is due at `now`.
+    /// Prepares, activates and drops authorities as the schedule says is due at `now`. A
+    /// failure of one kind (say, unreadable upstream files) does not stop the other.
     async fn run_steps(&self, now: SystemTime) -> Result<(), ApiError> {
+        let mut first_err = None;
         for kind in [Kind::X509, Kind::Jwt] {
-            let views = self.views(kind).await?;
-            for step in plan(&views, self.schedule, now) {
-                match step {
-                    Step::Prepare => {
-                        let mut b = Batch::new();
-                        self.prepare(kind, now, Actor::Schedule, &mut b).await?;
-                        self.store.commit(b).await?;
-                    }
-                    Step::Activate(id) => {
-                        let changes = transition(kind, &views, &Op::Activate(Some(id)))?;
-                        self.apply(kind, &changes, now, Actor::Schedule).await?;
-                    }
-                    Step::Drop(id) => {
-                        let mut b = Batch::new();
-                        b.delete(kind.key(&id));
-                        journal(&mut b, now, kind, &id, "dropped", Actor::Schedule)?;
-                        self.store.commit(b).await?;
-                        tracing::info!(kind = kind.as_str(), authority = %id, "expired authority removed");
-                    }
+            if let Err(e) = self.run_kind(kind, now).await {
+                tracing::error!(kind = kind.as_str(), error = %e, "authority rotation step failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn run_kind(&self, kind: Kind, now: SystemTime) -> Result<(), ApiError> {
+        let views = self.views(kind).await?;
+        for step in plan(&views, self.schedule, now) {
+            match step {
+                Step::Prepare => {
+                    let mut b = Batch::new();
+                    self.prepare(kind, now, Actor::Schedule, &mut b).await?;
+                    self.store.commit(b).await?;
+                }
+                Step::Activate(id) => {
+                    let changes = transition(kind, &views, &Op::Activate(Some(id)))?;
+                    self.apply(kind, &changes, now, Actor::Schedule).await?;
+                }
+                Step::Drop(id) => {
+                    let mut b = Batch::new();
+                    b.delete(kind.key(&id));
+                    journal(&mut b, now, kind, &id, "dropped", Actor::Schedule)?;
+                    self.store.commit(b).await?;
+                    tracing::info!(kind = kind.as_str(), authority = %id, "expired authority removed");
                 }
             }
         }
@@ -1140,6 +1161,19 @@ mod tests {
                 vec![a("a", Active, 0, 600), a("t", Tainted, 300, 900)],
                 550,
                 vec![Step::Prepare],
+            ),
+            // Prepared late (after an outage): not activated before it has been published for
+            // the schedule's gap (200 s here)...
+            (
+                vec![a("a", Active, 0, 600), a("p", Prepared, 510, 1110)],
+                520,
+                vec![],
+            ),
+            // ...unless the active authority is about to expire (600 - 100/2 = 550).
+            (
+                vec![a("a", Active, 0, 600), a("p", Prepared, 510, 1110)],
+                550,
+                vec![Step::Activate("p".into())],
             ),
         ];
         for (i, (auths, now, want)) in cases.into_iter().enumerate() {

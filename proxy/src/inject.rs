@@ -76,30 +76,78 @@ pub fn inject(input: &str, o: &Options) -> Result<String, String> {
             out.push_str("---\n");
         }
         match (changed[i], v) {
-            (true, Some(v)) => out.push_str(
-                &serde_yaml_ng::to_string(&v).map_err(|e| format!("document {}: {e}", i + 1))?,
-            ),
-            _ => {
-                out.push_str(text.trim_end_matches('\n'));
+            (true, Some(v)) => {
+                out.push_str(&to_json(v).map_err(|e| format!("document {}: {e}", i + 1))?);
                 out.push('\n');
+            }
+            _ => {
+                out.push_str(text.trim_end_matches(['\n', '\r']));
+                out.push_str(if text.contains("\r\n") { "\r\n" } else { "\n" });
             }
         }
     }
     Ok(out)
 }
 
-/// Splits a YAML stream at `---` lines, dropping empty documents.
+/// A changed document, written as JSON (valid YAML): Kubernetes reads YAML 1.1, where plain
+/// `yes`/`on` are booleans and `0400` is octal, while the YAML 1.2 writer would leave such
+/// strings unquoted; JSON quotes every string. File modes written in YAML 1.1 octal (parsed
+/// here as strings) become their numeric values again.
+fn to_json(mut v: Value) -> Result<String, String> {
+    fix_modes(&mut v);
+    let j: serde_json::Value = serde_yaml_ng::from_value(v).map_err(|e| e.to_string())?;
+    serde_json::to_string_pretty(&j).map_err(|e| e.to_string())
+}
+
+fn fix_modes(v: &mut Value) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, val) in m.iter_mut() {
+                let is_mode = matches!(k.as_str(), Some("defaultMode" | "mode"));
+                if is_mode
+                    && let Value::String(s) = val
+                    && s.len() > 1
+                    && s.starts_with('0')
+                    && let Ok(n) = u32::from_str_radix(&s[1..], 8)
+                {
+                    *val = Value::Number(n.into());
+                    continue;
+                }
+                fix_modes(val);
+            }
+        }
+        Value::Sequence(s) => s.iter_mut().for_each(fix_modes),
+        Value::Tagged(t) => fix_modes(&mut t.value),
+        _ => {}
+    }
+}
+
+/// Splits a YAML stream at document markers (`---`, with anything after it on the line kept as
+/// the start of the next document, and `...`), keeping line endings; drops empty documents.
 fn split(input: &str) -> Vec<String> {
     let mut docs = Vec::new();
     let mut cur = String::new();
-    for line in input.lines() {
-        let t = line.trim_end();
-        if t == "---" || t.starts_with("--- ") || t == "..." {
+    for line in input.split_inclusive('\n') {
+        let t = line.trim_end_matches(['\n', '\r']);
+        if t.trim_end() == "..." {
             docs.push(std::mem::take(&mut cur));
             continue;
         }
+        if let Some(rest) = t.strip_prefix("---")
+            && (rest.is_empty() || rest.starts_with([' ', '\t']))
+        {
+            docs.push(std::mem::take(&mut cur));
+            let rest = rest.trim_start();
+            if !rest.is_empty() {
+                cur.push_str(rest);
+                cur.push('\n');
+            }
+            continue;
+        }
         cur.push_str(line);
-        cur.push('\n');
+        if !line.ends_with('\n') {
+            cur.push('\n');
+        }
     }
     docs.push(cur);
     docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
@@ -153,7 +201,10 @@ fn workload(v: &mut Value, o: &Options, wired: &mut Vec<Wiring>) -> Result<bool,
     let Some(template) = template else {
         return Err(format!("{}: no pod template", name.trim()));
     };
-    pod(template, namespace, o, wired).map_err(|e| format!("{}: {e}", name.trim()))
+    // Pods that must finish get a native sidecar (an init container that keeps running and is
+    // stopped when the main containers end), so the proxy does not keep them alive.
+    let native = matches!(kind.as_str(), "Job" | "CronJob");
+    pod(template, namespace, native, o, wired).map_err(|e| format!("{}: {e}", name.trim()))
 }
 
 fn annotation<'a>(template: &'a Value, key: &str) -> Option<&'a str> {
@@ -166,6 +217,7 @@ fn annotation<'a>(template: &'a Value, key: &str) -> Option<&'a str> {
 fn pod(
     template: &mut Value,
     namespace: Option<String>,
+    native: bool,
     o: &Options,
     wired: &mut Vec<Wiring>,
 ) -> Result<bool, String> {
@@ -189,7 +241,15 @@ fn pod(
 
     // Application ports (TCP), or the chosen ones.
     let mut app: Vec<(u32, Option<String>)> = Vec::new();
-    for c in containers {
+    let init = spec
+        .get("initContainers")
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    for c in containers
+        .iter()
+        .chain(init.iter().filter(|c| str_of(c, "name") == Some(CONTAINER)))
+    {
         if str_of(c, "name") == Some(CONTAINER) {
             // Already injected: record the wiring for Services, change nothing.
             let ports = c
@@ -222,7 +282,8 @@ fn pod(
             if let Some(n) = p.get("containerPort").and_then(Value::as_u64)
                 && tcp
             {
-                app.push((n as u32, str_of(p, "name").map(str::to_owned)));
+                let n = u16::try_from(n).map_err(|_| format!("containerPort {n} is not a port"))?;
+                app.push((u32::from(n), str_of(p, "name").map(str::to_owned)));
             }
         }
     }
@@ -230,8 +291,9 @@ fn pod(
         let mut chosen = Vec::new();
         for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let n: u32 = p
-                .parse()
-                .map_err(|_| format!("ward.dev/inbound-ports: {p:?} is not a port"))?;
+                .parse::<u16>()
+                .map_err(|_| format!("ward.dev/inbound-ports: {p:?} is not a port"))?
+                .into();
             let name = app
                 .iter()
                 .find(|(a, _)| *a == n)
@@ -329,18 +391,27 @@ volumeMounts:
         image = serde_json::to_string(&o.image).map_err(|e| e.to_string())?,
     ));
     sidecar["env"][0]["value"] = Value::String(yaml);
-    sidecar
+    let m = sidecar
         .as_mapping_mut()
-        .ok_or("internal: sidecar is not a mapping")?
-        .insert("ports".into(), Value::Sequence(container_ports));
+        .ok_or("internal: sidecar is not a mapping")?;
+    m.insert("ports".into(), Value::Sequence(container_ports));
+    if native {
+        m.insert("restartPolicy".into(), "Always".into());
+    }
 
     let spec = template
         .get_mut("spec")
         .and_then(Value::as_mapping_mut)
         .ok_or("pod template spec is not a mapping")?;
-    spec.get_mut("containers")
-        .and_then(Value::as_sequence_mut)
-        .ok_or("containers is not a list")?
+    let list = if native {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    spec.entry(list.into())
+        .or_insert_with(|| Value::Sequence(Vec::new()))
+        .as_sequence_mut()
+        .ok_or(format!("{list} is not a list"))?
         .push(sidecar);
     let volumes = spec
         .entry("volumes".into())

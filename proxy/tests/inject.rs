@@ -68,9 +68,14 @@ fn flat_docs(text: &str) -> Vec<Value> {
 fn validate(docs: &[Value]) {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("docs.yaml");
+    // As JSON: a YAML 1.2 writer would leave strings like "yes" unquoted, which the YAML 1.1
+    // reader of kubernetes-validate (like Kubernetes) takes for booleans.
     let text: Vec<String> = docs
         .iter()
-        .map(|d| serde_yaml_ng::to_string(d).unwrap())
+        .map(|d| {
+            let j: serde_json::Value = serde_yaml_ng::from_value(d.clone()).unwrap();
+            serde_json::to_string(&j).unwrap() + "\n"
+        })
         .collect();
     std::fs::write(&f, text.join("---\n")).unwrap();
     let tool =
@@ -96,7 +101,13 @@ fn sidecars(docs: &[Value]) -> Vec<Value> {
             Some("Pod") => &d["spec"],
             _ => &d["spec"]["template"]["spec"],
         };
-        for c in spec["containers"].as_sequence().into_iter().flatten() {
+        let init = spec["initContainers"].as_sequence().into_iter().flatten();
+        for c in spec["containers"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .chain(init)
+        {
             if c["name"] == "ward-proxy" {
                 v.push(c.clone());
             }
@@ -215,6 +226,14 @@ fn what_gets_injected() {
         cfg.outbound[0].expected_ids[0].as_str(),
         "spiffe://example.org/ns/shop/sa/web"
     );
+    // The Job gets a native sidecar (an init container that keeps running), so it can finish.
+    let job = by("Job", "migrate");
+    let init = job["spec"]["template"]["spec"]["initContainers"][0].clone();
+    assert_eq!(init["name"], "ward-proxy");
+    assert_eq!(init["restartPolicy"], "Always");
+    // YAML 1.1 meaning survives the rewrite: an octal file mode and a "yes" string.
+    assert_eq!(pod["volumes"][0]["secret"]["defaultMode"], 256);
+    assert_eq!(pod["containers"][0]["env"][0]["value"], "yes");
     // The List's DaemonSet and Service, in another namespace.
     assert_eq!(sidecars(&[by("DaemonSet", "logger")]).len(), 1);
     assert_eq!(
