@@ -23,7 +23,10 @@ fn workspace_bin(name: &'static str, slot: &'static OnceLock<PathBuf>) -> PathBu
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+        // The same selection as `./scripts/test`'s build (the whole workspace's binaries), so
+        // feature unification matches and this is a no-op there; `-p <name>` alone would
+        // resolve features differently and rebuild dependencies in the middle of the tests.
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
         if release {
             cmd.arg("--release");
         }
