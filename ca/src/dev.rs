@@ -197,10 +197,14 @@ async fn run_with_server(
         )
     })?;
 
+    // One signal future for the whole run: a SIGTERM that arrives while the demo is being set
+    // up must not be lost between two handlers.
+    let stop = ward_net::process::shutdown_signal();
+    tokio::pin!(stop);
     let ready = tokio::select! {
         r = wait_for_svid(&socket, Duration::from_secs(60)) => r,
         s = child.wait() => Err(format!("ward-agent exited during start-up: {}", s.map_err(err)?)),
-        _ = ward_net::process::shutdown_signal() => Err("interrupted".into()),
+        _ = &mut stop => Err("interrupted".into()),
     };
     let id = match ready {
         Ok(id) => id,
@@ -240,7 +244,7 @@ async fn run_with_server(
     );
 
     let result = tokio::select! {
-        _ = ward_net::process::shutdown_signal() => Ok(()),
+        _ = &mut stop => Ok(()),
         s = child.wait() => Err(format!("ward-agent exited: {}", s.map_err(err)?)),
     };
     if let Some(d) = demo {

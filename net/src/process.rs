@@ -25,19 +25,27 @@ pub fn init_logging(filter: &str, json: bool) {
 }
 
 /// Resolves when the process receives SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+///
+/// The handlers are registered when this is called, not when the future is first polled, so a
+/// signal that arrives in between is not lost; keep one future for the whole life of the
+/// process (dropping it and calling again leaves a window where a signal reaches no one).
+/// Must be called inside a tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handlers the process can only be killed; wait forever.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = signals else {
+            // Without signal handlers the process can only be killed; wait forever.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 

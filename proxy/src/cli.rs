@@ -213,18 +213,20 @@ pub async fn main() -> ExitCode {
                 }
                 v
             };
-            let mut all = Vec::new();
-            for (name, text) in inputs {
-                match crate::inject::inject(&text, &opts) {
-                    Ok(o) => all.push(o),
-                    Err(e) => return fail(2, &format!("{name}: {e}")),
+            let streams: Vec<(&str, &str)> = inputs
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.as_str()))
+                .collect();
+            match crate::inject::inject_streams(&streams, &opts) {
+                Ok(out) => {
+                    #[allow(clippy::print_stdout)]
+                    {
+                        print!("{out}");
+                    }
+                    ExitCode::SUCCESS
                 }
+                Err(e) => fail(2, &e),
             }
-            #[allow(clippy::print_stdout)]
-            {
-                print!("{}", all.join("---\n"));
-            }
-            ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => {
             let cfg = match ProxyConfig::from_file(&config) {

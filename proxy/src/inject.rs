@@ -49,35 +49,44 @@ pub struct Options {
 
 /// Injects into every workload of a multi-document YAML stream. Errors name the document.
 pub fn inject(input: &str, o: &Options) -> Result<String, String> {
-    let chunks = split(input);
-    let mut docs: Vec<(String, Option<Value>)> = Vec::new();
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        let v: Value = serde_yaml_ng::from_str(&chunk)
-            .map_err(|e| format!("document {}: not YAML: {e}", i + 1))?;
-        docs.push((chunk, (!v.is_null()).then_some(v)));
+    inject_streams(&[("-", input)], o).map_err(|e| e.trim_start_matches("-: ").to_owned())
+}
+
+/// Injects into several streams (files) at once, so a Service in one file is pointed at the
+/// proxy of a workload in another; the streams are written one after the other. Errors name
+/// the stream and the document.
+pub fn inject_streams(inputs: &[(&str, &str)], o: &Options) -> Result<String, String> {
+    // (stream, document number, text, parsed)
+    let mut docs: Vec<(usize, usize, String, Option<Value>)> = Vec::new();
+    for (s, (name, input)) in inputs.iter().enumerate() {
+        for (i, chunk) in split(input).into_iter().enumerate() {
+            let v: Value = serde_yaml_ng::from_str(&chunk)
+                .map_err(|e| format!("{name}: document {}: not YAML: {e}", i + 1))?;
+            docs.push((s, i + 1, chunk, (!v.is_null()).then_some(v)));
+        }
     }
+    let at = |s: usize, n: usize| format!("{}: document {n}", inputs[s].0);
     // Workloads first, collecting the port wiring; then Services.
     let mut wired: Vec<Wiring> = Vec::new();
     let mut changed = vec![false; docs.len()];
-    for (i, (_, v)) in docs.iter_mut().enumerate() {
+    for (i, (s, n, _, v)) in docs.iter_mut().enumerate() {
         if let Some(v) = v {
-            changed[i] =
-                workload(v, o, &mut wired).map_err(|e| format!("document {}: {e}", i + 1))?;
+            changed[i] = workload(v, o, &mut wired).map_err(|e| format!("{}: {e}", at(*s, *n)))?;
         }
     }
-    for (i, (_, v)) in docs.iter_mut().enumerate() {
+    for (i, (_, _, _, v)) in docs.iter_mut().enumerate() {
         if let Some(v) = v {
             changed[i] |= services(v, &wired);
         }
     }
     let mut out = String::new();
-    for (i, (text, v)) in docs.into_iter().enumerate() {
+    for (i, (s, n, text, v)) in docs.into_iter().enumerate() {
         if i > 0 {
             out.push_str("---\n");
         }
         match (changed[i], v) {
             (true, Some(v)) => {
-                out.push_str(&to_json(v).map_err(|e| format!("document {}: {e}", i + 1))?);
+                out.push_str(&to_json(v).map_err(|e| format!("{}: {e}", at(s, n)))?);
                 out.push('\n');
             }
             _ => {

@@ -244,6 +244,23 @@ fn what_gets_injected() {
     assert!(out.contains(
         "# Unrelated: kept byte for byte, comments included.\napiVersion: v1\nkind: ConfigMap\nmetadata: { name: settings, namespace: shop }\ndata:\n  mode: \"fast\"   # inline comment\n"
     ));
+    // A Service in another file is pointed at the proxy of a workload in this one.
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = tmp.path().join("svc.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Service\nmetadata: { name: web-internal, namespace: shop }\nspec:\n  selector: { app: web }\n  ports: [ { port: 8080 } ]\n",
+    )
+    .unwrap();
+    let out2 = ok(&inject(
+        &["-f", input.to_str().unwrap(), "-f", svc.to_str().unwrap()],
+        None,
+    ));
+    let other = flat_docs(&out2)
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "web-internal")
+        .unwrap();
+    assert_eq!(other["spec"]["ports"][0]["targetPort"], "ward-8080");
     // Several files: each stream in turn.
     let both = ok(&inject(
         &["-f", input.to_str().unwrap(), "-f", input.to_str().unwrap()],

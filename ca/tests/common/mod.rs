@@ -14,32 +14,34 @@ pub fn ca_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ward-ca"))
 }
 
-/// A binary of another workspace package from the same target directory, built (or brought
-/// up to date) once per test process: cargo only builds the binaries of the package under test.
+/// A binary of another workspace package from the same target directory (cargo only builds the
+/// binaries of the package under test for its tests; workspace-wide runs build them all).
 fn workspace_bin(name: &'static str, slot: &'static OnceLock<PathBuf>) -> PathBuf {
     slot.get_or_init(|| {
         let ca = ca_bin();
         let dir = ca.parent().unwrap();
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // The same selection as `./scripts/test`'s build (the whole workspace's binaries), so
-        // feature unification matches and this is a no-op there; `-p <name>` alone would
-        // resolve features differently and rebuild dependencies in the middle of the tests.
-        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building {name} failed");
         let bin = dir.join(name);
+        // `./scripts/test` (and any workspace-wide cargo test/nextest run) builds every binary
+        // before the tests start. Building again from inside a test would resolve features
+        // differently, rebuild dependencies mid-suite and replace binaries other tests are
+        // running, so only a missing binary is built.
+        if !bin.exists() {
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "building {name} failed");
+        }
         assert!(bin.exists(), "{} missing", bin.display());
         bin
     })
     .clone()
 }
 
-/// The ward-agent binary.
 pub fn agent_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     workspace_bin("ward-agent", &BUILT)
