@@ -17,30 +17,6 @@ use std::time::{Duration, Instant};
 
 use ward_ca::entries::EntrySpec;
 
-fn leaf_serial(pem: &[u8]) -> Vec<u8> {
-    let certs = ward_spiffe::bundle::pem_certificates(pem).unwrap();
-    ward_spiffe::x509::check_leaf(&certs[0], ward_spiffe::x509::Profile::Peer)
-        .unwrap()
-        .serial
-}
-
-/// The serial of the certificate nginx presents to a client with the helper's SVID.
-fn served_serial(port: u16, certs: &Path) -> Option<Vec<u8>> {
-    let out = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .arg("-cert")
-        .arg(certs.join("svid.pem"))
-        .arg("-key")
-        .arg(certs.join("svid_key.pem"))
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find("-----BEGIN CERTIFICATE-----")?;
-    let end = text[start..].find("-----END CERTIFICATE-----")? + start + 25;
-    Some(leaf_serial(text[start..end].as_bytes()))
-}
-
 /// A GET through curl with the helper's files as client certificate and trust.
 fn curl_ok(port: u16, certs: &Path) -> bool {
     let out = Command::new("curl")
@@ -61,14 +37,6 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(t0.elapsed() < limit, "timed out: {what}");
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -129,7 +97,7 @@ async fn nginx_serves_mtls_from_helper_files_across_a_rotation() {
     assert_eq!(mode & 0o777, 0o600);
 
     // The long-running helper, signalling nginx through its pid file.
-    let _helper = Kill(
+    let _helper = common::Kill(
         Command::new(common::agent_bin())
             .args(["files", "--signal", "HUP", "--socket"])
             .arg(&agent.socket_path)
@@ -185,7 +153,7 @@ http {{
         ),
     )
     .unwrap();
-    let _nginx = Kill(
+    let _nginx = common::Kill(
         Command::new("nginx")
             .arg("-p")
             .arg(&nginx_dir)
@@ -199,25 +167,25 @@ http {{
     wait("nginx serves", Duration::from_secs(20), || {
         curl_ok(port, &certs)
     });
-    let first = leaf_serial(&std::fs::read(certs.join("svid.pem")).unwrap());
+    let first = common::leaf_serial(&std::fs::read(certs.join("svid.pem")).unwrap());
     wait(
         "nginx presents the file's SVID",
         Duration::from_secs(20),
-        || served_serial(port, &certs) == Some(first.clone()),
+        || common::served_serial(port, &certs) == Some(first.clone()),
     );
 
     // The agent rotates the SVID; the helper rewrites the files and HUPs nginx.
     wait(
         "the helper wrote a rotated SVID",
         Duration::from_secs(30),
-        || std::fs::read(certs.join("svid.pem")).is_ok_and(|p| leaf_serial(&p) != first),
+        || std::fs::read(certs.join("svid.pem")).is_ok_and(|p| common::leaf_serial(&p) != first),
     );
     wait(
         "nginx presents the rotated SVID",
         Duration::from_secs(30),
         || {
-            let now = leaf_serial(&std::fs::read(certs.join("svid.pem")).unwrap());
-            served_serial(port, &certs).is_some_and(|s| s != first && s == now)
+            let now = common::leaf_serial(&std::fs::read(certs.join("svid.pem")).unwrap());
+            common::served_serial(port, &certs).is_some_and(|s| s != first && s == now)
         },
     );
     assert!(

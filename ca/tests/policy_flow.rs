@@ -6,49 +6,19 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use ward_ca::entries::EntrySpec;
 use ward_proto::admin;
 use ward_proxy::config::{
     Authorization, IdentitySource, Inbound, Outbound, Protocol, ProxyConfig, TlsMode,
 };
 use ward_spiffe::SpiffeId;
-
-async fn app() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let peer = req
-                            .headers()
-                            .get("x-ward-peer-id")
-                            .map(|v| v.to_str().unwrap().to_owned());
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
-                            peer.unwrap_or_default(),
-                        ))))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -140,7 +110,7 @@ policies:
     .await
     .unwrap();
 
-    let app = app().await;
+    let app = common::peer_id_app().await;
     let mut bcfg = proxy_cfg(&agent.socket_path, "spiffe://pf.test/backend");
     bcfg.inbound = vec![Inbound {
         name: "public".into(),

@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ward_ca::CaServer;
 use ward_ca::entries::EntrySpec;
@@ -39,35 +38,6 @@ fn env_num(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn app() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let peer = req
-                            .headers()
-                            .get("x-ward-peer-id")
-                            .map(|v| v.to_str().unwrap().to_owned());
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
-                            peer.unwrap_or_default(),
-                        ))))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
@@ -267,7 +237,7 @@ async fn rotation_under_load_fails_no_request() {
             .await
             .unwrap();
     }
-    let app = app().await;
+    let app = common::peer_id_app().await;
     let mut bcfg = proxy_cfg(&agent.socket_path, &format!("spiffe://{TD}/backend"));
     bcfg.inbound = vec![Inbound {
         name: "public".into(),

@@ -71,25 +71,6 @@ fn req(names: &[&str], version: &str, nonce: &str, nack: bool) -> DiscoveryReque
     }
 }
 
-fn serial_on_wire(port: u16, certs: &Path) -> Option<Vec<u8>> {
-    let out = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .arg("-cert")
-        .arg(certs.join("svid.pem"))
-        .arg("-key")
-        .arg(certs.join("svid_key.pem"))
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find("-----BEGIN CERTIFICATE-----")?;
-    let end = text[start..].find("-----END CERTIFICATE-----")? + start + 25;
-    let der = ward_spiffe::bundle::pem_certificates(text[start..end].as_bytes()).ok()?;
-    ward_spiffe::x509::check_leaf(&der[0], ward_spiffe::x509::Profile::Peer)
-        .ok()
-        .map(|i| i.serial)
-}
-
 fn curl(port: u16, certs: Option<&Path>, ca: &Path) -> (bool, String) {
     let mut c = Command::new("curl");
     c.args(["-sS", "--max-time", "5", "-k", "--cacert"]).arg(ca);
@@ -107,14 +88,6 @@ fn curl(port: u16, certs: Option<&Path>, ca: &Path) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
-}
-
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +280,7 @@ static_resources:
         ),
     )
     .unwrap();
-    let _envoy = Kill(
+    let _envoy = common::Kill(
         Command::new(envoy_bin())
             .arg("-c")
             .arg(&conf)
@@ -339,10 +312,10 @@ static_resources:
     );
 
     // Rotation without restart: the envoy SVID (8 s) is re-issued and pushed.
-    let first = serial_on_wire(port, &certs).expect("serial");
+    let first = common::served_serial(port, &certs).expect("serial");
     let t0 = Instant::now();
     loop {
-        if serial_on_wire(port, &certs).is_some_and(|s| s != first) {
+        if common::served_serial(port, &certs).is_some_and(|s| s != first) {
             break;
         }
         assert!(

@@ -152,6 +152,16 @@ async fn streams_follow_entry_changes() {
         )
         .await
         .unwrap();
+    // The stream answers "no identity" to a caller without entries: wait until the agent has
+    // the entry before opening it.
+    let mut snaps = agent.cache.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snaps.wait_for(|s| s.entries.contains_key("e1")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     let mut c = common::workload_client(&agent.socket_path);
     let mut s = c

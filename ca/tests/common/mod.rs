@@ -275,3 +275,79 @@ pub fn with_header<T>(msg: T) -> tonic::Request<T> {
 pub fn my_uid_selector() -> String {
     format!("unix:uid:{}", nix::unistd::getuid().as_raw())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real peers for end-to-end tests.
+
+/// An HTTP app on loopback that answers every request with the `x-ward-peer-id` header it got
+/// (the caller's verified SPIFFE ID, set by the proxy in front of it).
+pub async fn peer_id_app() -> std::net::SocketAddr {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let peer = req
+                            .headers()
+                            .get("x-ward-peer-id")
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(peer.unwrap_or_default()),
+                        )))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The serial of the leaf certificate in `pem` (the first certificate).
+pub fn leaf_serial(pem: &[u8]) -> Vec<u8> {
+    let certs = ward_spiffe::bundle::pem_certificates(pem).unwrap();
+    ward_spiffe::x509::check_leaf(&certs[0], ward_spiffe::x509::Profile::Peer)
+        .unwrap()
+        .serial
+}
+
+/// The serial of the certificate a TLS server on `port` presents, as `openssl s_client` sees it
+/// when it presents `certs/svid.pem` (with `svid_key.pem`) as its client certificate.
+pub fn served_serial(port: u16, certs: &Path) -> Option<Vec<u8>> {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(certs.join("svid.pem"))
+        .arg("-key")
+        .arg(certs.join("svid_key.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find("-----BEGIN CERTIFICATE-----")?;
+    let end = text[start..].find("-----END CERTIFICATE-----")? + start + 25;
+    let der = ward_spiffe::bundle::pem_certificates(text[start..end].as_bytes()).ok()?;
+    ward_spiffe::x509::check_leaf(der.first()?, ward_spiffe::x509::Profile::Peer)
+        .ok()
+        .map(|i| i.serial)
+}
