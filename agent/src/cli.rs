@@ -1,6 +1,7 @@
 //! The `ward-agent` command line: `run`, `check-config` and `files`.
 //!
-//! Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
+//! Exit codes ([`EXIT_CODES`], printed by `--help`): 0 success; 1 runtime failure; 2 invalid
+//! configuration or usage; 7 cannot listen (an address or socket in use or not permitted).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use crate::config::{AgentConfig, LogFormat};
 
 /// ward-agent: the Ward node agent and SPIFFE Workload API server.
 #[derive(Debug, Parser)]
-#[command(name = "ward-agent", version, about)]
+#[command(name = "ward-agent", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,6 +69,16 @@ enum Command {
     },
 }
 
+/// Exit code: a listener could not be bound (address in use, or not permitted).
+pub const EXIT_CANNOT_LISTEN: u8 = 7;
+
+/// What `--help` says about exit codes.
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  runtime failure (the CA unreachable at start, attestation refused, ...)
+  2  invalid configuration or usage (the message names the key or flag)
+  7  cannot listen: an address or socket is in use or not permitted";
+
 fn env(k: &str) -> Option<String> {
     std::env::var(k).ok()
 }
@@ -90,7 +101,7 @@ pub async fn main() -> ExitCode {
             ward_net::process::init_logging(&cfg.log_level, cfg.log_format == LogFormat::Json);
             let agent = match crate::Agent::start(cfg).await {
                 Ok(a) => a,
-                Err(e) => return fail(1, &e),
+                Err(e) => return fail(e.exit_code(), &e),
             };
             ward_net::process::shutdown_signal().await;
             tracing::info!("shutting down");

@@ -36,6 +36,26 @@ pub enum StartError {
     },
 }
 
+impl StartError {
+    /// The CLI exit code: [`crate::cli::EXIT_CANNOT_LISTEN`] for an address or socket in use or
+    /// not permitted, 2 for inconsistent configuration, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        use std::io::ErrorKind as K;
+        match self {
+            StartError::Bind { source, .. }
+                if matches!(
+                    source.kind(),
+                    K::AddrInUse | K::AddrNotAvailable | K::PermissionDenied
+                ) =>
+            {
+                crate::cli::EXIT_CANNOT_LISTEN
+            }
+            StartError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -136,8 +156,9 @@ impl Agent {
             ward_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api);
         let rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let incoming = ward_net::uds::incoming(listener, "Workload API");
             let r = tonic::transport::Server::builder()
+                .layer(ward_net::refusal::RefusalLogLayer::new("agent"))
                 .add_service(svc)
                 .add_service(policies)
                 .add_service(sds)

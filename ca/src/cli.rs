@@ -1,9 +1,10 @@
 //! The `ward-ca` command line: `run`, `dev`, `check-config`, and the admin subcommands that
 //! talk to a running CA over its admin socket.
 //!
-//! Exit codes: 0 success; 1 internal or unexpected error; 2 invalid usage or argument; 3 not
-//! found; 4 already exists or concurrent change; 5 permission denied; 6 CA unreachable; 8
-//! `policy explain`: the request would be denied.
+//! Exit codes ([`EXIT_CODES`], printed by `--help`): 0 success; 1 internal or unexpected
+//! error; 2 invalid usage or argument; 3 not found; 4 already exists or concurrent change; 5
+//! permission denied; 6 CA unreachable; 7 cannot listen; 8 `policy explain`: the request would
+//! be denied; 9 the connection was lost during a change.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use crate::config::{CaConfig, LogFormat};
 
 /// ward-ca: the certificate authority of a Ward trust domain.
 #[derive(Debug, Parser)]
-#[command(name = "ward-ca", version, about)]
+#[command(name = "ward-ca", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -353,13 +354,31 @@ pub struct CliError {
 }
 
 impl CliError {
-    fn new(code: u8, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: u8, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
         }
     }
 }
+
+/// Exit code: a listener could not be bound (address in use, or not permitted).
+pub const EXIT_CANNOT_LISTEN: u8 = 7;
+/// Exit code: the connection was lost during a call that changes state; it may have applied.
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 9;
+
+/// What `--help` says about exit codes.
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  internal or unexpected error
+  2  invalid argument or usage (the message names the flag or field)
+  3  not found
+  4  already exists (an identical entry, a used token) or concurrent change
+  5  permission denied or not allowed in the current state
+  6  CA unreachable: nothing was sent, or a read was cut off
+  7  cannot listen: an address or socket is in use or not permitted
+  8  policy explain: the request would be denied
+  9  connection lost during a change: it may have been applied";
 
 /// Maps a gRPC status to the CLI's exit code.
 pub fn exit_code(code: Code) -> u8 {
@@ -379,6 +398,34 @@ static SOCKET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
+        // A status with a source was made by this client's transport, not sent by the CA: the
+        // connection (made before the call) broke while the call was in flight.
+        if std::error::Error::source(&s).is_some()
+            && matches!(
+                s.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+            )
+        {
+            let why = error_chain(&s);
+            return match CALL.get() {
+                Some(Call::Change) => CliError::new(
+                    EXIT_OUTCOME_UNKNOWN,
+                    format!(
+                        "the connection to the CA was lost during the call ({why}); the outcome \
+                         is unknown: the change may already have been applied. Check (e.g. \
+                         `ward-ca entry list`) before repeating it; a repeated `entry create` \
+                         is refused with exit 4 and the ID of the entry that exists"
+                    ),
+                ),
+                _ => CliError::new(
+                    6,
+                    format!(
+                        "the connection to the CA was lost during the call ({why}); nothing was \
+                         changed, try again"
+                    ),
+                ),
+            };
+        }
         let hint = match (s.code(), SOCKET.get()) {
             (Code::Unavailable, Some(p)) => format!(
                 " (cannot reach the CA on admin socket {}: is ward-ca running? set --socket or \
@@ -452,13 +499,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             ward_net::process::init_logging(&cfg.log_level, cfg.log_format == LogFormat::Json);
             let server = crate::CaServer::start(cfg)
                 .await
-                .map_err(|e| CliError::new(1, e.to_string()))?;
+                .map_err(|e| CliError::new(e.exit_code(), e.to_string()))?;
             ward_net::process::shutdown_signal().await;
             tracing::info!("shutting down");
             server.shutdown().await;
             Ok(())
         }
-        Command::Dev(a) => crate::dev::run(a).await.map_err(|e| CliError::new(1, e)),
+        Command::Dev(a) => crate::dev::run(a).await,
         Command::CheckConfig { config } => {
             let cfg = CaConfig::from_file(&config).map_err(|e| CliError::new(2, e.to_string()))?;
             let text = toml::to_string_pretty(&cfg).map_err(|e| CliError::new(1, e.to_string()))?;
@@ -516,7 +563,8 @@ async fn policy(cmd: PolicyCmd) -> Result<(), CliError> {
                 .iter()
                 .map(|p| ward_proto::convert::policy_to_proto(p, 0))
                 .collect();
-            let r = client(&conn)?
+            let r = client(&conn, Call::Change)
+                .await?
                 .put_policies(admin::PutPoliciesRequest { policies })
                 .await?
                 .into_inner();
@@ -534,21 +582,24 @@ async fn policy(cmd: PolicyCmd) -> Result<(), CliError> {
             }
         }
         PolicyCmd::List { conn } => {
-            let r = client(&conn)?
+            let r = client(&conn, Call::Read)
+                .await?
                 .list_policies(admin::ListPoliciesRequest {})
                 .await?
                 .into_inner();
             print_policies(conn.output, &r.policies)
         }
         PolicyCmd::Show { conn, name } => {
-            let p = client(&conn)?
+            let p = client(&conn, Call::Read)
+                .await?
                 .get_policy(admin::GetPolicyRequest { name })
                 .await?
                 .into_inner();
             print_policies(conn.output, &[p])
         }
         PolicyCmd::Delete { conn, name } => {
-            client(&conn)?
+            client(&conn, Call::Change)
+                .await?
                 .delete_policy(admin::DeletePolicyRequest { name: name.clone() })
                 .await?;
             match conn.output {
@@ -568,7 +619,8 @@ async fn policy(cmd: PolicyCmd) -> Result<(), CliError> {
             port,
             default,
         } => {
-            let r = client(&conn)?
+            let r = client(&conn, Call::Read)
+                .await?
                 .explain_policy(admin::ExplainPolicyRequest {
                     source: source.unwrap_or_default(),
                     target,
@@ -603,11 +655,29 @@ fn print(s: &str) {
     println!("{s}");
 }
 
-fn client(conn: &Conn) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+/// Whether an admin call changes the CA's state: decides what a caller is told when the
+/// connection is lost during it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Change,
+}
+
+/// The kind of call this invocation makes, for the message of a call cut off.
+static CALL: std::sync::OnceLock<Call> = std::sync::OnceLock::new();
+
+/// Connects to the admin socket before the call, so "could not connect" (nothing sent, exit 6)
+/// is told apart from "connection lost during the call" (exit 9 for a change).
+async fn client(
+    conn: &Conn,
+    call: Call,
+) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
     let path = conn
         .socket
         .clone()
         .unwrap_or_else(|| conn.data_dir.join("admin").join("api.sock"));
+    let _ = SOCKET.set(path.clone());
+    let _ = CALL.set(call);
     if !path.exists() {
         return Err(CliError::new(
             6,
@@ -617,8 +687,35 @@ fn client(conn: &Conn) -> Result<AdminClient<tonic::transport::Channel>, CliErro
             ),
         ));
     }
-    let _ = SOCKET.set(path.clone());
-    Ok(AdminClient::new(ward_net::process::unix_channel(&path)))
+    let channel = ward_net::process::unix_channel_connect(&path)
+        .await
+        .map_err(|e| {
+            CliError::new(
+                6,
+                format!(
+                    "cannot connect to the CA on admin socket {}: {} (is ward-ca running? \
+                     set --socket or --data-dir); nothing was sent",
+                    path.display(),
+                    error_chain(&e)
+                ),
+            )
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 fn time(secs: i64) -> String {
@@ -634,7 +731,8 @@ fn json(v: serde_json::Value) -> Result<(), CliError> {
 async fn token(cmd: TokenCmd) -> Result<(), CliError> {
     let TokenCmd::Create { conn, ttl } = cmd;
     let ttl_seconds = ttl.map_or(0, |d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
-    let t = client(&conn)?
+    let t = client(&conn, Call::Change)
+        .await?
         .create_join_token(admin::CreateJoinTokenRequest { ttl_seconds })
         .await?
         .into_inner();
@@ -734,7 +832,11 @@ fn show_entry(output: Output, e: &types::Entry) -> Result<(), CliError> {
 async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
     match cmd {
         EntryCmd::Create { conn, spec: s } => {
-            let e = client(&conn)?.create_entry(spec(s)).await?.into_inner();
+            let e = client(&conn, Call::Change)
+                .await?
+                .create_entry(spec(s))
+                .await?
+                .into_inner();
             show_entry(conn.output, &e)
         }
         EntryCmd::List {
@@ -742,7 +844,8 @@ async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             parent_id,
             spiffe_id,
         } => {
-            let r = client(&conn)?
+            let r = client(&conn, Call::Read)
+                .await?
                 .list_entries(admin::ListEntriesRequest {
                     parent_id: parent_id.unwrap_or_default(),
                     spiffe_id: spiffe_id.unwrap_or_default(),
@@ -769,7 +872,8 @@ async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             }
         }
         EntryCmd::Show { conn, id } => {
-            let e = client(&conn)?
+            let e = client(&conn, Call::Read)
+                .await?
                 .get_entry(admin::GetEntryRequest { id })
                 .await?
                 .into_inner();
@@ -781,7 +885,8 @@ async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             spec: s,
             revision,
         } => {
-            let e = client(&conn)?
+            let e = client(&conn, Call::Change)
+                .await?
                 .update_entry(admin::UpdateEntryRequest {
                     id,
                     spec: Some(spec(s)),
@@ -792,7 +897,8 @@ async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             show_entry(conn.output, &e)
         }
         EntryCmd::Delete { conn, id } => {
-            client(&conn)?
+            client(&conn, Call::Change)
+                .await?
                 .delete_entry(admin::DeleteEntryRequest { id: id.clone() })
                 .await?;
             match conn.output {
@@ -809,7 +915,8 @@ async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
 async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
     match cmd {
         AgentCmd::List { conn } => {
-            let r = client(&conn)?
+            let r = client(&conn, Call::Read)
+                .await?
                 .list_agents(admin::ListAgentsRequest {})
                 .await?
                 .into_inner();
@@ -853,7 +960,8 @@ async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
             }
         }
         AgentCmd::Evict { conn, spiffe_id } => {
-            client(&conn)?
+            client(&conn, Call::Change)
+                .await?
                 .evict_agent(admin::EvictAgentRequest {
                     spiffe_id: spiffe_id.clone(),
                 })
@@ -905,7 +1013,8 @@ async fn authority(kind: AuthorityKind, cmd: AuthorityCmd) -> Result<(), CliErro
     };
     let (conn, action, id, force) = match cmd {
         AuthorityCmd::Show { conn } => {
-            let r = client(&conn)?
+            let r = client(&conn, Call::Read)
+                .await?
                 .list_authorities(admin::ListAuthoritiesRequest { kind: kind.into() })
                 .await?
                 .into_inner();
@@ -929,7 +1038,8 @@ async fn authority(kind: AuthorityKind, cmd: AuthorityCmd) -> Result<(), CliErro
         AuthorityCmd::Taint { conn, id } => (conn, "taint", id, false),
         AuthorityCmd::Revoke { conn, id, force } => (conn, "revoke", id, force),
     };
-    let a = client(&conn)?
+    let a = client(&conn, Call::Change)
+        .await?
         .change_authority(admin::ChangeAuthorityRequest {
             kind: kind.into(),
             action: action.into(),
@@ -949,7 +1059,8 @@ async fn authority(kind: AuthorityKind, cmd: AuthorityCmd) -> Result<(), CliErro
 
 async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
     let BundleCmd::Show { conn, format } = cmd;
-    let b = client(&conn)?
+    let b = client(&conn, Call::Read)
+        .await?
         .get_bundle(admin::GetBundleRequest {})
         .await?
         .into_inner();

@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use ward_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use ward_spiffe::TrustDomain;
 
+use crate::cli::{CliError, EXIT_CANNOT_LISTEN};
 use crate::config::CaConfig;
 use crate::entries::EntrySpec;
-use crate::server::CaServer;
+use crate::server::{CaServer, StartError};
 
 /// Flags of `ward-ca dev`.
 #[derive(Debug, Args)]
@@ -62,15 +63,23 @@ struct DevState {
     entry_id: String,
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError::new(1, e.to_string())
 }
 
-/// Runs dev mode until a signal arrives.
-pub async fn run(a: DevArgs) -> Result<(), String> {
+/// Runs dev mode until a signal arrives. Exit codes as the CLI documents them: 2 for a bad
+/// flag (named, with the offending character), 7 when an address is in use (naming the flag
+/// that sets it), 1 for the rest.
+pub async fn run(a: DevArgs) -> Result<(), CliError> {
     ward_net::process::init_logging(&a.log_level, false);
-    let td = TrustDomain::new(&a.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
-    std::fs::create_dir_all(&a.data_dir).map_err(|e| format!("{}: {e}", a.data_dir.display()))?;
+    let td = TrustDomain::new(&a.trust_domain).map_err(|e| {
+        CliError::new(
+            2,
+            format!("invalid --trust-domain {:?}: {e}", a.trust_domain),
+        )
+    })?;
+    std::fs::create_dir_all(&a.data_dir)
+        .map_err(|e| CliError::new(2, format!("--data-dir {}: {e}", a.data_dir.display())))?;
     let data_dir = std::fs::canonicalize(&a.data_dir).map_err(err)?;
     let mut cfg = CaConfig::new(td.clone(), data_dir.join("ca"));
     cfg.bind_address = a.bind_address;
@@ -78,8 +87,16 @@ pub async fn run(a: DevArgs) -> Result<(), String> {
     cfg.admin_socket = Some(data_dir.join("admin").join("api.sock"));
     cfg.ttl.x509_svid = a.x509_svid_ttl;
     cfg.ttl.agent_svid = a.x509_svid_ttl;
-    cfg.validate().map_err(err)?;
-    let server = CaServer::start(cfg).await.map_err(err)?;
+    cfg.validate()
+        .map_err(|e| CliError::new(2, e.to_string()))?;
+    let server = CaServer::start(cfg).await.map_err(|e| {
+        let flag = match &e {
+            StartError::Bind { what, .. } if what.starts_with("node API") => " (--bind-address)",
+            StartError::Bind { what, .. } if what.starts_with("health") => " (--health-address)",
+            _ => "",
+        };
+        CliError::new(e.exit_code(), format!("{e}{flag}"))
+    })?;
 
     let result = run_with_server(&a, &data_dir, &td, &server).await;
     server.shutdown().await;
@@ -91,7 +108,7 @@ async fn run_with_server(
     data_dir: &Path,
     td: &TrustDomain,
     server: &CaServer,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let core = &server.core;
     let now = core.clock.now();
     let state_path = data_dir.join("dev.json");
@@ -191,10 +208,10 @@ async fn run_with_server(
         .stdout(Stdio::null())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
-        format!(
+        err(format!(
             "cannot start {}: {e} (build it with `cargo build`, or pass --agent-bin)",
             bin.display()
-        )
+        ))
     })?;
 
     // One signal future for the whole run: a SIGTERM that arrives while the demo is being set
@@ -202,9 +219,9 @@ async fn run_with_server(
     let stop = ward_net::process::shutdown_signal();
     tokio::pin!(stop);
     let ready = tokio::select! {
-        r = wait_for_svid(&socket, Duration::from_secs(60)) => r,
-        s = child.wait() => Err(format!("ward-agent exited during start-up: {}", s.map_err(err)?)),
-        _ = &mut stop => Err("interrupted".into()),
+        r = wait_for_svid(&socket, Duration::from_secs(60)) => r.map_err(err),
+        s = child.wait() => Err(agent_exit(s.map_err(err)?, "during start-up")),
+        _ = &mut stop => Err(err("interrupted")),
     };
     let id = match ready {
         Ok(id) => id,
@@ -231,7 +248,7 @@ async fn run_with_server(
             Ok(d) => Some(d),
             Err(e) => {
                 stop_child(&mut child).await;
-                return Err(format!("demo: {e}"));
+                return Err(err(format!("demo: {e}")));
             }
         }
     } else {
@@ -245,13 +262,31 @@ async fn run_with_server(
 
     let result = tokio::select! {
         _ = &mut stop => Ok(()),
-        s = child.wait() => Err(format!("ward-agent exited: {}", s.map_err(err)?)),
+        s = child.wait() => Err(agent_exit(s.map_err(err)?, "")),
     };
     if let Some(d) = demo {
         d.stop().await;
     }
     stop_child(&mut child).await;
     result
+}
+
+/// The error for an agent child that exited: its own exit code 7 (an address in use) stays 7.
+fn agent_exit(status: std::process::ExitStatus, when: &str) -> CliError {
+    let when = if when.is_empty() {
+        String::new()
+    } else {
+        format!(" {when}")
+    };
+    if status.code() == Some(i32::from(EXIT_CANNOT_LISTEN)) {
+        return CliError::new(
+            EXIT_CANNOT_LISTEN,
+            format!(
+                "ward-agent exited{when}: it cannot listen (see its message above; --agent-health-address)"
+            ),
+        );
+    }
+    err(format!("ward-agent exited{when}: {status}"))
 }
 
 /// Stops a child with SIGTERM, then SIGKILL after 10 s.

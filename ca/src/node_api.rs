@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 use ward_net::PeerInfo;
+use ward_net::refusal::RefusalContext;
 use ward_proto::node::{self, node_server::Node};
 
 use crate::convert::{bundle_to_proto, svid_to_proto};
@@ -41,18 +42,31 @@ impl Node for NodeService {
         &self,
         req: Request<node::AttestRequest>,
     ) -> Result<Response<node::AttestResponse>, Status> {
+        let ctx = req.extensions().get::<RefusalContext>().cloned();
+        let note = |k: &'static str, v: &str| {
+            if let Some(c) = &ctx {
+                c.set(k, v);
+            }
+        };
         let req = req.into_inner();
         let (method, result) = match req.method {
-            Some(node::attest_request::Method::JoinToken(jt)) => (
-                "join_token",
-                self.core.attest_join_token(&jt.token, &req.csr).await,
-            ),
-            Some(node::attest_request::Method::K8sPsat(p)) => (
-                "k8s_psat",
-                self.core
-                    .attest_k8s_psat(&p.cluster, &p.token, &req.csr)
-                    .await,
-            ),
+            Some(node::attest_request::Method::JoinToken(jt)) => {
+                note("attestor", "join_token");
+                (
+                    "join_token",
+                    self.core.attest_join_token(&jt.token, &req.csr).await,
+                )
+            }
+            Some(node::attest_request::Method::K8sPsat(p)) => {
+                note("attestor", "k8s_psat");
+                note("cluster", &p.cluster);
+                (
+                    "k8s_psat",
+                    self.core
+                        .attest_k8s_psat(&p.cluster, &p.token, &req.csr)
+                        .await,
+                )
+            }
             None => (
                 "none",
                 Err(ApiError::InvalidArgument(

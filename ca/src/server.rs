@@ -47,6 +47,28 @@ pub enum StartError {
     },
 }
 
+impl StartError {
+    /// The CLI exit code for this failure: [`crate::cli::EXIT_CANNOT_LISTEN`] for an address
+    /// or socket that is in use or not permitted, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Bind { source, .. } if cannot_listen(source) => {
+                crate::cli::EXIT_CANNOT_LISTEN
+            }
+            _ => 1,
+        }
+    }
+}
+
+/// An operator's problem with a listen address, rather than a fault of the CA.
+pub(crate) fn cannot_listen(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::AddrInUse | K::AddrNotAvailable | K::PermissionDenied
+    )
+}
+
 /// How often authorities are checked for rotation.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight calls before cutting connections.
@@ -153,6 +175,7 @@ impl CaServer {
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
+                .layer(ward_net::refusal::RefusalLogLayer::new("node API"))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|s| *s).await;
@@ -176,8 +199,9 @@ impl CaServer {
             ward_proto::admin::admin_server::AdminServer::new(AdminService::new(core.clone()));
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(admin_listener);
+            let incoming = ward_net::uds::incoming(admin_listener, "admin");
             let r = tonic::transport::Server::builder()
+                .layer(ward_net::refusal::RefusalLogLayer::new("admin API"))
                 .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|s| *s).await;

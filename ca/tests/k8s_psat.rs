@@ -305,7 +305,12 @@ async fn offline_mode_verifies_against_the_jwks() {
     fake.put(&agent_pod("ward-agent-abc", "pod-u9", "n1"));
     let e = c.attest(req("c1", fake.token(&good))).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("another UID"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains(r#"has UID "pod-u9", the token names UID "pod-u1""#),
+        "{}",
+        e.message()
+    );
     ca.shutdown().await;
 }
 

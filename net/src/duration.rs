@@ -2,9 +2,16 @@
 
 use std::time::Duration;
 
-/// Parses `<n><unit>` sequences with units `ms`, `s`, `m`, `h`, `d`.
+/// The units [`parse`] accepts, for error messages.
+const UNITS: &str = "accepted units: ms, s, m, h, d, e.g. 90s, 10m, 1h30m";
+
+/// Parses `<n><unit>` sequences with units `ms`, `s`, `m`, `h`, `d`. Every error names the
+/// accepted units.
 pub fn parse(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
+    parse_inner(s.trim()).map_err(|e| format!("{e} ({UNITS})"))
+}
+
+fn parse_inner(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".into());
     }
@@ -28,11 +35,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86400)),
-            "" => {
-                return Err(format!(
-                    "invalid duration {s:?}: missing unit (ms, s, m, h, d)"
-                ));
-            }
+            "" => return Err(format!("invalid duration {s:?}: missing unit")),
             other => return Err(format!("invalid duration {s:?}: unknown unit {other:?}")),
         };
         total = total.saturating_add(d);
@@ -84,11 +87,20 @@ mod tests {
         assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("2d"), Ok(Duration::from_secs(172_800)));
-        assert!(parse("").is_err());
-        assert!(parse("10").is_err());
-        assert!(parse("h").is_err());
-        assert!(parse("5y").is_err());
-        assert!(parse("-5s").is_err());
+        for (bad, why) in [
+            ("", "empty duration"),
+            ("10", "missing unit"),
+            ("h", "expected a number"),
+            ("5y", "unknown unit \"y\""),
+            ("-5s", "expected a number"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+            assert!(
+                e.ends_with("(accepted units: ms, s, m, h, d, e.g. 90s, 10m, 1h30m)"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

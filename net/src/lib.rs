@@ -1,6 +1,7 @@
 //! Networking shared by Ward's processes: SPIFFE TLS verifiers, the credential sink that turns
 //! SVIDs into rustls configs, the TLS accept loop and client connector for tonic, Unix-socket
-//! binding, and the admin HTTP endpoint (metrics, health, readiness).
+//! binding and the connection type of gRPC servers on Unix sockets, refusal logging, and the
+//! admin HTTP endpoint (metrics, health, readiness).
 
 pub mod connector;
 pub mod credentials;
@@ -8,6 +9,9 @@ pub mod duration;
 pub mod health;
 pub mod incoming;
 pub mod process;
+pub mod ratelog;
+pub mod refusal;
+pub mod uds;
 pub mod unix;
 pub mod verify;
 

@@ -100,18 +100,35 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Dials `path` for every connection a channel makes (the URI tonic requires is unused).
+fn unix_connector(
+    path: &Path,
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<TokioIo<tokio::net::UnixStream>>> + Send,
+> + Clone
++ Send
++ 'static {
+    let path: PathBuf = path.to_owned();
+    tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move { Ok(TokioIo::new(tokio::net::UnixStream::connect(&path).await?)) }
+    })
+}
+
 /// A gRPC channel over a Unix socket (connects lazily; each connection dials `path`).
 pub fn unix_channel(path: &Path) -> Channel {
-    let path: PathBuf = path.to_owned();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    let endpoint = Endpoint::from_static("http://localhost");
-    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move {
-            let s = tokio::net::UnixStream::connect(&path).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(s))
-        }
-    }))
+    Endpoint::from_static("http://localhost").connect_with_connector_lazy(unix_connector(path))
+}
+
+/// A gRPC channel over a Unix socket, connected (HTTP/2 handshake done) before it returns, so
+/// a caller can tell "could not connect" from an error during a call.
+pub async fn unix_channel_connect(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(unix_connector(path))
+        .await
 }
 
 #[cfg(test)]

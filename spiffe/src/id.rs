@@ -27,8 +27,8 @@ pub enum IdError {
     #[error("trust domain is missing")]
     MissingTrustDomain,
     /// A character not allowed in a trust domain.
-    #[error("trust domain has a character that is not a lowercase letter, digit, `.`, `-` or `_`")]
-    TrustDomainChar,
+    #[error("trust domain has {0:?}, which is not a lowercase letter, digit, `.`, `-` or `_`")]
+    TrustDomainChar(char),
     /// The trust domain is longer than 255 bytes.
     #[error("trust domain is longer than 255 bytes")]
     TrustDomainTooLong,
@@ -42,8 +42,8 @@ pub enum IdError {
     #[error("path has a `.` or `..` segment")]
     DotSegment,
     /// A character not allowed in a path segment.
-    #[error("path has a character that is not a letter, digit, `.`, `-` or `_`")]
-    PathChar,
+    #[error("path has {0:?}, which is not a letter, digit, `.`, `-` or `_`")]
+    PathChar(char),
     /// The path ends with `/`.
     #[error("path has a trailing `/`")]
     TrailingSlash,
@@ -58,6 +58,11 @@ fn is_td_char(c: u8) -> bool {
 
 fn is_path_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_')
+}
+
+/// The first character of `s` that `ok` refuses.
+fn first_bad(s: &str, ok: fn(u8) -> bool) -> Option<char> {
+    s.chars().find(|c| !c.is_ascii() || !ok(*c as u8))
 }
 
 /// A trust domain name such as `example.org`.
@@ -94,7 +99,7 @@ impl TrustDomain {
         let mut s = self.id_string();
         for seg in segments {
             if seg.contains('/') {
-                return Err(IdError::PathChar);
+                return Err(IdError::PathChar('/'));
             }
             s.push('/');
             s.push_str(seg);
@@ -110,8 +115,8 @@ fn validate_td(name: &str) -> Result<(), IdError> {
     if name.len() > MAX_TRUST_DOMAIN_LEN {
         return Err(IdError::TrustDomainTooLong);
     }
-    if !name.bytes().all(is_td_char) {
-        return Err(IdError::TrustDomainChar);
+    if let Some(c) = first_bad(name, is_td_char) {
+        return Err(IdError::TrustDomainChar(c));
     }
     Ok(())
 }
@@ -213,8 +218,8 @@ fn validate_path(path: &str) -> Result<(), IdError> {
         if seg == "." || seg == ".." {
             return Err(IdError::DotSegment);
         }
-        if !seg.bytes().all(is_path_char) {
-            return Err(IdError::PathChar);
+        if let Some(c) = first_bad(seg, is_path_char) {
+            return Err(IdError::PathChar(c));
         }
     }
     Ok(())
@@ -292,17 +297,18 @@ mod tests {
             ("SPIFFE://example.org/a", IdError::Scheme),
             ("spiffe://", IdError::MissingTrustDomain),
             ("spiffe:///a", IdError::MissingTrustDomain),
-            ("spiffe://Example.org/a", IdError::TrustDomainChar),
-            ("spiffe://ex:8080/a", IdError::TrustDomainChar),
-            ("spiffe://user@ex/a", IdError::TrustDomainChar),
+            ("spiffe://Example.org/a", IdError::TrustDomainChar('E')),
+            ("spiffe://ex:8080/a", IdError::TrustDomainChar(':')),
+            ("spiffe://user@ex/a", IdError::TrustDomainChar('@')),
+            ("spiffe://é.org/a", IdError::TrustDomainChar('é')),
             ("spiffe://ex/a//b", IdError::EmptySegment),
             ("spiffe://ex/a/./b", IdError::DotSegment),
             ("spiffe://ex/a/..", IdError::DotSegment),
             ("spiffe://ex/a/", IdError::TrailingSlash),
             ("spiffe://ex/", IdError::TrailingSlash),
-            ("spiffe://ex/a%20b", IdError::PathChar),
-            ("spiffe://ex/a?b", IdError::PathChar),
-            ("spiffe://ex/a#b", IdError::PathChar),
+            ("spiffe://ex/a%20b", IdError::PathChar('%')),
+            ("spiffe://ex/a?b", IdError::PathChar('?')),
+            ("spiffe://ex/a#b", IdError::PathChar('#')),
         ];
         for (s, want) in cases {
             assert_eq!(SpiffeId::new(s).unwrap_err(), *want, "{s}");

@@ -172,6 +172,7 @@ impl Pki {
     }
 }
 pub mod kube;
+pub mod logs;
 
 /// Runs Prometheus' `promtool check metrics` on an exposition `text`; panics with its findings
 /// if it refuses it.

@@ -13,6 +13,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use serde_json::Value;
+use ward_net::process::rfc3339;
 use ward_spiffe::{SpiffeId, TrustDomain};
 
 use crate::config::{ClusterConfig, PsatMode};
@@ -81,7 +82,9 @@ pub fn check_review(
     if let Some(auds) = &status.audiences
         && !auds.iter().any(|a| a == audience)
     {
-        return Err(denied(format!("token is not for audience {audience:?}")));
+        return Err(denied(format!(
+            "token is not for audience {audience:?} (the API server says its audiences are {auds:?})"
+        )));
     }
     let user = status
         .user
@@ -114,33 +117,57 @@ pub fn check_claims(
     allow: &[String],
     now: SystemTime,
 ) -> Result<TokenSubject, ApiError> {
-    if claims["iss"].as_str() != Some(issuer) {
+    match claims["iss"].as_str() {
+        Some(i) if i == issuer => {}
+        Some(i) => {
+            return Err(denied(format!(
+                "token issuer {i:?} is not the cluster's issuer {issuer:?}"
+            )));
+        }
+        None => {
+            return Err(denied(format!(
+                "token has no issuer (iss); the cluster's issuer is {issuer:?}"
+            )));
+        }
+    }
+    let auds: Vec<&str> = match &claims["aud"] {
+        Value::String(a) => vec![a.as_str()],
+        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if !auds.contains(&audience) {
         return Err(denied(format!(
-            "token issuer {:?} is not {issuer:?}",
-            claims["iss"]
+            "token is not for audience {audience:?} (its audiences are {auds:?})"
         )));
     }
-    let aud_ok = match &claims["aud"] {
-        Value::String(a) => a == audience,
-        Value::Array(a) => a.iter().any(|v| v.as_str() == Some(audience)),
-        _ => false,
+    let at = |k: &str| -> Result<Option<SystemTime>, ApiError> {
+        match &claims[k] {
+            Value::Null => Ok(None),
+            v => v
+                .as_u64()
+                .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+                .map(Some)
+                .ok_or_else(|| denied(format!("token claim {k} is not a time: {v}"))),
+        }
     };
-    if !aud_ok {
-        return Err(denied(format!("token is not for audience {audience:?}")));
+    let exp = at("exp")?.ok_or_else(|| denied("token has no expiry (exp)"))?;
+    if exp.checked_add(LEEWAY).is_some_and(|e| e <= now) {
+        return Err(denied(format!(
+            "token expired at {} (CA clock {}, leeway {}s)",
+            rfc3339(exp),
+            rfc3339(now),
+            LEEWAY.as_secs()
+        )));
     }
-    let secs = |k: &str| {
-        claims[k]
-            .as_u64()
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-    };
-    let exp = secs("exp").ok_or_else(|| denied("token has no exp"))?;
-    if exp + LEEWAY <= now {
-        return Err(denied("token has expired"));
-    }
-    if let Some(nbf) = secs("nbf")
-        && nbf > now + LEEWAY
+    if let Some(nbf) = at("nbf")?
+        && now.checked_add(LEEWAY).is_some_and(|n| nbf > n)
     {
-        return Err(denied("token is not valid yet"));
+        return Err(denied(format!(
+            "token is not valid before {} (CA clock {}, leeway {}s)",
+            rfc3339(nbf),
+            rfc3339(now),
+            LEEWAY.as_secs()
+        )));
     }
     let k = &claims["kubernetes.io"];
     let s = |v: &Value, what: &str| {
@@ -170,6 +197,28 @@ pub fn check_claims(
         pod_uid: s(&k["pod"]["uid"], "pod uid")?,
         node,
     })
+}
+
+/// Reads the token's `alg` before anything else parses the header, so `none` and other
+/// algorithms are refused by name (jsonwebtoken would call `none` a JSON error). Pure.
+pub fn check_algorithm(token: &str) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    let head = token.split('.').next().unwrap_or("");
+    let alg = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .ok_or_else(|| denied("token is not a JWT: its header is not base64url JSON"))?;
+    match alg["alg"].as_str() {
+        Some("RS256") => Ok(()),
+        Some(a) if a.eq_ignore_ascii_case("none") => Err(denied(
+            "token algorithm none is not allowed (RS256 is required)",
+        )),
+        Some(a) => Err(denied(format!(
+            "token algorithm {a:?} is not allowed (RS256 is required)"
+        ))),
+        None => Err(denied("token header has no algorithm (alg)")),
+    }
 }
 
 /// The agent ID for a node. Node UIDs and cluster names are valid path segments; anything else
@@ -348,14 +397,9 @@ impl Cluster {
     }
 
     async fn verify_offline(&self, token: &str, now: SystemTime) -> Result<TokenSubject, ApiError> {
+        check_algorithm(token)?;
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| denied(format!("token is malformed: {e}")))?;
-        if header.alg != jsonwebtoken::Algorithm::RS256 {
-            return Err(denied(format!(
-                "token algorithm {:?} is not RS256",
-                header.alg
-            )));
-        }
+            .map_err(|e| denied(format!("token header is malformed: {e}")))?;
         let kid = header.kid.unwrap_or_default();
         let lookup = |kid: &str| {
             self.keys
@@ -423,10 +467,14 @@ impl Cluster {
         token: &str,
         now: SystemTime,
     ) -> Result<AttestedNode, ApiError> {
-        if token.is_empty() || token.len() > MAX_TOKEN {
-            return Err(ApiError::InvalidArgument(
-                "token is empty or too long".into(),
-            ));
+        if token.is_empty() {
+            return Err(ApiError::InvalidArgument("token is empty".into()));
+        }
+        if token.len() > MAX_TOKEN {
+            return Err(ApiError::InvalidArgument(format!(
+                "token is {} bytes, above the limit of {MAX_TOKEN} bytes",
+                token.len()
+            )));
         }
         let subject = match (self.cfg.mode, &self.client) {
             (PsatMode::TokenReview, Some(c)) => self.review(c, token).await?,
@@ -445,7 +493,13 @@ impl Cluster {
                     .map_err(|e| unavailable("reading the agent pod", e))?
                     .ok_or_else(|| denied(format!("pod {}/{} does not exist", subject.namespace, subject.pod_name)))?;
                 if pod.metadata.uid.as_deref() != Some(subject.pod_uid.as_str()) {
-                    return Err(denied(format!("pod {}/{} has another UID than the token", subject.namespace, subject.pod_name)));
+                    return Err(denied(format!(
+                        "pod {}/{} has UID {:?}, the token names UID {:?}",
+                        subject.namespace,
+                        subject.pod_name,
+                        pod.metadata.uid.as_deref().unwrap_or(""),
+                        subject.pod_uid
+                    )));
                 }
                 let node_name = pod
                     .spec
@@ -455,7 +509,9 @@ impl Cluster {
                 if let Some((n, _)) = &subject.node
                     && *n != node_name
                 {
-                    return Err(denied("the token's node is not the pod's node"));
+                    return Err(denied(format!(
+                        "the token's node {n:?} is not the agent pod's node {node_name:?}"
+                    )));
                 }
                 pod_labels = labels(&pod.metadata, &self.cfg.pod_label_allow_list);
                 let nodes: Api<Node> = Api::all(c.clone());
@@ -468,7 +524,9 @@ impl Cluster {
                 if let Some((_, u)) = &subject.node
                     && *u != uid
                 {
-                    return Err(denied("the token's node UID is not the node's"));
+                    return Err(denied(format!(
+                        "the token's node UID {u:?} is not node {node_name}'s UID {uid:?}"
+                    )));
                 }
                 node_labels = labels(&node.metadata, &self.cfg.node_label_allow_list);
                 (node_name, uid)
@@ -640,6 +698,38 @@ mod tests {
     }
 
     #[test]
+    fn algorithms_are_refused_by_name() {
+        use base64::Engine as _;
+        let tok = |h: &str| {
+            format!(
+                "{}.e30.sig",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h)
+            )
+        };
+        assert!(check_algorithm(&tok(r#"{"alg":"RS256","kid":"k"}"#)).is_ok());
+        let cases = [
+            (
+                tok(r#"{"alg":"none"}"#),
+                "token algorithm none is not allowed",
+            ),
+            (
+                tok(r#"{"alg":"NONE"}"#),
+                "token algorithm none is not allowed",
+            ),
+            (
+                tok(r#"{"alg":"HS256"}"#),
+                r#"token algorithm "HS256" is not allowed"#,
+            ),
+            (tok(r#"{"typ":"JWT"}"#), "no algorithm"),
+            ("garbage".to_owned(), "not a JWT"),
+        ];
+        for (t, want) in cases {
+            let e = check_algorithm(&t).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should mention {want}");
+        }
+    }
+
+    #[test]
     fn claims_table() {
         let allow = vec!["ward:agent".to_owned()];
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -661,10 +751,28 @@ mod tests {
             c
         };
         let cases = [
-            (with(&["iss"], "https://evil".into()), "issuer"),
-            (with(&["aud"], serde_json::json!(["other"])), "audience"),
-            (with(&["exp"], 999_000u64.into()), "expired"),
-            (with(&["nbf"], 1_000_100u64.into()), "not valid yet"),
+            (
+                with(&["iss"], "https://evil".into()),
+                r#"token issuer "https://evil" is not the cluster's issuer "https://k8s""#,
+            ),
+            (with(&["iss"], Value::Null), "token has no issuer"),
+            (
+                with(&["aud"], serde_json::json!(["other", "more"])),
+                r#"not for audience "ward-ca" (its audiences are ["other", "more"])"#,
+            ),
+            (
+                with(&["exp"], 999_000u64.into()),
+                "token expired at 1970-01-12T13:30:00Z (CA clock 1970-01-12T13:46:40Z, leeway 30s)",
+            ),
+            (
+                with(&["nbf"], 1_000_100u64.into()),
+                "not valid before 1970-01-12T13:48:20Z (CA clock 1970-01-12T13:46:40Z",
+            ),
+            (
+                with(&["exp"], "soon".into()),
+                "token claim exp is not a time",
+            ),
+            (with(&["exp"], Value::Null), "token has no expiry"),
             (
                 with(&["sub"], "system:serviceaccount:ward:x".into()),
                 "subject",
@@ -690,6 +798,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("not allowed")
+        );
+        // An expiry beyond the clock's range is refused by name, not a panic.
+        let far = with(&["exp"], u64::MAX.into());
+        let e = check_claims(&far, "https://k8s", "ward-ca", &allow, now).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exp is not a time: 18446744073709551615"),
+            "{e}"
         );
         let no_node = with(&["kubernetes.io", "node"], Value::Null);
         assert_eq!(
