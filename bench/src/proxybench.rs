@@ -221,20 +221,20 @@ fn ward_configs(
     let backend = format!(
         "identity:\n  files: {{ chain: \"{d}/backend.pem\", key: \"{d}/backend.key\", bundle: \"{d}/bundle.pem\", trust_domain: bench.test }}\n\
          admin_address: 127.0.0.1:{}\n\
-         inbound:\n\
-         \x20 - {{ name: h1, listen: 127.0.0.1:{}, forward_to: \"127.0.0.1:{}\", app_protocol: http1 }}\n\
-         \x20 - {{ name: h2, listen: 127.0.0.1:{}, forward_to: \"127.0.0.1:{}\", app_protocol: http2 }}\n\
-         \x20 - {{ name: grpc, listen: 127.0.0.1:{}, forward_to: \"127.0.0.1:{}\", app_protocol: http2 }}\n\
+         listeners:\n\
+         \x20 - {{ role: inbound, name: h1, listen: 127.0.0.1:{}, forward_to: \"127.0.0.1:{}\", app_protocol: http1 }}\n\
+         \x20 - {{ role: inbound, name: h2, listen: 127.0.0.1:{}, forward_to: \"127.0.0.1:{}\", app_protocol: http2 }}\n\
+         \x20 - {{ role: inbound, name: grpc, listen: 127.0.0.1:{}, forward_to: \"127.0.0.1:{}\", app_protocol: http2 }}\n\
          authorization:\n  policy_files: [\"{d}/policies.yaml\"]\nlog_level: warn\n",
         inb.3, inb.0, app.0, inb.1, app.1, inb.2, app.2
     );
     let frontend = format!(
         "identity:\n  files: {{ chain: \"{d}/frontend.pem\", key: \"{d}/frontend.key\", bundle: \"{d}/bundle.pem\", trust_domain: bench.test }}\n\
          admin_address: 127.0.0.1:{}\n\
-         outbound:\n\
-         \x20 - {{ name: h1, listen: 127.0.0.1:{}, upstream: \"127.0.0.1:{}\", expected_ids: [\"spiffe://bench.test/backend\"] }}\n\
-         \x20 - {{ name: h2, listen: 127.0.0.1:{}, upstream: \"127.0.0.1:{}\", expected_ids: [\"spiffe://bench.test/backend\"] }}\n\
-         \x20 - {{ name: grpc, listen: 127.0.0.1:{}, upstream: \"127.0.0.1:{}\", expected_ids: [\"spiffe://bench.test/backend\"] }}\n\
+         listeners:\n\
+         \x20 - {{ role: outbound, name: h1, listen: 127.0.0.1:{}, upstream: \"127.0.0.1:{}\", expected_ids: [\"spiffe://bench.test/backend\"] }}\n\
+         \x20 - {{ role: outbound, name: h2, listen: 127.0.0.1:{}, upstream: \"127.0.0.1:{}\", expected_ids: [\"spiffe://bench.test/backend\"] }}\n\
+         \x20 - {{ role: outbound, name: grpc, listen: 127.0.0.1:{}, upstream: \"127.0.0.1:{}\", expected_ids: [\"spiffe://bench.test/backend\"] }}\n\
          log_level: warn\n",
         out.3, out.0, inb.0, out.1, inb.1, out.2, inb.2
     );

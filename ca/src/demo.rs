@@ -183,7 +183,7 @@ pub async fn run(
     let backend_cfg = format!(
         "identity:\n  workload_api: {{ socket: \"{sock}\", spiffe_id: \"{be}\" }}\n\
          admin_address: 127.0.0.1:{badmin}\n\
-         inbound:\n  - {{ name: public, listen: 127.0.0.1:{inbound}, forward_to: \"{app}\", protocol: http }}\n\
+         listeners:\n  - {{ role: inbound, name: public, listen: 127.0.0.1:{inbound}, forward_to: \"{app}\", protocol: http }}\n\
          authorization:\n  default: deny\n  from_agent: true\n\
          access_log:\n  path: \"{}\"\nlog_level: warn\n",
         log.display()
@@ -191,7 +191,7 @@ pub async fn run(
     let frontend_cfg = format!(
         "identity:\n  workload_api: {{ socket: \"{sock}\", spiffe_id: \"{fe}\" }}\n\
          admin_address: 127.0.0.1:{fadmin}\n\
-         outbound:\n  - {{ name: backend, listen: 127.0.0.1:{outbound}, upstream: \"127.0.0.1:{inbound}\", expected_ids: [\"{be}\"], protocol: http }}\n\
+         listeners:\n  - {{ role: outbound, name: backend, listen: 127.0.0.1:{outbound}, upstream: \"127.0.0.1:{inbound}\", expected_ids: [\"{be}\"], protocol: http }}\n\
          log_level: warn\n"
     );
     let (bpath, fpath): (PathBuf, PathBuf) = (

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use ward_ca::entries::EntrySpec;
 use ward_proto::admin;
 use ward_proxy::config::{
-    Authorization, IdentitySource, Inbound, Outbound, Protocol, ProxyConfig, TlsMode,
+    Authorization, IdentitySource, Inbound, Listener, Outbound, Protocol, ProxyConfig, TlsMode,
 };
 use ward_spiffe::SpiffeId;
 
@@ -43,8 +43,6 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
             spiffe_id: Some(SpiffeId::new(id).unwrap()),
         },
         admin_address: "127.0.0.1:0".parse().unwrap(),
-        inbound: vec![],
-        outbound: vec![],
         authorization: Authorization {
             from_agent: true,
             ..Default::default()
@@ -52,6 +50,8 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         peer_id_header: "x-ward-peer-id".into(),
         access_log: None,
         log_level: "info".into(),
+        listeners: vec![],
+        drain_timeout: std::time::Duration::from_secs(1),
     }
 }
 
@@ -112,24 +112,24 @@ policies:
 
     let app = common::peer_id_app().await;
     let mut bcfg = proxy_cfg(&agent.socket_path, "spiffe://pf.test/backend");
-    bcfg.inbound = vec![Inbound {
+    bcfg.listeners = vec![Listener::Inbound(Inbound {
         name: "public".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         forward_to: app.to_string(),
         protocol: Protocol::Http,
         tls: TlsMode::Strict,
         app_protocol: Default::default(),
-    }];
+    })];
     let backend = ward_proxy::Proxy::start(bcfg).await.unwrap();
     let mut fcfg = proxy_cfg(&agent.socket_path, "spiffe://pf.test/frontend");
     fcfg.authorization.from_agent = false;
-    fcfg.outbound = vec![Outbound {
+    fcfg.listeners = vec![Listener::Outbound(Outbound {
         name: "backend".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: backend.inbound_addr("public").unwrap().to_string(),
         expected_ids: vec![SpiffeId::new("spiffe://pf.test/backend").unwrap()],
         protocol: Protocol::Http,
-    }];
+    })];
     let frontend = ward_proxy::Proxy::start(fcfg).await.unwrap();
     let out = frontend.outbound_addr("backend").unwrap();
 

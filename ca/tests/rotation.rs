@@ -26,7 +26,7 @@ use ward_net::verify::TrustStore;
 use ward_net::{PeerPolicy, Svid};
 use ward_proto::admin::{self, admin_client::AdminClient};
 use ward_proxy::config::{
-    Authorization, IdentitySource, Inbound, Outbound, Protocol, ProxyConfig, TlsMode,
+    Authorization, IdentitySource, Inbound, Listener, Outbound, Protocol, ProxyConfig, TlsMode,
 };
 use ward_spiffe::policy::DefaultPolicy;
 use ward_spiffe::{Bundle, SpiffeId};
@@ -47,8 +47,6 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
             spiffe_id: Some(SpiffeId::new(id).unwrap()),
         },
         admin_address: "127.0.0.1:0".parse().unwrap(),
-        inbound: vec![],
-        outbound: vec![],
         authorization: Authorization {
             default: DefaultPolicy::SameTrustDomain,
             ..Default::default()
@@ -56,6 +54,8 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         peer_id_header: "x-ward-peer-id".into(),
         access_log: None,
         log_level: "info".into(),
+        listeners: vec![],
+        drain_timeout: std::time::Duration::from_secs(1),
     }
 }
 
@@ -239,24 +239,24 @@ async fn rotation_under_load_fails_no_request() {
     }
     let app = common::peer_id_app().await;
     let mut bcfg = proxy_cfg(&agent.socket_path, &format!("spiffe://{TD}/backend"));
-    bcfg.inbound = vec![Inbound {
+    bcfg.listeners = vec![Listener::Inbound(Inbound {
         name: "public".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         forward_to: app.to_string(),
         protocol: Protocol::Http,
         tls: TlsMode::Strict,
         app_protocol: Default::default(),
-    }];
+    })];
     let backend = ward_proxy::Proxy::start(bcfg).await.unwrap();
     let inbound = backend.inbound_addr("public").unwrap();
     let mut fcfg = proxy_cfg(&agent.socket_path, &format!("spiffe://{TD}/frontend"));
-    fcfg.outbound = vec![Outbound {
+    fcfg.listeners = vec![Listener::Outbound(Outbound {
         name: "backend".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: inbound.to_string(),
         expected_ids: vec![SpiffeId::new(&format!("spiffe://{TD}/backend")).unwrap()],
         protocol: Protocol::Http,
-    }];
+    })];
     let frontend = ward_proxy::Proxy::start(fcfg).await.unwrap();
     let out = frontend.outbound_addr("backend").unwrap();
     until("proxies hold SVIDs", Instant::now(), || {

@@ -143,11 +143,7 @@ pub fn tls_incoming(
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                     .unwrap_or_default();
                 // The verifier already checked the chain; here we only read the ID back.
-                let peer_id = chain.first().and_then(|leaf| {
-                    ward_spiffe::x509::check_leaf(leaf, ward_spiffe::x509::Profile::Peer)
-                        .ok()
-                        .map(|i| i.id)
-                });
+                let peer_id = crate::verify::peer_id(Some(&chain));
                 let info = PeerInfo {
                     remote,
                     peer_id,

@@ -152,6 +152,15 @@ pub fn verify_peer(
     Ok(leaf.id)
 }
 
+/// The SPIFFE ID of a peer whose chain a verifier of this module already accepted (read back
+/// from the leaf of `rustls`' `peer_certificates()`); `None` when no certificate was presented.
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    let leaf = certs?.first()?;
+    x509::check_leaf(leaf, x509::Profile::Peer)
+        .ok()
+        .map(|i| i.id)
+}
+
 fn to_rustls(e: PeerError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }

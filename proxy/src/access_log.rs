@@ -36,6 +36,11 @@ pub struct Entry {
     pub method: Option<String>,
     /// Normalized path (or the raw one if it was refused).
     pub path: Option<String>,
+    /// The address the caller dialled, when the connection was captured.
+    pub orig_dst: Option<String>,
+    /// The plan taken: `deliver` (to the local application), `mesh` (to a peer proxy),
+    /// `passthrough`, or `refuse`.
+    pub plan: &'static str,
     /// HTTP status returned (0 for TCP).
     pub status: u16,
     /// `allow`, `deny`, `would-deny`.
@@ -96,6 +101,12 @@ pub struct AccessFields {
     pub method: Option<String>,
     /// Path.
     pub path: Option<String>,
+    /// Original destination of a captured connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orig_dst: Option<String>,
+    /// Plan taken.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan: String,
     /// Status.
     pub status: u16,
     /// Decision.
@@ -265,6 +276,8 @@ impl Writer {
                 dst: e.dst,
                 method: e.method,
                 path: e.path,
+                orig_dst: e.orig_dst,
+                plan: e.plan.to_owned(),
                 status: e.status,
                 decision: e.decision.to_owned(),
                 policy: e.policy,
@@ -405,6 +418,8 @@ mod tests {
             dst: Some("spiffe://td/b".into()),
             method: Some("GET".into()),
             path: Some(format!("/{i}")),
+            orig_dst: None,
+            plan: "deliver",
             status: 200,
             decision: "allow",
             policy: "p".into(),

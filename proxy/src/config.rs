@@ -1,6 +1,6 @@
 //! The proxy's configuration: one YAML file (unknown keys are an error) with `WARD_PROXY_*`
-//! and `SPIFFE_ENDPOINT_SOCKET` overrides. Listeners are a list so that ingress and egress
-//! listeners can be added beside the sidecar's inbound and outbound ones.
+//! and `SPIFFE_ENDPOINT_SOCKET` overrides. Listeners are one list, each tagged with its
+//! `role`: the role decides which stages of the one data path a connection runs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -83,6 +83,42 @@ pub enum TlsMode {
     Strict,
     /// mTLS, or plaintext treated as unauthenticated (for migrations).
     Permissive,
+}
+
+/// One listener and its role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "kebab-case")]
+pub enum Listener {
+    /// mTLS from other proxies → authorization → the local application at a fixed address.
+    Inbound(Inbound),
+    /// The local application's plaintext → mTLS to a fixed upstream proxy.
+    Outbound(Outbound),
+}
+
+impl Listener {
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Listener::Inbound(l) => &l.name,
+            Listener::Outbound(l) => &l.name,
+        }
+    }
+
+    /// Where it listens.
+    pub fn listen(&self) -> SocketAddr {
+        match self {
+            Listener::Inbound(l) => l.listen,
+            Listener::Outbound(l) => l.listen,
+        }
+    }
+
+    /// The role as written in the file.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Listener::Inbound(_) => "inbound",
+            Listener::Outbound(_) => "outbound",
+        }
+    }
 }
 
 /// Accepts mTLS from other proxies and forwards to the local application.
@@ -218,12 +254,9 @@ pub struct ProxyConfig {
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default = "default_admin")]
     pub admin_address: SocketAddr,
-    /// Inbound listeners.
+    /// Listeners, each with its `role`.
     #[serde(default)]
-    pub inbound: Vec<Inbound>,
-    /// Outbound listeners.
-    #[serde(default)]
-    pub outbound: Vec<Outbound>,
+    pub listeners: Vec<Listener>,
     /// Authorization.
     #[serde(default)]
     pub authorization: Authorization,
@@ -237,6 +270,13 @@ pub struct ProxyConfig {
     /// `tracing` filter.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// On shutdown, how long open connections may take to finish before they are cut.
+    #[serde(default = "default_drain", with = "serde_str")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_admin() -> SocketAddr {
@@ -252,6 +292,33 @@ fn default_log_level() -> String {
 }
 
 impl ProxyConfig {
+    /// The inbound listeners.
+    pub fn inbound(&self) -> impl Iterator<Item = &Inbound> {
+        self.listeners.iter().filter_map(|l| match l {
+            Listener::Inbound(i) => Some(i),
+            _ => None,
+        })
+    }
+
+    /// The inbound listeners, to change (tests, inject).
+    pub fn inbound_mut(&mut self) -> Vec<&mut Inbound> {
+        self.listeners
+            .iter_mut()
+            .filter_map(|l| match l {
+                Listener::Inbound(i) => Some(i),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The outbound listeners.
+    pub fn outbound(&self) -> impl Iterator<Item = &Outbound> {
+        self.listeners.iter().filter_map(|l| match l {
+            Listener::Outbound(o) => Some(o),
+            _ => None,
+        })
+    }
+
     /// Reads a YAML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -304,24 +371,19 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let inv = |m: String| Err(ConfigError::Invalid(m));
         let mut names = std::collections::HashSet::new();
-        for n in self
-            .inbound
-            .iter()
-            .map(|l| &l.name)
-            .chain(self.outbound.iter().map(|l| &l.name))
-        {
-            if n.is_empty() || !names.insert(n.clone()) {
+        for n in self.listeners.iter().map(Listener::name) {
+            if n.is_empty() || !names.insert(n.to_owned()) {
                 return inv(format!(
                     "listener names must be unique and non-empty ({n:?})"
                 ));
             }
         }
-        for l in &self.inbound {
+        for l in self.inbound() {
             host_port(&l.forward_to).map_err(|e| {
                 ConfigError::Invalid(format!("inbound {}: forward_to: {e}", l.name))
             })?;
         }
-        for l in &self.outbound {
+        for l in self.outbound() {
             host_port(&l.upstream)
                 .map_err(|e| ConfigError::Invalid(format!("outbound {}: upstream: {e}", l.name)))?;
         }
@@ -374,14 +436,15 @@ mod tests {
 identity:
   files: { chain: /c.pem, key: /k.pem, bundle: /b.pem, trust_domain: example.org }
 admin_address: 127.0.0.1:15000
-inbound:
-  - name: in
+listeners:
+  - role: inbound
+    name: in
     listen: 0.0.0.0:15006
     forward_to: 127.0.0.1:8080
     protocol: auto
     tls: permissive
-outbound:
-  - name: backend
+  - role: outbound
+    name: backend
     listen: 127.0.0.1:15001
     upstream: backend.local:15006
     expected_ids: [spiffe://example.org/backend]
@@ -396,8 +459,10 @@ access_log:
     #[test]
     fn full_config_parses() {
         let c = ProxyConfig::from_yaml(FULL, "t").unwrap();
-        assert_eq!(c.inbound[0].protocol, Protocol::Auto);
-        assert_eq!(c.inbound[0].tls, TlsMode::Permissive);
+        let inbound: Vec<_> = c.inbound().collect();
+        assert_eq!(inbound[0].protocol, Protocol::Auto);
+        assert_eq!(inbound[0].tls, TlsMode::Permissive);
+        assert_eq!(c.outbound().count(), 1);
         assert_eq!(c.authorization.default, DefaultPolicy::SameTrustDomain);
         assert_eq!(c.authorization.mode, AuthzMode::DryRun);
         assert_eq!(c.peer_id_header, "x-ward-peer-id");
@@ -408,6 +473,16 @@ access_log:
     fn errors_are_clear() {
         let e = ProxyConfig::from_yaml(&format!("{FULL}\nbogus: 1\n"), "f").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        // Unknown keys inside a listener and unknown roles are refused too.
+        let e = ProxyConfig::from_yaml(
+            &FULL.replace("tls: permissive", "tls: permissive\n    extra: 1"),
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+        let e = ProxyConfig::from_yaml(&FULL.replace("role: outbound", "role: sideways"), "f")
+            .unwrap_err();
+        assert!(e.to_string().contains("sideways"), "{e}");
         let e =
             ProxyConfig::from_yaml(&FULL.replace("same-trust-domain", "maybe"), "f").unwrap_err();
         assert!(

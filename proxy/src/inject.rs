@@ -22,7 +22,8 @@ use ward_spiffe::SpiffeId;
 use ward_spiffe::policy::DefaultPolicy;
 
 use crate::config::{
-    AppProtocol, Authorization, IdentitySource, Inbound, Outbound, Protocol, ProxyConfig, TlsMode,
+    AppProtocol, Authorization, IdentitySource, Inbound, Listener, Outbound, Protocol, ProxyConfig,
+    TlsMode,
 };
 
 /// Name of the injected container.
@@ -343,8 +344,11 @@ fn pod(
             spiffe_id: None,
         },
         admin_address: SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)),
-        inbound,
-        outbound,
+        listeners: inbound
+            .into_iter()
+            .map(Listener::Inbound)
+            .chain(outbound.into_iter().map(Listener::Outbound))
+            .collect(),
         authorization: Authorization {
             default: o.default_policy,
             from_agent: true,
@@ -353,6 +357,7 @@ fn pod(
         peer_id_header: "x-ward-peer-id".into(),
         access_log: None,
         log_level: "info".into(),
+        drain_timeout: std::time::Duration::from_secs(5),
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.

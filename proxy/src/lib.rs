@@ -1,20 +1,25 @@
-//! ward-proxy: Ward's sidecar. Inbound listeners accept mutual TLS from other proxies and
-//! authorize every HTTP request and TCP connection before forwarding to the local application;
-//! outbound listeners carry the application's plaintext to upstream proxies over mutual TLS,
-//! checking the upstream's SPIFFE ID. Identity comes from the agent's Workload API or PEM
-//! files; every decision goes to a hash-chained access log. `main.rs` only calls [`cli::main`].
+//! ward-proxy: Ward's sidecar and the mesh's one data plane. Every listener runs the same
+//! stages ([`pipeline`]): listen → TLS → detect → plan → forward → observe, and its role
+//! (inbound: mTLS in, authorize, deliver to the local application; outbound: the
+//! application's plaintext out to a peer proxy over mTLS, checking its SPIFFE ID) decides
+//! which. Identity comes from the agent's Workload API or PEM files; every decision goes to a
+//! hash-chained access log. `main.rs` only calls [`cli::main`].
 
 pub mod access_log;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod detect;
+pub mod forward;
 pub mod http;
 pub mod identity;
-pub mod inbound;
 pub mod inject;
-pub mod io;
+pub mod listen;
 pub mod metrics;
-pub mod outbound;
+pub mod observe;
+pub mod pipeline;
+pub mod plan;
+pub mod refusal;
 pub mod server;
 pub mod tls;
 

@@ -10,9 +10,10 @@ use ward_net::CredentialSink;
 
 use crate::authz::Authz;
 use crate::config::ProxyConfig;
-use crate::inbound::InboundCtx;
+use crate::listen::Conns;
 use crate::metrics::Metrics;
-use crate::outbound::OutboundCtx;
+use crate::observe::Observer;
+use crate::pipeline::{ListenerCtx, Shared};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,10 +48,10 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Admin endpoint.
     pub admin_addr: SocketAddr,
-    /// Bound inbound listeners by name.
-    pub inbound: Vec<(String, SocketAddr)>,
-    /// Bound outbound listeners by name.
-    pub outbound: Vec<(String, SocketAddr)>,
+    /// Bound listeners: name, role, address.
+    pub listeners: Vec<(String, &'static str, SocketAddr)>,
+    conns: Arc<Conns>,
+    drain_timeout: std::time::Duration,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -117,44 +118,40 @@ impl Proxy {
             None => None,
         };
 
-        let mut inbound = Vec::new();
-        for l in &cfg.inbound {
-            let listener = bind(format!("inbound {}", l.name), l.listen).await?;
+        let header = http::HeaderName::from_bytes(cfg.peer_id_header.as_bytes())
+            .map_err(|e| StartError::Config(format!("peer_id_header: {e}")))?;
+        let shared = Arc::new(Shared {
+            server_tls: crate::pipeline::server_tls(sink.clone()),
+            sink: sink.clone(),
+            authz: authz.clone(),
+            obs: Observer {
+                log,
+                metrics: metrics.clone(),
+            },
+            header,
+            apps: Default::default(),
+            upstreams: Default::default(),
+        });
+        let conns = Arc::new(Conns::default());
+        let mut listeners = Vec::new();
+        for l in &cfg.listeners {
+            let listener = bind(format!("{} listener {}", l.role(), l.name()), l.listen()).await?;
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                what: l.name.clone(),
+                what: l.name().to_owned(),
                 source,
             })?;
-            let ctx = InboundCtx::new(
-                l.clone(),
-                addr.port(),
-                sink.clone(),
-                authz.clone(),
-                log.clone(),
-                metrics.clone(),
-                &cfg.peer_id_header,
-            )
-            .map_err(StartError::Config)?;
-            tasks.push(tokio::spawn(crate::inbound::serve(
+            let ctx = Arc::new(ListenerCtx::new(l, addr.port(), shared.clone()));
+            let drain = conns.draining();
+            tasks.push(tokio::spawn(crate::listen::accept_loop(
                 listener,
-                Arc::new(ctx),
+                ctx.name.clone(),
+                conns.clone(),
                 stop.clone(),
+                move |tcp, remote| {
+                    crate::pipeline::connection(ctx.clone(), tcp, remote, drain.clone())
+                },
             )));
-            inbound.push((l.name.clone(), addr));
-        }
-        let mut outbound = Vec::new();
-        for l in &cfg.outbound {
-            let listener = bind(format!("outbound {}", l.name), l.listen).await?;
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                what: l.name.clone(),
-                source,
-            })?;
-            let ctx = OutboundCtx::new(l.clone(), sink.clone(), log.clone(), metrics.clone());
-            tasks.push(tokio::spawn(crate::outbound::serve(
-                listener,
-                Arc::new(ctx),
-                stop.clone(),
-            )));
-            outbound.push((l.name.clone(), addr));
+            listeners.push((l.name().to_owned(), l.role(), addr));
         }
 
         // Ready once an SVID is held.
@@ -187,38 +184,55 @@ impl Proxy {
             })
             .await;
         }));
-        tracing::info!(admin = %admin_addr, ?inbound, ?outbound, "ward-proxy started");
+        tracing::info!(admin = %admin_addr, ?listeners, "ward-proxy started");
         Ok(Self {
             sink,
             authz,
             metrics,
             admin_addr,
-            inbound,
-            outbound,
+            listeners,
+            conns,
+            drain_timeout: cfg.drain_timeout,
             shutdown,
             tasks,
         })
     }
 
+    /// The address of listener `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, a)| *a)
+    }
+
     /// The address of an inbound listener.
     pub fn inbound_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.inbound
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+        self.addr(name)
     }
 
     /// The address of an outbound listener.
     pub fn outbound_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.outbound
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+        self.addr(name)
     }
 
-    /// Stops accepting and stops background tasks; open connections end with the process.
+    /// Open connection tasks (tests).
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Stops accepting, lets open connections finish (HTTP connections close gracefully
+    /// after their requests in flight) for up to `drain_timeout`, cuts the rest, then stops
+    /// the background tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let cut = self.conns.drain(self.drain_timeout).await;
+        if cut > 0 {
+            tracing::info!(
+                cut,
+                "connections still open at the drain deadline were closed"
+            );
+        }
         ward_net::process::join_with_deadline(self.tasks, std::time::Duration::from_secs(2)).await;
     }
 }

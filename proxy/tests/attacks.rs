@@ -140,7 +140,7 @@ async fn mesh_with(
         dir,
         Protocol::Http,
         |b| {
-            b.inbound[0].forward_to = app.to_string();
+            b.inbound_mut()[0].forward_to = app.to_string();
             tune_backend(b);
         },
         tune_frontend,
@@ -1204,7 +1204,7 @@ async fn permissive_mode_serves_plaintext_as_unauthenticated_and_strict_does_not
     let (mesh, seen) = mesh_with(
         dir.path(),
         |b| {
-            b.inbound[0].tls = TlsMode::Permissive;
+            b.inbound_mut()[0].tls = TlsMode::Permissive;
             b.authorization.default = DefaultPolicy::AllUnauthenticated;
             std::fs::write(&b.authorization.policy_files[0], "policies: []\n").unwrap();
         },
@@ -1339,7 +1339,7 @@ async fn tcp_connections_are_authorized_per_connection() {
         dir.path(),
         Protocol::Tcp,
         |b| {
-            b.inbound[0].forward_to = echo_addr.to_string();
+            b.inbound_mut()[0].forward_to = echo_addr.to_string();
             std::fs::write(&b.authorization.policy_files[0], TCP_ALLOW).unwrap();
         },
         |_| {},

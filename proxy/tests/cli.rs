@@ -134,6 +134,8 @@ fn log_verify_reports_the_first_broken_record() {
                 dst: None,
                 method: Some("GET".into()),
                 path: Some(format!("/{i}")),
+                orig_dst: None,
+                plan: "deliver",
                 status: 200,
                 decision: "allow",
                 policy: "p".into(),

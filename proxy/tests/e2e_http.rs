@@ -103,7 +103,7 @@ async fn http1_only_applications_work_across_the_http2_hop() {
     let mesh = Mesh::start_with(
         dir.path(),
         ward_proxy::config::Protocol::Http,
-        |b| b.inbound[0].forward_to = app.to_string(),
+        |b| b.inbound_mut()[0].forward_to = app.to_string(),
         |_| {},
     )
     .await;
@@ -130,8 +130,8 @@ async fn http1_only_applications_work_across_the_http2_hop() {
         dir.path(),
         ward_proxy::config::Protocol::Http,
         |b| {
-            b.inbound[0].forward_to = app.to_string();
-            b.inbound[0].app_protocol = ward_proxy::config::AppProtocol::Http1;
+            b.inbound_mut()[0].forward_to = app.to_string();
+            b.inbound_mut()[0].app_protocol = ward_proxy::config::AppProtocol::Http1;
         },
         |_| {},
     )

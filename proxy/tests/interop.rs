@@ -36,7 +36,7 @@ use ward_proto::workload::{
 };
 use ward_proxy::Proxy;
 use ward_proxy::config::{
-    AccessLog, Authorization, Inbound, Outbound, Protocol, ProxyConfig, TlsMode,
+    AccessLog, Authorization, Inbound, Listener, Outbound, Protocol, ProxyConfig, TlsMode,
 };
 use ward_testing::Pki;
 
@@ -423,15 +423,14 @@ impl GrpcMesh {
         let bcfg = ProxyConfig {
             identity: common::identity(&pki, dir, "backend"),
             admin_address: "127.0.0.1:0".parse().unwrap(),
-            inbound: vec![Inbound {
+            listeners: vec![Listener::Inbound(Inbound {
                 name: "public".into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 forward_to: app.to_string(),
                 protocol: Protocol::Http,
                 tls: TlsMode::Strict,
                 app_protocol: Default::default(),
-            }],
-            outbound: vec![],
+            })],
             authorization: Authorization {
                 policy_files: vec![policies],
                 reload_interval: Duration::from_millis(100),
@@ -444,14 +443,14 @@ impl GrpcMesh {
                 queue: 1024,
             }),
             log_level: "info".into(),
+            drain_timeout: std::time::Duration::from_secs(1),
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
         let fcfg = ProxyConfig {
             identity: common::identity(&pki, dir, "frontend"),
             admin_address: "127.0.0.1:0".parse().unwrap(),
-            inbound: vec![],
-            outbound: vec![Outbound {
+            listeners: vec![Listener::Outbound(Outbound {
                 name: "backend".into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 upstream: up.to_string(),
@@ -459,7 +458,7 @@ impl GrpcMesh {
                     ward_spiffe::SpiffeId::new("spiffe://mesh.test/backend").unwrap(),
                 ],
                 protocol: Protocol::Http,
-            }],
+            })],
             authorization: Authorization::default(),
             peer_id_header: HEADER.into(),
             access_log: Some(AccessLog {
@@ -468,6 +467,7 @@ impl GrpcMesh {
                 queue: 1024,
             }),
             log_level: "info".into(),
+            drain_timeout: std::time::Duration::from_secs(1),
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

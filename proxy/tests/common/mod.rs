@@ -16,7 +16,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ward_proxy::Proxy;
 use ward_proxy::config::{
-    AccessLog, Authorization, IdentitySource, Inbound, Outbound, Protocol, ProxyConfig, TlsMode,
+    AccessLog, Authorization, IdentitySource, Inbound, Listener, Outbound, Protocol, ProxyConfig,
+    TlsMode,
 };
 use ward_spiffe::TrustDomain;
 use ward_testing::Pki;
@@ -173,15 +174,14 @@ impl Mesh {
         let mut bcfg = ProxyConfig {
             identity: identity(&pki, dir, "backend"),
             admin_address: "127.0.0.1:0".parse().unwrap(),
-            inbound: vec![Inbound {
+            listeners: vec![Listener::Inbound(Inbound {
                 name: "public".into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 forward_to: app.to_string(),
                 protocol,
                 tls: TlsMode::Strict,
                 app_protocol: Default::default(),
-            }],
-            outbound: vec![],
+            })],
             authorization: Authorization {
                 policy_files: vec![policies.clone()],
                 reload_interval: Duration::from_millis(100),
@@ -194,6 +194,7 @@ impl Mesh {
                 queue: 1024,
             }),
             log_level: "info".into(),
+            drain_timeout: std::time::Duration::from_secs(1),
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -201,8 +202,7 @@ impl Mesh {
         let mut fcfg = ProxyConfig {
             identity: identity(&pki, dir, "frontend"),
             admin_address: "127.0.0.1:0".parse().unwrap(),
-            inbound: vec![],
-            outbound: vec![Outbound {
+            listeners: vec![Listener::Outbound(Outbound {
                 name: "backend".into(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 upstream: up.to_string(),
@@ -210,7 +210,7 @@ impl Mesh {
                     ward_spiffe::SpiffeId::new("spiffe://mesh.test/backend").unwrap(),
                 ],
                 protocol,
-            }],
+            })],
             authorization: Authorization::default(),
             peer_id_header: HEADER.into(),
             access_log: Some(AccessLog {
@@ -219,6 +219,7 @@ impl Mesh {
                 queue: 1024,
             }),
             log_level: "info".into(),
+            drain_timeout: std::time::Duration::from_secs(1),
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();

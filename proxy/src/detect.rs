@@ -1,5 +1,6 @@
-//! Byte-stream helpers: replaying sniffed bytes, protocol detection, and the connection type
-//! hyper's client pool needs.
+//! Protocol detection (the "detect" stage): whether a connection opens with a TLS
+//! ClientHello, whether its first bytes are HTTP, and replaying what was read. Pure
+//! classification over bytes ([`classify`]) plus bounded waits for the first bytes.
 
 use std::io;
 use std::pin::Pin;
@@ -132,61 +133,26 @@ pub async fn sniff<T: AsyncRead + Unpin>(
     }
 }
 
-/// A client TLS connection hyper's pool can use (it needs to know what ALPN negotiated).
-#[derive(Debug)]
-pub struct TlsClientIo(pub tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
-
-impl AsyncRead for TlsClientIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
+/// How a connection to an inbound listener opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// A TLS record (ClientHello): a meshed caller.
+    Tls,
+    /// Anything else, including silence until the wait ran out (a server-speaks-first
+    /// protocol): a plaintext caller.
+    Plain,
+    /// The caller closed without sending anything.
+    Closed,
 }
 
-impl AsyncWrite for TlsClientIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for TlsClientIo {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        let conn = self.0.get_ref().1;
-        let peer = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|l| ward_spiffe::x509::check_leaf(l, ward_spiffe::x509::Profile::Peer).ok())
-            .map(|i| i.id);
-        let c = hyper_util::client::legacy::connect::Connected::new()
-            .extra(crate::outbound::UpstreamId(peer));
-        if conn.alpn_protocol() == Some(b"h2") {
-            c.negotiated_h2()
-        } else {
-            c
-        }
+/// Peeks (without consuming) at the first byte of `tcp`, waiting at most `wait`.
+pub async fn opening(tcp: &tokio::net::TcpStream, wait: Duration) -> io::Result<Opening> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) => Ok(Opening::Closed),
+        Ok(Ok(_)) if first[0] == 0x16 => Ok(Opening::Tls),
+        Ok(Ok(_)) | Err(_) => Ok(Opening::Plain),
+        Ok(Err(e)) => Err(e),
     }
 }
 

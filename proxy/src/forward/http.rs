@@ -1,0 +1,359 @@
+//! The HTTP forward stage: serves one connection with hyper (HTTP/1.1 or HTTP/2), plans every
+//! request, answers refusals through [`crate::refusal`], and carries allowed requests to the
+//! local application (deliver) or to a peer proxy over pooled HTTP/2 mTLS (mesh).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AppProtocol;
+use crate::http::{Body, Counted, boxed, is_grpc, strip_hop_by_hop};
+use crate::observe::{Outcome, Record};
+use crate::pipeline::{ConnInfo, ListenerCtx, RoleCfg};
+use crate::plan::{Arrived, Head, Knows, Plan, Refused, plan};
+use crate::refusal::Refusal;
+use crate::tls::UpstreamId;
+
+/// Serves HTTP on `io` until the client closes or `drain` asks for a graceful close.
+pub async fn serve<IO>(l: Arc<ListenerCtx>, io: IO, conn: ConnInfo, drain: CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let ctx = l.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (l, conn) = (ctx.clone(), conn.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&l, &conn, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if matches!(l.role, RoleCfg::Inbound { .. }) {
+        builder.http2().max_concurrent_streams(1024);
+    }
+    let served = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    let r = tokio::select! {
+        r = served.as_mut() => r,
+        () = drain.cancelled() => {
+            // Finish what is in flight, take nothing new.
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(listener = %l.name, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// The request's authority as the client gave it: Host, or the URI's (HTTP/2).
+fn given_authority<B>(req: &Request<B>) -> Option<&str> {
+    match req.headers().get(header::HOST) {
+        // A Host that is not text is given, and malformed.
+        Some(h) => Some(h.to_str().unwrap_or("\u{0}")),
+        None => req.uri().authority().map(http::uri::Authority::as_str),
+    }
+}
+
+fn refuse(l: &ListenerCtx, mut rec: Record, r: Refused, grpc: bool) -> Response<Body> {
+    if let Some(p) = &r.path {
+        rec.set_path(p);
+    }
+    let (status, ..) = r.refusal.answer();
+    rec.decided(&l.shared.obs, r.outcome, "refuse");
+    rec.finish(&l.shared.obs, status.as_u16(), r.refusal.log_reason(), 0, 0);
+    r.refusal.respond(grpc)
+}
+
+async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let grpc = is_grpc(&req);
+    let own = l.shared.own_id();
+    let src = match l.role {
+        RoleCfg::Inbound { .. } => conn.peer.as_ref(),
+        RoleCfg::Outbound { .. } => own.as_ref(),
+    };
+    let mut rec = Record::start(&l.name, "http", src, conn.orig_dst)
+        .request(req.method().as_str(), req.uri().path());
+    let arrived = Arrived {
+        role: l.plan_role(),
+        port: l.port,
+        peer: conn.peer.as_ref(),
+        request: Some(Head {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            authority: given_authority(&req),
+        }),
+    };
+    let knows = Knows {
+        own_id: own.as_ref(),
+        authz: &l.shared.authz,
+    };
+    // The plan borrows the request; what it takes from it (the authority) is made owned so
+    // the request can move on.
+    let planned = plan(&arrived, &knows).map(|p| match p {
+        Plan::Deliver {
+            app,
+            authority,
+            path,
+            outcome,
+            reason,
+            dry_run_denied,
+        } => Target::Deliver {
+            app,
+            authority: authority.into_owned(),
+            path: path.unwrap_or_default(),
+            outcome,
+            reason,
+            dry_run_denied,
+        },
+        Plan::Mesh {
+            upstream,
+            expected,
+            authority,
+        } => Target::Mesh {
+            upstream,
+            expected,
+            authority: authority.into_owned(),
+        },
+    });
+    match planned {
+        Err(r) => refuse(l, rec, r, grpc),
+        Ok(Target::Deliver {
+            app,
+            authority,
+            path,
+            outcome,
+            reason,
+            dry_run_denied,
+        }) => {
+            rec.dst = own.as_ref().map(ToString::to_string);
+            rec.set_path(&path);
+            if dry_run_denied {
+                tracing::info!(src = ?conn.peer.as_ref().map(ToString::to_string), %path, %reason,
+                    "dry run: would deny");
+            }
+            deliver(
+                l, conn, rec, req, app, &authority, &path, outcome, reason, grpc,
+            )
+            .await
+        }
+        Ok(Target::Mesh {
+            upstream,
+            expected,
+            authority,
+        }) => mesh(l, rec, req, upstream, expected, &authority, grpc).await,
+    }
+}
+
+/// A plan with what it borrowed from the request made owned, so the request can be moved.
+enum Target<'r> {
+    Deliver {
+        app: &'r str,
+        authority: String,
+        path: String,
+        outcome: Outcome,
+        reason: String,
+        dry_run_denied: bool,
+    },
+    Mesh {
+        upstream: &'r str,
+        expected: &'r [ward_spiffe::SpiffeId],
+        authority: String,
+    },
+}
+
+/// Wraps a response body so the record is written when the exchange ends.
+fn finish_with_body(
+    l: &ListenerCtx,
+    rec: Record,
+    resp: Response<Incoming>,
+    reason: String,
+    bytes_in: Arc<AtomicU64>,
+) -> (http::response::Parts, Body) {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let bytes_out = Arc::new(AtomicU64::new(0));
+    let done: Option<Box<dyn FnOnce() + Send + Sync>> = l.shared.obs.log.as_ref().map(|_| {
+        let obs = l.shared.obs.clone();
+        let status = parts.status.as_u16();
+        let bo = bytes_out.clone();
+        Box::new(move || {
+            rec.finish(
+                &obs,
+                status,
+                reason,
+                bytes_in.load(Ordering::Relaxed),
+                bo.load(Ordering::Relaxed),
+            );
+        }) as Box<dyn FnOnce() + Send + Sync>
+    });
+    (parts, boxed(Counted::new(body, bytes_out, done)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deliver(
+    l: &ListenerCtx,
+    conn: &ConnInfo,
+    mut rec: Record,
+    mut req: Request<Incoming>,
+    app: &str,
+    authority: &str,
+    path: &str,
+    outcome: Outcome,
+    reason: String,
+    grpc: bool,
+) -> Response<Body> {
+    let RoleCfg::Inbound { app_protocol, .. } = &l.role else {
+        unreachable!("deliver plans come from inbound roles")
+    };
+    let shared = &l.shared;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    headers.remove(&shared.header);
+    if let Some(p) = &conn.peer
+        && let Ok(v) = HeaderValue::from_str(p.as_str())
+    {
+        headers.insert(shared.header.clone(), v);
+    }
+    // HTTP/2 to the application only if the original client spoke it (see ORIG_PROTO).
+    let orig_h1 = req.headers_mut().remove(crate::http::ORIG_PROTO).is_some();
+    let h2 = match app_protocol {
+        AppProtocol::Auto => req.version() == Version::HTTP_2 && !orig_h1,
+        AppProtocol::Http1 => false,
+        AppProtocol::Http2 => true,
+    };
+    // The request keeps its original authority (Host for HTTP/1.1, :authority for HTTP/2);
+    // the connector dials the application whatever the URI says.
+    let target = match req.uri().query() {
+        Some(q) => format!("http://{authority}{path}?{q}"),
+        None => format!("http://{authority}{path}"),
+    };
+    let Ok(uri) = target.parse::<Uri>() else {
+        let r = Refused {
+            refusal: Refusal::BadRequest("bad request target"),
+            outcome,
+            path: None,
+        };
+        return refuse(l, rec, r, grpc);
+    };
+    rec.decided(&shared.obs, outcome, "deliver");
+    if h2 {
+        req.headers_mut().remove(header::HOST);
+    } else if let Ok(v) = HeaderValue::from_str(authority) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    *req.uri_mut() = uri;
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let (parts, body) = req.into_parts();
+    let mut out = Request::from_parts(parts, boxed(Counted::new(body, bytes_in.clone(), None)));
+    let clients = shared.apps.get(app);
+    let result = if h2 {
+        clients.h2.request(out).await
+    } else {
+        *out.version_mut() = Version::HTTP_11;
+        clients.h1.request(out).await
+    };
+    rec.observe_latency(&shared.obs);
+    match result {
+        Ok(resp) => {
+            let (parts, body) = finish_with_body(l, rec, resp, reason, bytes_in);
+            Response::from_parts(parts, body)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, app, "application unreachable");
+            let r = Refusal::AppUnreachable(e.to_string());
+            let (status, ..) = r.answer();
+            rec.finish(
+                &shared.obs,
+                status.as_u16(),
+                r.log_reason(),
+                bytes_in.load(Ordering::Relaxed),
+                0,
+            );
+            r.respond(grpc)
+        }
+    }
+}
+
+async fn mesh(
+    l: &ListenerCtx,
+    mut rec: Record,
+    mut req: Request<Incoming>,
+    upstream: &str,
+    expected: &[ward_spiffe::SpiffeId],
+    authority: &str,
+    grpc: bool,
+) -> Response<Body> {
+    let shared = &l.shared;
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Ok(uri) = format!("http://{authority}{pq}").parse::<Uri>() else {
+        let r = Refused {
+            refusal: Refusal::BadRequest("bad request target"),
+            outcome: Outcome::plain("error", "outbound"),
+            path: None,
+        };
+        return refuse(l, rec, r, grpc);
+    };
+    // The request's authority travels as :authority; the connector always dials the peer.
+    let h1 = req.version() != Version::HTTP_2;
+    strip_hop_by_hop(req.headers_mut());
+    req.headers_mut().remove(header::HOST);
+    req.headers_mut().remove(crate::http::ORIG_PROTO);
+    if h1 {
+        req.headers_mut().insert(
+            crate::http::ORIG_PROTO,
+            HeaderValue::from_static("HTTP/1.1"),
+        );
+    }
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let (parts, body) = req.into_parts();
+    let out = Request::from_parts(parts, boxed(Counted::new(body, bytes_in.clone(), None)));
+    let up = shared.upstreams.get(
+        upstream,
+        expected,
+        &shared.sink,
+        &l.name,
+        &shared.obs.metrics,
+    );
+    let result = up.client().request(out).await;
+    rec.observe_latency(&shared.obs);
+    match result {
+        Ok(resp) => {
+            rec.decided(&shared.obs, Outcome::plain("allow", "outbound"), "mesh");
+            rec.dst = resp
+                .extensions()
+                .get::<UpstreamId>()
+                .and_then(|u| u.0.as_ref())
+                .map(ToString::to_string);
+            let (mut parts, body) = finish_with_body(l, rec, resp, "forwarded".into(), bytes_in);
+            if parts.headers.get(header::CONTENT_TYPE).is_none() && grpc {
+                parts.headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+            }
+            Response::from_parts(parts, body)
+        }
+        Err(e) => {
+            let r = Refusal::Unavailable(format!(
+                "upstream {upstream} unavailable: {}",
+                crate::forward::source_chain(&e)
+            ));
+            tracing::warn!(reason = %r.log_reason(), "outbound request failed");
+            rec.decided(&shared.obs, Outcome::plain("error", "outbound"), "mesh");
+            let (status, ..) = r.answer();
+            rec.finish(&shared.obs, status.as_u16(), r.log_reason(), 0, 0);
+            r.respond(grpc)
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The TCP forward stage: one plan per connection; allowed connections are spliced to the
+//! local application (deliver) or to a peer proxy over a fresh mTLS connection (mesh). A
+//! refused connection is closed — that is the TCP denial.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::observe::{Outcome, Record};
+use crate::pipeline::{ConnInfo, ListenerCtx, RoleCfg};
+use crate::plan::{Arrived, Knows, Plan, plan};
+use crate::refusal::Refusal;
+
+/// Forwards one TCP connection.
+pub async fn serve<IO>(l: Arc<ListenerCtx>, mut io: IO, conn: ConnInfo)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = &l.shared;
+    let own = shared.own_id();
+    let src = match l.role {
+        RoleCfg::Inbound { .. } => conn.peer.as_ref(),
+        RoleCfg::Outbound { .. } => own.as_ref(),
+    };
+    let mut rec = Record::start(&l.name, "tcp", src, conn.orig_dst);
+    let arrived = Arrived {
+        role: l.plan_role(),
+        port: l.port,
+        peer: conn.peer.as_ref(),
+        request: None,
+    };
+    let knows = Knows {
+        own_id: own.as_ref(),
+        authz: &shared.authz,
+    };
+    match plan(&arrived, &knows) {
+        Err(r) => {
+            rec.decided(&shared.obs, r.outcome, "refuse");
+            rec.finish(&shared.obs, 0, r.refusal.log_reason(), 0, 0);
+        }
+        Ok(Plan::Deliver {
+            app,
+            outcome,
+            reason,
+            ..
+        }) => {
+            rec.dst = own.as_ref().map(ToString::to_string);
+            rec.decided(&shared.obs, outcome, "deliver");
+            let mut up = match crate::forward::pools::dial(app).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let r = Refusal::AppUnreachable(e.to_string());
+                    rec.finish(&shared.obs, 0, r.log_reason(), 0, 0);
+                    return;
+                }
+            };
+            let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut up)
+                .await
+                .unwrap_or((0, 0));
+            rec.finish(&shared.obs, 0, reason, i, o);
+        }
+        Ok(Plan::Mesh {
+            upstream, expected, ..
+        }) => {
+            let up = shared.upstreams.get(
+                upstream,
+                expected,
+                &shared.sink,
+                &l.name,
+                &shared.obs.metrics,
+            );
+            let mut tls = match up.connect_tcp(&l.name, &shared.obs.metrics).await {
+                Ok(s) => s,
+                Err(e) => {
+                    rec.decided(&shared.obs, Outcome::plain("error", "outbound"), "mesh");
+                    let r = Refusal::Unavailable(format!("upstream {upstream} unavailable: {e}"));
+                    rec.finish(&shared.obs, 0, r.log_reason(), 0, 0);
+                    return;
+                }
+            };
+            rec.decided(&shared.obs, Outcome::plain("allow", "outbound"), "mesh");
+            rec.dst = crate::tls::upstream_id(&tls).map(|i| i.to_string());
+            let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut tls)
+                .await
+                .unwrap_or((0, 0));
+            rec.finish(&shared.obs, 0, "forwarded".into(), i, o);
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Every way the proxy refuses or fails a request, and the one mapping to what the caller
+//! sees: an HTTP status with a one-line reason, a gRPC status (trailers-only), or — for TCP — a
+//! closed connection.
+
+use http::{Response, StatusCode};
+
+use crate::http::{Body, GrpcCode, local_response};
+
+/// Why a request or connection does not reach its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The proxy holds no SVID yet, so it cannot authorize anyone.
+    NoIdentity,
+    /// Authorization denied it; the reason names the policy or default.
+    Forbidden(String),
+    /// The request is malformed: its Host, or its target.
+    BadRequest(&'static str),
+    /// The local application did not answer.
+    AppUnreachable(String),
+    /// The peer proxy (or the destination) could not be reached; the reason says why.
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// The HTTP status, gRPC code and message a caller gets.
+    pub fn answer(&self) -> (StatusCode, GrpcCode, String) {
+        match self {
+            Refusal::NoIdentity => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                GrpcCode::Unavailable,
+                "proxy has no identity yet".into(),
+            ),
+            Refusal::Forbidden(reason) => (
+                StatusCode::FORBIDDEN,
+                GrpcCode::PermissionDenied,
+                format!("forbidden: {reason}"),
+            ),
+            Refusal::BadRequest(what) => (
+                StatusCode::BAD_REQUEST,
+                GrpcCode::InvalidArgument,
+                (*what).to_owned(),
+            ),
+            Refusal::AppUnreachable(_) => (
+                StatusCode::BAD_GATEWAY,
+                GrpcCode::Unavailable,
+                "application unreachable".into(),
+            ),
+            Refusal::Unavailable(reason) => (
+                StatusCode::BAD_GATEWAY,
+                GrpcCode::Unavailable,
+                reason.clone(),
+            ),
+        }
+    }
+
+    /// The reason written to the access log (more than the caller is told).
+    pub fn log_reason(&self) -> String {
+        match self {
+            Refusal::NoIdentity => "proxy has no identity yet".into(),
+            Refusal::Forbidden(r) => r.clone(),
+            Refusal::BadRequest(r) => (*r).to_owned(),
+            Refusal::AppUnreachable(e) => format!("application unreachable: {e}"),
+            Refusal::Unavailable(r) => r.clone(),
+        }
+    }
+
+    /// The response for an HTTP or gRPC caller.
+    pub fn respond(&self, grpc: bool) -> Response<Body> {
+        let (status, code, msg) = self.answer();
+        local_response(grpc, status, code, &msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_one_answer() {
+        let cases = [
+            (Refusal::NoIdentity, 503, 14),
+            (Refusal::Forbidden("no ALLOW policy matched".into()), 403, 7),
+            (Refusal::BadRequest("invalid Host header"), 400, 3),
+            (Refusal::AppUnreachable("refused".into()), 502, 14),
+            (
+                Refusal::Unavailable("upstream x unavailable".into()),
+                502,
+                14,
+            ),
+        ];
+        for (r, status, code) in cases {
+            let (s, c, _) = r.answer();
+            assert_eq!((s.as_u16(), c as u16), (status, code), "{r:?}");
+            let grpc = r.respond(true);
+            assert_eq!(grpc.status(), 200);
+            assert_eq!(grpc.headers()["grpc-status"], code.to_string().as_str());
+            assert_eq!(r.respond(false).status().as_u16(), status);
+        }
+        assert_eq!(
+            Refusal::Forbidden("x".into()).answer().2,
+            "forbidden: x",
+            "the caller sees the reason"
+        );
+        assert_eq!(
+            Refusal::AppUnreachable("connection refused".into())
+                .answer()
+                .2,
+            "application unreachable",
+            "but not the application's address or error"
+        );
+    }
+}
