@@ -1,9 +1,10 @@
-//! The `ward-proxy` command line: `run`, `check-config`, `inject`, `policy explain`,
+//! The `ward-proxy` command line: `run`, `init`, `check-config`, `inject`, `policy explain`,
 //! `log verify`.
 //!
 //! Exit codes: 0 success (for `policy explain`: the request would be allowed); 1 runtime
 //! failure, or `log verify` found a broken chain; 2 invalid configuration, policy file or
-//! arguments; 8 `policy explain`: the request would be denied (as `ward-ca policy explain`).
+//! arguments; 4 `init` lacks CAP_NET_ADMIN; 8 `policy explain`: the request would be denied
+//! (as `ward-ca policy explain`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,11 +17,19 @@ use crate::config::ProxyConfig;
 
 /// ward-proxy: Ward's mutual-TLS sidecar.
 #[derive(Debug, Parser)]
-#[command(name = "ward-proxy", version, about)]
+#[command(name = "ward-proxy", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// What `--help` says about exit codes.
+const EXIT_CODES: &str = "Exit codes:
+  0  success (policy explain: allowed)
+  1  runtime failure; log verify: the chain is broken
+  2  invalid configuration, policy file or arguments
+  4  init: no CAP_NET_ADMIN in this network namespace
+  8  policy explain: denied";
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
@@ -74,6 +83,11 @@ enum Command {
         #[arg(long, default_value = "/run/ward")]
         socket_dir: String,
     },
+    /// Install (or with --remove, remove) the rules that send every TCP connection of this
+    /// network namespace through the proxy: inbound to the inbound capture port, outbound
+    /// (except the proxy's own, loopback and exclusions) to the outbound capture port. Run once
+    /// per pod, as root with NET_ADMIN (an init container). Running it again changes nothing.
+    Init(InitArgs),
     /// Validate a configuration file (and its policy files) and print it with defaults.
     CheckConfig {
         /// YAML configuration file.
@@ -125,6 +139,89 @@ enum PolicyCmd {
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+/// Flags of `ward-proxy init`.
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// Print the nftables script instead of installing it.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules (the pod is reachable around the proxy again).
+    #[arg(long)]
+    remove: bool,
+    /// The proxy's inbound capture port.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The proxy's outbound capture port.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// The uid the proxy runs as; its own connections are never captured. No application
+    /// container may run as this uid.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The proxy's admin port (probes of the proxy itself, metrics): never captured.
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// Inbound ports that reach the application directly, e.g. 22,9090.
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone, e.g. 53.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations left alone, e.g. 169.254.169.254/32,10.96.0.1.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<crate::capture::cidr::Cidr>,
+    /// Do not capture inbound connections.
+    #[arg(long)]
+    no_inbound: bool,
+    /// Do not capture outbound connections.
+    #[arg(long)]
+    no_outbound: bool,
+    /// The nft binary.
+    #[arg(long, default_value = "nft")]
+    nft: String,
+}
+
+fn init(a: InitArgs) -> ExitCode {
+    use crate::capture::rules;
+    let script = if a.remove {
+        rules::remove_script()
+    } else {
+        rules::install_script(&rules::Options {
+            inbound_port: a.inbound_port,
+            outbound_port: a.outbound_port,
+            proxy_uid: a.proxy_uid,
+            inbound: !a.no_inbound,
+            outbound: !a.no_outbound,
+            exclude_inbound_ports: a.exclude_inbound_ports,
+            exclude_outbound_ports: a.exclude_outbound_ports,
+            exclude_outbound_cidrs: a.exclude_outbound_cidrs,
+            admin_port: a.admin_port,
+        })
+    };
+    if a.dry_run {
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{script}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    match crate::capture::apply(&a.nft, &script) {
+        Ok(()) => {
+            eprintln!(
+                "ward-proxy: {} (nft list table inet {} shows them)",
+                if a.remove {
+                    "capture rules removed"
+                } else {
+                    "capture rules installed"
+                },
+                rules::TABLE
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.exit_code(), &e),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +325,7 @@ pub async fn main() -> ExitCode {
                 Err(e) => fail(2, &e),
             }
         }
+        Command::Init(a) => init(a),
         Command::CheckConfig { config } => {
             let cfg = match ProxyConfig::from_file(&config) {
                 Ok(c) => c,

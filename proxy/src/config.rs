@@ -93,6 +93,14 @@ pub enum Listener {
     Inbound(Inbound),
     /// The local application's plaintext → mTLS to a fixed upstream proxy.
     Outbound(Outbound),
+    /// Every TCP connection to the pod, redirected by `ward-proxy init`: mTLS from meshed
+    /// callers or plaintext from unmeshed ones → authorization → the application on the port
+    /// the caller dialled.
+    InboundCapture(InboundCapture),
+    /// Every TCP connection the application opens, redirected by `ward-proxy init`: to a peer
+    /// proxy over mTLS when the mesh table names the destination, otherwise passed through or
+    /// refused.
+    OutboundCapture(OutboundCapture),
 }
 
 impl Listener {
@@ -101,6 +109,8 @@ impl Listener {
         match self {
             Listener::Inbound(l) => &l.name,
             Listener::Outbound(l) => &l.name,
+            Listener::InboundCapture(l) => &l.name,
+            Listener::OutboundCapture(l) => &l.name,
         }
     }
 
@@ -109,6 +119,8 @@ impl Listener {
         match self {
             Listener::Inbound(l) => l.listen,
             Listener::Outbound(l) => l.listen,
+            Listener::InboundCapture(l) => l.listen,
+            Listener::OutboundCapture(l) => l.listen,
         }
     }
 
@@ -117,8 +129,143 @@ impl Listener {
         match self {
             Listener::Inbound(_) => "inbound",
             Listener::Outbound(_) => "outbound",
+            Listener::InboundCapture(_) => "inbound-capture",
+            Listener::OutboundCapture(_) => "outbound-capture",
         }
     }
+}
+
+/// How a captured inbound port is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMode {
+    /// HTTP (authorized per request), TCP (per connection, "opaque"), or detected.
+    #[serde(default = "auto")]
+    pub protocol: Protocol,
+    /// `permissive`: plaintext from unmeshed callers is accepted as unauthenticated (the
+    /// default policy `deny` still refuses it); `strict`: mTLS only.
+    #[serde(default = "permissive")]
+    pub tls: TlsMode,
+    /// HTTP version spoken to the application.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+}
+
+fn auto() -> Protocol {
+    Protocol::Auto
+}
+
+fn permissive() -> TlsMode {
+    TlsMode::Permissive
+}
+
+impl Default for PortMode {
+    fn default() -> Self {
+        Self {
+            protocol: Protocol::Auto,
+            tls: TlsMode::Permissive,
+            app_protocol: AppProtocol::Auto,
+        }
+    }
+}
+
+/// Where the proxy reaches the application of a captured connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AppAddress {
+    /// The address the caller dialled (the pod IP): for applications bound to `0.0.0.0` or the
+    /// pod IP.
+    #[default]
+    Original,
+    /// `127.0.0.1` / `::1` on the dialled port: for applications bound to loopback only.
+    Loopback,
+}
+
+/// An HTTP probe of the kubelet that unauthenticated callers may reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// The application port.
+    pub port: u16,
+    /// The exact path (normalized before comparison).
+    pub path: String,
+}
+
+/// The inbound capture listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundCapture {
+    /// Name (metrics, logs).
+    pub name: String,
+    /// Where `ward-proxy init` redirects inbound connections (`[::]:15006` takes IPv4 and
+    /// IPv6).
+    pub listen: SocketAddr,
+    /// Where the application is reached.
+    #[serde(default)]
+    pub app_address: AppAddress,
+    /// How ports not named in `ports` are served.
+    #[serde(default)]
+    pub default_port: PortMode,
+    /// Per-port overrides (e.g. `3306: { protocol: tcp }` for a server-speaks-first protocol).
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<u16, PortMode>,
+    /// HTTP GET/HEAD requests to these (port, path) pairs are allowed from unauthenticated
+    /// callers whatever the policies say, so the kubelet's probes keep working (`inject` fills
+    /// this from the pod's probes). Set `authorize_probes: false` to let policy decide.
+    #[serde(default)]
+    pub probes: Vec<Probe>,
+    /// Allow the probes above.
+    #[serde(default = "yes")]
+    pub authorize_probes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What happens to an outbound connection whose destination the mesh table does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownDestination {
+    /// Connect to it as the application asked, in plaintext (it is outside the mesh).
+    #[default]
+    Passthrough,
+    /// Close the connection.
+    Refuse,
+}
+
+/// A mesh destination: connections to it go over mTLS to the peer's proxy, which must present
+/// one of `expected_ids`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshRoute {
+    /// Addresses (`10.1.0.0/16`, `10.1.2.3`, `fd00::/64`).
+    pub dst: crate::capture::cidr::Cidr,
+    /// Ports (empty: every port).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// SPIFFE IDs the peer may present (at least one).
+    pub expected_ids: Vec<SpiffeId>,
+}
+
+/// The outbound capture listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundCapture {
+    /// Name (metrics, logs).
+    pub name: String,
+    /// Where `ward-proxy init` redirects outbound connections (`127.0.0.1:15001`; a second
+    /// listener on `[::1]:15001` takes IPv6).
+    pub listen: SocketAddr,
+    /// HTTP, TCP or detected.
+    #[serde(default = "auto")]
+    pub protocol: Protocol,
+    /// Mesh destinations, first match wins (until service discovery delivers them).
+    #[serde(default)]
+    pub routes: Vec<MeshRoute>,
+    /// Destinations no route names.
+    #[serde(default)]
+    pub unknown: UnknownDestination,
 }
 
 /// Accepts mTLS from other proxies and forwards to the local application.
@@ -311,6 +458,20 @@ impl ProxyConfig {
             .collect()
     }
 
+    /// A configuration with this identity and every default (tests, inject).
+    pub fn new(identity: IdentitySource) -> Self {
+        Self {
+            identity,
+            admin_address: default_admin(),
+            listeners: Vec::new(),
+            authorization: Authorization::default(),
+            peer_id_header: default_header(),
+            access_log: None,
+            log_level: default_log_level(),
+            drain_timeout: default_drain(),
+        }
+    }
+
     /// The outbound listeners.
     pub fn outbound(&self) -> impl Iterator<Item = &Outbound> {
         self.listeners.iter().filter_map(|l| match l {
@@ -386,6 +547,19 @@ impl ProxyConfig {
         for l in self.outbound() {
             host_port(&l.upstream)
                 .map_err(|e| ConfigError::Invalid(format!("outbound {}: upstream: {e}", l.name)))?;
+        }
+        for l in &self.listeners {
+            if let Listener::OutboundCapture(o) = l {
+                for r in &o.routes {
+                    if r.expected_ids.is_empty() {
+                        return inv(format!(
+                            "outbound-capture {}: route {}: expected_ids must name at least one \
+                             SPIFFE ID",
+                            o.name, r.dst
+                        ));
+                    }
+                }
+            }
         }
         let h = &self.peer_id_header;
         if h.is_empty()

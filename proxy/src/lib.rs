@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod authz;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod detect;

@@ -22,12 +22,15 @@ use ward_net::{CredentialSink, PeerPolicy};
 use ward_spiffe::SpiffeId;
 
 use crate::authz::Authz;
-use crate::config::{AppProtocol, Listener, Protocol, TlsMode};
+use crate::config::{
+    AppAddress, AppProtocol, Listener, MeshRoute, PortMode, Probe, Protocol, TlsMode,
+    UnknownDestination,
+};
 use crate::detect::{Opening, Prefixed, Sniffed, opening, sniff};
 use crate::forward::pools::{AppClients, Upstreams};
 use crate::metrics::ConnGuard;
 use crate::observe::Observer;
-use crate::plan::Role;
+use crate::plan::{Arrived, Knows, Plan, Role};
 use crate::tls::ListenerTls;
 
 /// How long detection waits for a client's first bytes.
@@ -78,6 +81,35 @@ pub enum RoleCfg {
         /// IDs it may present.
         expected: Vec<SpiffeId>,
     },
+    /// See [`crate::config::InboundCapture`].
+    InboundCapture {
+        /// Where the application is reached.
+        app_address: AppAddress,
+        /// Ports without an override.
+        default_port: PortMode,
+        /// Per-port overrides.
+        ports: std::collections::BTreeMap<u16, PortMode>,
+        /// Probes unauthenticated callers may reach (empty if not authorized).
+        probes: Vec<Probe>,
+    },
+    /// See [`crate::config::OutboundCapture`].
+    OutboundCapture {
+        /// Mesh destinations.
+        routes: Vec<MeshRoute>,
+        /// Other destinations.
+        unknown: UnknownDestination,
+    },
+}
+
+impl RoleCfg {
+    /// Whether the role serves callers from outside the pod (its peer is the source) rather
+    /// than the local application (this workload is the source).
+    pub fn is_inbound(&self) -> bool {
+        matches!(
+            self,
+            RoleCfg::Inbound { .. } | RoleCfg::InboundCapture { .. }
+        )
+    }
 }
 
 /// One listener: its name, bound port, protocol setting, role, and the shared parts.
@@ -114,6 +146,26 @@ impl ListenerCtx {
                     expected: o.expected_ids.clone(),
                 },
             ),
+            Listener::InboundCapture(c) => (
+                c.default_port.protocol,
+                RoleCfg::InboundCapture {
+                    app_address: c.app_address,
+                    default_port: c.default_port,
+                    ports: c.ports.clone(),
+                    probes: if c.authorize_probes {
+                        c.probes.clone()
+                    } else {
+                        Vec::new()
+                    },
+                },
+            ),
+            Listener::OutboundCapture(c) => (
+                c.protocol,
+                RoleCfg::OutboundCapture {
+                    routes: c.routes.clone(),
+                    unknown: c.unknown,
+                },
+            ),
         };
         Self {
             name: Arc::from(l.name()),
@@ -124,11 +176,41 @@ impl ListenerCtx {
         }
     }
 
-    /// The role as `plan` sees it.
-    pub fn plan_role(&self) -> Role<'_> {
+    /// The role as `plan` sees it for connection `conn`.
+    pub fn plan_role<'r>(&'r self, conn: &'r ConnInfo) -> Role<'r> {
         match &self.role {
-            RoleCfg::Inbound { forward_to, .. } => Role::Inbound { app: forward_to },
+            RoleCfg::Inbound { forward_to, .. } => Role::Inbound {
+                app: forward_to,
+                probes: &[],
+            },
             RoleCfg::Outbound { upstream, expected } => Role::Outbound { upstream, expected },
+            RoleCfg::InboundCapture { probes, .. } => Role::Inbound {
+                app: &conn.target,
+                probes,
+            },
+            RoleCfg::OutboundCapture { routes, unknown } => Role::OutboundCapture {
+                routes,
+                unknown: *unknown,
+                dst: &conn.target,
+            },
+        }
+    }
+
+    /// What arrived on `conn`, with `request` (`None` for the connection itself).
+    pub fn arrived<'r, 'h>(
+        &'r self,
+        conn: &'r ConnInfo,
+        request: Option<crate::plan::Head<'h>>,
+    ) -> Arrived<'r, 'h>
+    where
+        'r: 'h,
+    {
+        Arrived {
+            role: self.plan_role(conn),
+            port: conn.port,
+            orig_dst: conn.orig_dst,
+            peer: conn.peer.as_ref(),
+            request,
         }
     }
 }
@@ -142,6 +224,13 @@ pub struct ConnInfo {
     pub peer: Option<SpiffeId>,
     /// The address the caller dialled, when the connection was captured.
     pub orig_dst: Option<SocketAddr>,
+    /// The port authorization sees: the listener's, or the dialled one for captured traffic.
+    pub port: u16,
+    /// Captured traffic: where it goes (inbound: the application's address; outbound: the
+    /// original destination). Empty otherwise.
+    pub target: String,
+    /// HTTP version to the application.
+    pub app_protocol: AppProtocol,
 }
 
 /// Server TLS for inbound roles.
@@ -162,37 +251,130 @@ pub async fn connection(
 ) {
     let _guard = ConnGuard::new(&l.shared.obs.metrics, &l.name);
     let _ = tcp.set_nodelay(true);
-    let conn = ConnInfo {
+    let mut conn = ConnInfo {
         remote,
         peer: None,
         orig_dst: None,
+        port: l.port,
+        target: String::new(),
+        app_protocol: AppProtocol::Auto,
     };
     match &l.role {
-        RoleCfg::Inbound { tls, .. } => {
-            if *tls == TlsMode::Permissive {
-                match opening(&tcp, SNIFF_WAIT).await {
-                    // Plaintext (or a silent, server-speaks-first client): unauthenticated.
-                    Ok(Opening::Plain) => return detect(l, tcp, conn, None, drain).await,
-                    Ok(Opening::Tls) => {}
-                    Ok(Opening::Closed) | Err(_) => return,
-                }
-            }
-            let Some(cfg) = l.shared.server_tls.server() else {
-                tracing::debug!(%remote, "no SVID yet; refusing connection");
+        RoleCfg::Inbound {
+            tls, app_protocol, ..
+        } => {
+            conn.app_protocol = *app_protocol;
+            inbound(l.clone(), tcp, conn, *tls, l.protocol, drain).await;
+        }
+        RoleCfg::InboundCapture {
+            app_address,
+            default_port,
+            ports,
+            ..
+        } => {
+            let Some(orig) = redirected(&l, &tcp) else {
                 return;
             };
-            match crate::tls::accept(cfg, tcp, remote).await {
-                Ok(a) => {
-                    let conn = ConnInfo {
-                        peer: a.peer,
-                        ..conn
-                    };
-                    detect(l, a.io, conn, a.alpn, drain).await;
+            let mode = ports.get(&orig.port()).copied().unwrap_or(*default_port);
+            let app = match (app_address, orig) {
+                (AppAddress::Original, a) => a,
+                (AppAddress::Loopback, SocketAddr::V4(a)) => {
+                    SocketAddr::from(([127, 0, 0, 1], a.port()))
                 }
-                Err(f) => l.shared.obs.metrics.tls_failure(&l.name, f.0),
+                (AppAddress::Loopback, SocketAddr::V6(a)) => {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+                }
+            };
+            conn.orig_dst = Some(orig);
+            conn.port = orig.port();
+            conn.target = app.to_string();
+            conn.app_protocol = mode.app_protocol;
+            inbound(l.clone(), tcp, conn, mode.tls, mode.protocol, drain).await;
+        }
+        RoleCfg::Outbound { .. } => detect(l.clone(), tcp, conn, l.protocol, None, drain).await,
+        RoleCfg::OutboundCapture { .. } => {
+            let Some(orig) = redirected(&l, &tcp) else {
+                return;
+            };
+            conn.orig_dst = Some(orig);
+            conn.port = orig.port();
+            conn.target = orig.to_string();
+            // Where the connection goes decides whether its bytes are looked at at all:
+            // passthrough and refusals are per connection.
+            let meshed = {
+                let own = l.shared.own_id();
+                let knows = Knows {
+                    own_id: own.as_ref(),
+                    authz: &l.shared.authz,
+                };
+                matches!(
+                    crate::plan::plan(&l.arrived(&conn, None), &knows),
+                    Ok(Plan::Mesh { .. })
+                )
+            };
+            if meshed {
+                detect(l.clone(), tcp, conn, l.protocol, None, drain).await;
+            } else {
+                crate::forward::tcp::serve(l, tcp, conn).await;
             }
         }
-        RoleCfg::Outbound { .. } => detect(l, tcp, conn, None, drain).await,
+    }
+}
+
+/// The original destination of a captured connection, unless it was not redirected (dialled
+/// at the capture port itself, which would make the proxy connect to itself).
+fn redirected(l: &ListenerCtx, tcp: &TcpStream) -> Option<SocketAddr> {
+    let orig = crate::capture::original_dst(tcp);
+    let local = tcp.local_addr().ok();
+    match orig {
+        Some(o) if Some(o) != local && o.port() != l.port => Some(o),
+        _ => {
+            if let Some(n) = crate::pipeline::not_redirected_limiter().admit(&l.name) {
+                tracing::warn!(listener = %l.name, remote = ?tcp.peer_addr().ok(), suppressed = n,
+                    "connection to a capture listener that was not redirected; closed");
+            }
+            None
+        }
+    }
+}
+
+fn not_redirected_limiter() -> &'static ward_net::ratelog::LogLimiter {
+    static L: std::sync::OnceLock<ward_net::ratelog::LogLimiter> = std::sync::OnceLock::new();
+    L.get_or_init(ward_net::ratelog::LogLimiter::for_refusals)
+}
+
+/// The TLS stage of the inbound roles: mTLS, or plaintext (unauthenticated) where `tls`
+/// allows it.
+async fn inbound(
+    l: Arc<ListenerCtx>,
+    tcp: TcpStream,
+    conn: ConnInfo,
+    tls: TlsMode,
+    protocol: Protocol,
+    drain: CancellationToken,
+) {
+    let remote = conn.remote;
+    if tls == TlsMode::Permissive {
+        match opening(&tcp, SNIFF_WAIT).await {
+            // Plaintext (or a silent, server-speaks-first client): unauthenticated.
+            Ok(Opening::Plain) => return detect(l, tcp, conn, protocol, None, drain).await,
+            Ok(Opening::Tls) => {}
+            Ok(Opening::Closed) | Err(_) => return,
+        }
+    }
+    let Some(cfg) = l.shared.server_tls.server() else {
+        tracing::debug!(%remote, "no SVID yet; refusing connection");
+        return;
+    };
+    match crate::tls::accept(cfg, tcp, remote).await {
+        Ok(a) => {
+            let conn = ConnInfo {
+                peer: a.peer,
+                ..conn
+            };
+            detect(l, a.io, conn, protocol, a.alpn, drain).await;
+        }
+        Err(f) => l.shared.obs.metrics.tls_failure(&l.name, f.0),
     }
 }
 
@@ -202,12 +384,13 @@ async fn detect<IO>(
     l: Arc<ListenerCtx>,
     mut io: IO,
     conn: ConnInfo,
+    protocol: Protocol,
     alpn: Option<Vec<u8>>,
     drain: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match (l.protocol, alpn.as_deref()) {
+    match (protocol, alpn.as_deref()) {
         (Protocol::Http, _) | (Protocol::Auto, Some(b"h2" | b"http/1.1")) => {
             crate::forward::http::serve(l, io, conn, drain).await;
         }

@@ -3,11 +3,13 @@
 //! No socket is touched here; `forward` carries the plan out.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 
 use ward_spiffe::SpiffeId;
 use ward_spiffe::policy::{Request as AuthzRequest, path::normalize};
 
 use crate::authz::Authz;
+use crate::config::{MeshRoute, Probe, UnknownDestination};
 use crate::observe::Outcome;
 use crate::refusal::Refusal;
 
@@ -18,6 +20,8 @@ pub enum Role<'a> {
     Inbound {
         /// `host:port` of the application.
         app: &'a str,
+        /// Kubelet probes unauthenticated callers may reach.
+        probes: &'a [Probe],
     },
     /// Carry to the peer proxy at `upstream`, which must present one of `expected`.
     Outbound {
@@ -25,6 +29,15 @@ pub enum Role<'a> {
         upstream: &'a str,
         /// Accepted IDs (empty: any ID of a trusted trust domain).
         expected: &'a [SpiffeId],
+    },
+    /// A captured outbound connection to `dst`: the mesh table decides.
+    OutboundCapture {
+        /// Mesh destinations, first match wins.
+        routes: &'a [MeshRoute],
+        /// What happens to other destinations.
+        unknown: UnknownDestination,
+        /// The original destination as text (what is dialled).
+        dst: &'a str,
     },
 }
 
@@ -45,8 +58,11 @@ pub struct Head<'a> {
 pub struct Arrived<'r, 'h> {
     /// The listener's role.
     pub role: Role<'r>,
-    /// The port authorization sees (the listener's own port).
+    /// The port authorization sees: the listener's own, or for captured traffic the port the
+    /// caller dialled.
     pub port: u16,
+    /// The address the caller dialled, for captured connections.
+    pub orig_dst: Option<SocketAddr>,
     /// The verified peer (`None`: unauthenticated, or the local application).
     pub peer: Option<&'h SpiffeId>,
     /// The request head; `None` for a TCP connection.
@@ -89,6 +105,11 @@ pub enum Plan<'r, 'h> {
         /// The authority the request keeps (HTTP).
         authority: Cow<'h, str>,
     },
+    /// Outside the mesh: to the destination as the application asked, unchanged.
+    Passthrough {
+        /// `host:port` to dial.
+        to: &'r str,
+    },
 }
 
 impl Plan<'_, '_> {
@@ -97,6 +118,7 @@ impl Plan<'_, '_> {
         match self {
             Plan::Deliver { .. } => "deliver",
             Plan::Mesh { .. } => "mesh",
+            Plan::Passthrough { .. } => "passthrough",
         }
     }
 }
@@ -127,29 +149,62 @@ fn authority<'h>(given: Option<&'h str>, default: &'h str) -> Result<Cow<'h, str
 /// Plans one request (or TCP connection).
 pub fn plan<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r, 'h>, Refused> {
     match a.role {
-        Role::Inbound { app } => inbound(a, k, app),
-        Role::Outbound { upstream, expected } => {
-            let authority = match &a.request {
-                Some(h) => authority(h.authority, upstream).map_err(|refusal| Refused {
-                    refusal,
-                    outcome: Outcome::plain("error", "outbound"),
-                    path: None,
-                })?,
-                None => Cow::Borrowed(upstream),
+        Role::Inbound { app, probes } => inbound(a, k, app, probes),
+        Role::Outbound { upstream, expected } => mesh(a, upstream, expected),
+        Role::OutboundCapture {
+            routes,
+            unknown,
+            dst,
+        } => {
+            let refuse = |why: String| Refused {
+                refusal: Refusal::NoRoute(why),
+                outcome: Outcome::plain("deny", "outbound"),
+                path: None,
             };
-            Ok(Plan::Mesh {
-                upstream,
-                expected,
-                authority,
-            })
+            let Some(orig) = a.orig_dst else {
+                return Err(refuse(
+                    "the connection was not redirected: it has no original destination".into(),
+                ));
+            };
+            let route = routes.iter().find(|r| {
+                r.dst.contains(orig.ip()) && (r.ports.is_empty() || r.ports.contains(&orig.port()))
+            });
+            match (route, unknown) {
+                (Some(r), _) => mesh(a, dst, &r.expected_ids),
+                (None, UnknownDestination::Passthrough) => Ok(Plan::Passthrough { to: dst }),
+                (None, UnknownDestination::Refuse) => Err(refuse(format!(
+                    "{orig} is not a mesh destination and unknown destinations are refused"
+                ))),
+            }
         }
     }
+}
+
+fn mesh<'r: 'h, 'h>(
+    a: &Arrived<'r, 'h>,
+    upstream: &'r str,
+    expected: &'r [SpiffeId],
+) -> Result<Plan<'r, 'h>, Refused> {
+    let authority = match &a.request {
+        Some(h) => authority(h.authority, upstream).map_err(|refusal| Refused {
+            refusal,
+            outcome: Outcome::plain("error", "outbound"),
+            path: None,
+        })?,
+        None => Cow::Borrowed(upstream),
+    };
+    Ok(Plan::Mesh {
+        upstream,
+        expected,
+        authority,
+    })
 }
 
 fn inbound<'r: 'h, 'h>(
     a: &Arrived<'r, 'h>,
     k: &Knows<'_>,
     app: &'r str,
+    probes: &[Probe],
 ) -> Result<Plan<'r, 'h>, Refused> {
     let Some(own) = k.own_id else {
         return Err(Refused {
@@ -191,6 +246,25 @@ fn inbound<'r: 'h, 'h>(
             ),
         },
     };
+    // The kubelet's probes carry no identity; they reach exactly the probed paths.
+    if a.peer.is_none()
+        && let (Some(h), Some(p)) = (&a.request, &path)
+        && matches!(h.method, "GET" | "HEAD")
+        && probes.iter().any(|pr| pr.port == a.port && pr.path == *p)
+    {
+        return Ok(Plan::Deliver {
+            app,
+            authority: authority(h.authority, app).map_err(|refusal| Refused {
+                refusal,
+                outcome: Outcome::plain("allow", "probe"),
+                path: path.clone(),
+            })?,
+            path: path.clone(),
+            outcome: Outcome::plain("allow", "probe"),
+            reason: "kubelet probe (authorize_probes)".into(),
+            dry_run_denied: false,
+        });
+    }
     let outcome = Outcome::of(&decision);
     if !decision.proceed {
         return Err(Refused {
@@ -221,7 +295,7 @@ fn inbound<'r: 'h, 'h>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{Authorization, AuthzMode};
+    use crate::config::{Authorization, AuthzMode, MeshRoute, Probe, UnknownDestination};
     use ward_spiffe::policy::{DefaultPolicy, PolicyDoc};
 
     fn authz(mode: AuthzMode) -> Authz {
@@ -269,9 +343,17 @@ policies:
         let enforce = authz(AuthzMode::Enforce);
         let dry = authz(AuthzMode::DryRun);
         let app = "127.0.0.1:8080";
+        let probes = [Probe {
+            port: 8080,
+            path: "/healthz".into(),
+        }];
         let inbound = |peer, port, request| Arrived {
-            role: Role::Inbound { app },
+            role: Role::Inbound {
+                app,
+                probes: &probes,
+            },
             port,
+            orig_dst: None,
             peer,
             request,
         };
@@ -339,6 +421,37 @@ policies:
                 },
                 Ok((app, Some("/y"))),
             ),
+            // Probes: unauthenticated GET of the probed path on the probed port only.
+            (
+                inbound(None, 8080, head("GET", "/healthz", None)),
+                k,
+                Ok((app, Some("/healthz"))),
+            ),
+            (
+                inbound(None, 8080, head("GET", "/./healthz", None)),
+                k,
+                Ok((app, Some("/healthz"))),
+            ),
+            (
+                inbound(None, 8080, head("POST", "/healthz", None)),
+                k,
+                Err(Refusal::Forbidden("no ALLOW policy matched".into())),
+            ),
+            (
+                inbound(None, 8080, head("GET", "/healthz/x", None)),
+                k,
+                Err(Refusal::Forbidden("no ALLOW policy matched".into())),
+            ),
+            (
+                inbound(None, 8081, head("GET", "/healthz", None)),
+                k,
+                Err(Refusal::Forbidden("no ALLOW policy matched".into())),
+            ),
+            (
+                inbound(Some(&c), 8080, head("GET", "/healthz", None)),
+                k,
+                Err(Refusal::Forbidden("no ALLOW policy matched".into())),
+            ),
         ];
         for (i, (arrived, knows, want)) in cases.into_iter().enumerate() {
             let got = plan(&arrived, &knows);
@@ -393,6 +506,7 @@ policies:
                 expected: &expected,
             },
             port: 15001,
+            orig_dst: None,
             peer: None,
             request,
         };
@@ -421,5 +535,101 @@ policies:
         assert_eq!(e.refusal, Refusal::BadRequest("invalid Host header"));
         assert_eq!(e.outcome.decision, "error");
         assert!(matches!(plan(&out(None), &k), Ok(Plan::Mesh { .. })));
+    }
+
+    #[test]
+    fn outbound_capture_table() {
+        let enforce = authz(AuthzMode::Enforce);
+        let k = Knows {
+            own_id: None,
+            authz: &enforce,
+        };
+        let routes = vec![
+            MeshRoute {
+                dst: "10.250.2.0/24".parse().unwrap(),
+                ports: vec![8080],
+                expected_ids: vec![id("spiffe://t/b")],
+            },
+            MeshRoute {
+                dst: "fd00:250:2::/64".parse().unwrap(),
+                ports: vec![],
+                expected_ids: vec![id("spiffe://t/b6")],
+            },
+        ];
+        let cases: Vec<(&str, UnknownDestination, Result<&str, ()>)> = vec![
+            (
+                "10.250.2.2:8080",
+                UnknownDestination::Passthrough,
+                Ok("mesh spiffe://t/b"),
+            ),
+            (
+                "10.250.2.2:9090",
+                UnknownDestination::Passthrough,
+                Ok("passthrough"),
+            ),
+            ("10.250.2.2:9090", UnknownDestination::Refuse, Err(())),
+            (
+                "10.9.9.9:8080",
+                UnknownDestination::Passthrough,
+                Ok("passthrough"),
+            ),
+            (
+                "[fd00:250:2::2]:8080",
+                UnknownDestination::Refuse,
+                Ok("mesh spiffe://t/b6"),
+            ),
+            (
+                "[fd00:250:2::2]:1",
+                UnknownDestination::Refuse,
+                Ok("mesh spiffe://t/b6"),
+            ),
+            (
+                "[::ffff:10.250.2.9]:8080",
+                UnknownDestination::Refuse,
+                Ok("mesh spiffe://t/b"),
+            ),
+        ];
+        for (dst, unknown, want) in cases {
+            let orig: SocketAddr = dst.parse().unwrap();
+            let text = orig.to_string();
+            let a = Arrived {
+                role: Role::OutboundCapture {
+                    routes: &routes,
+                    unknown,
+                    dst: &text,
+                },
+                port: orig.port(),
+                orig_dst: Some(orig),
+                peer: None,
+                request: None,
+            };
+            let got = match plan(&a, &k) {
+                Ok(Plan::Mesh {
+                    upstream, expected, ..
+                }) => {
+                    assert_eq!(upstream, text);
+                    Ok(format!("mesh {}", expected[0]))
+                }
+                Ok(p) => Ok(p.label().to_owned()),
+                Err(r) => {
+                    assert!(matches!(r.refusal, Refusal::NoRoute(_)), "{r:?}");
+                    Err(())
+                }
+            };
+            assert_eq!(got, want.map(str::to_owned), "{dst} {unknown:?}");
+        }
+        // Not redirected: refused whatever the table says.
+        let a = Arrived {
+            role: Role::OutboundCapture {
+                routes: &routes,
+                unknown: UnknownDestination::Passthrough,
+                dst: "",
+            },
+            port: 15001,
+            orig_dst: None,
+            peer: None,
+            request: None,
+        };
+        assert!(plan(&a, &k).is_err());
     }
 }

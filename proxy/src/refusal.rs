@@ -19,6 +19,8 @@ pub enum Refusal {
     AppUnreachable(String),
     /// The peer proxy (or the destination) could not be reached; the reason says why.
     Unavailable(String),
+    /// A captured outbound connection to a destination the proxy may not reach.
+    NoRoute(String),
 }
 
 impl Refusal {
@@ -50,6 +52,11 @@ impl Refusal {
                 GrpcCode::Unavailable,
                 reason.clone(),
             ),
+            Refusal::NoRoute(reason) => (
+                StatusCode::FORBIDDEN,
+                GrpcCode::PermissionDenied,
+                reason.clone(),
+            ),
         }
     }
 
@@ -60,7 +67,7 @@ impl Refusal {
             Refusal::Forbidden(r) => r.clone(),
             Refusal::BadRequest(r) => (*r).to_owned(),
             Refusal::AppUnreachable(e) => format!("application unreachable: {e}"),
-            Refusal::Unavailable(r) => r.clone(),
+            Refusal::Unavailable(r) | Refusal::NoRoute(r) => r.clone(),
         }
     }
 
@@ -82,6 +89,7 @@ mod tests {
             (Refusal::Forbidden("no ALLOW policy matched".into()), 403, 7),
             (Refusal::BadRequest("invalid Host header"), 400, 3),
             (Refusal::AppUnreachable("refused".into()), 502, 14),
+            (Refusal::NoRoute("not a mesh destination".into()), 403, 7),
             (
                 Refusal::Unavailable("upstream x unavailable".into()),
                 502,

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AppProtocol;
 use crate::http::{Body, Counted, boxed, is_grpc, strip_hop_by_hop};
 use crate::observe::{Outcome, Record};
-use crate::pipeline::{ConnInfo, ListenerCtx, RoleCfg};
-use crate::plan::{Arrived, Head, Knows, Plan, Refused, plan};
+use crate::pipeline::{ConnInfo, ListenerCtx};
+use crate::plan::{Head, Knows, Plan, Refused, plan};
 use crate::refusal::Refusal;
 use crate::tls::UpstreamId;
 
@@ -32,7 +32,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(&l, &conn, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if matches!(l.role, RoleCfg::Inbound { .. }) {
+    if l.role.is_inbound() {
         builder.http2().max_concurrent_streams(1024);
     }
     let served = builder.serve_connection(TokioIo::new(io), svc);
@@ -72,29 +72,28 @@ fn refuse(l: &ListenerCtx, mut rec: Record, r: Refused, grpc: bool) -> Response<
 async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(&req);
     let own = l.shared.own_id();
-    let src = match l.role {
-        RoleCfg::Inbound { .. } => conn.peer.as_ref(),
-        RoleCfg::Outbound { .. } => own.as_ref(),
+    let src = if l.role.is_inbound() {
+        conn.peer.as_ref()
+    } else {
+        own.as_ref()
     };
     let mut rec = Record::start(&l.name, "http", src, conn.orig_dst)
         .request(req.method().as_str(), req.uri().path());
-    let arrived = Arrived {
-        role: l.plan_role(),
-        port: l.port,
-        peer: conn.peer.as_ref(),
-        request: Some(Head {
+    let arrived = l.arrived(
+        conn,
+        Some(Head {
             method: req.method().as_str(),
             path: req.uri().path(),
             authority: given_authority(&req),
         }),
-    };
+    );
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &l.shared.authz,
     };
     // The plan borrows the request; what it takes from it (the authority) is made owned so
     // the request can move on.
-    let planned = plan(&arrived, &knows).map(|p| match p {
+    let planned = plan(&arrived, &knows).and_then(|p| match p {
         Plan::Deliver {
             app,
             authority,
@@ -102,23 +101,29 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
             outcome,
             reason,
             dry_run_denied,
-        } => Target::Deliver {
+        } => Ok(Target::Deliver {
             app,
             authority: authority.into_owned(),
             path: path.unwrap_or_default(),
             outcome,
             reason,
             dry_run_denied,
-        },
+        }),
         Plan::Mesh {
             upstream,
             expected,
             authority,
-        } => Target::Mesh {
+        } => Ok(Target::Mesh {
             upstream,
             expected,
             authority: authority.into_owned(),
-        },
+        }),
+        // Passthrough is decided per connection, before any byte is read as HTTP.
+        Plan::Passthrough { to } => Err(Refused {
+            refusal: Refusal::NoRoute(format!("{to} is outside the mesh")),
+            outcome: Outcome::plain("error", "passthrough"),
+            path: None,
+        }),
     });
     match planned {
         Err(r) => refuse(l, rec, r, grpc),
@@ -207,9 +212,7 @@ async fn deliver(
     reason: String,
     grpc: bool,
 ) -> Response<Body> {
-    let RoleCfg::Inbound { app_protocol, .. } = &l.role else {
-        unreachable!("deliver plans come from inbound roles")
-    };
+    let app_protocol = conn.app_protocol;
     let shared = &l.shared;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);

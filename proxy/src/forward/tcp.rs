@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::observe::{Outcome, Record};
-use crate::pipeline::{ConnInfo, ListenerCtx, RoleCfg};
-use crate::plan::{Arrived, Knows, Plan, plan};
+use crate::pipeline::{ConnInfo, ListenerCtx};
+use crate::plan::{Knows, Plan, plan};
 use crate::refusal::Refusal;
 
 /// Forwards one TCP connection.
@@ -18,17 +18,13 @@ where
 {
     let shared = &l.shared;
     let own = shared.own_id();
-    let src = match l.role {
-        RoleCfg::Inbound { .. } => conn.peer.as_ref(),
-        RoleCfg::Outbound { .. } => own.as_ref(),
+    let src = if l.role.is_inbound() {
+        conn.peer.as_ref()
+    } else {
+        own.as_ref()
     };
     let mut rec = Record::start(&l.name, "tcp", src, conn.orig_dst);
-    let arrived = Arrived {
-        role: l.plan_role(),
-        port: l.port,
-        peer: conn.peer.as_ref(),
-        request: None,
-    };
+    let arrived = l.arrived(&conn, None);
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &shared.authz,
@@ -84,6 +80,31 @@ where
                 .await
                 .unwrap_or((0, 0));
             rec.finish(&shared.obs, 0, "forwarded".into(), i, o);
+        }
+        Ok(Plan::Passthrough { to }) => {
+            rec.decided(
+                &shared.obs,
+                Outcome::plain("allow", "passthrough"),
+                "passthrough",
+            );
+            let mut up = match crate::forward::pools::dial(to).await {
+                Ok(u) => u,
+                Err(e) => {
+                    let r = Refusal::Unavailable(format!("{to} unreachable: {e}"));
+                    rec.finish(&shared.obs, 0, r.log_reason(), 0, 0);
+                    return;
+                }
+            };
+            let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut up)
+                .await
+                .unwrap_or((0, 0));
+            rec.finish(
+                &shared.obs,
+                0,
+                "outside the mesh: passed through".into(),
+                i,
+                o,
+            );
         }
     }
 }

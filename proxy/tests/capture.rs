@@ -1,0 +1,673 @@
+//! Traffic capture with real kernel rules: two "pods" and a "node" as network namespaces joined
+//! by veth pairs (IPv4 and IPv6), each pod running a plain application bound to all addresses
+//! and a real `ward-proxy` (as its own uid) after `ward-proxy init` installed the nftables
+//! rules. Needs root, `ip`, `nft`, `setpriv`, `curl` and `python3`; a missing one fails the test
+//! with the reason (nothing is skipped).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ward_proxy::config::{
+    AccessLog, Authorization, IdentitySource, InboundCapture, Listener, MeshRoute, OutboundCapture,
+    Probe, ProxyConfig, UnknownDestination,
+};
+use ward_spiffe::SpiffeId;
+use ward_spiffe::policy::DefaultPolicy;
+use ward_testing::Pki;
+
+const TD: &str = "capture.test";
+const PROXY_UID: u32 = 1337;
+const APP_UID: u32 = 4000;
+/// The applications run as an unprivileged uid, which cannot use a per-user Python install.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+fn proxy_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ward-proxy"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn must(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails (never skips) when the machine cannot run these tests, naming what is missing.
+fn require_tools() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the capture tests need root (network namespaces and nftables); CI runs them as root"
+    );
+    for tool in ["ip", "nft", "setpriv", "curl", SYSTEM_PYTHON] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "{tool} is missing (scripts/test-tools.sh installs iproute2, nftables, util-linux, curl)"
+        );
+    }
+}
+
+/// A network namespace, deleted (with everything in it) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        let _ = run(Command::new("ip").args(["netns", "del", &name]));
+        must(Command::new("ip").args(["netns", "add", &name]));
+        must(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Netns(name)
+    }
+
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, prog]);
+        c
+    }
+
+    /// A command run inside the namespace as `uid`, without capabilities.
+    fn as_user(&self, uid: u32, prog: &str) -> Command {
+        let mut c = self.cmd("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            prog,
+        ]);
+        c
+    }
+
+    fn ip(&self, args: &[&str]) {
+        must(Command::new("ip").args(["-n", &self.0]).args(args));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(Command::new("ip").args(["netns", "del", &self.0]));
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child, #[allow(dead_code)] String);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One pod: its namespace, addresses, and what runs in it.
+struct Pod {
+    ns: Netns,
+    v4: String,
+    v6: String,
+    procs: Vec<Proc>,
+    dir: PathBuf,
+}
+
+/// Two pods (a, b) behind a node namespace that routes between them.
+struct Topology {
+    a: Pod,
+    b: Pod,
+    node: Netns,
+    pki: Pki,
+    _root: tempfile::TempDir,
+}
+
+fn tag() -> String {
+    format!("{:x}", std::process::id() ^ (rand_u16() as u32))
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (t >> 8) as u16
+}
+
+impl Topology {
+    fn new() -> Topology {
+        require_tools();
+        let t = tag();
+        let root = tempfile::tempdir().unwrap();
+        // The proxy (uid 1337) reads its identity and writes its log here.
+        std::os::unix::fs::chown(root.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let node = Netns::new(format!("wn{t}"));
+        let mut pods = Vec::new();
+        for (i, name) in [(1, "a"), (2, "b")] {
+            let ns = Netns::new(format!("w{name}{t}"));
+            let (host_if, pod_if) = (format!("n{name}{t}"), format!("p{name}{t}"));
+            must(Command::new("ip").args([
+                "link", "add", &host_if, "netns", &node.0, "type", "veth", "peer", "name", &pod_if,
+                "netns", &ns.0,
+            ]));
+            node.ip(&["addr", "add", &format!("10.250.{i}.1/24"), "dev", &host_if]);
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:250:{i}::1/64"),
+                "dev",
+                &host_if,
+                "nodad",
+            ]);
+            node.ip(&["link", "set", &host_if, "up"]);
+            ns.ip(&["addr", "add", &format!("10.250.{i}.2/24"), "dev", &pod_if]);
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:250:{i}::2/64"),
+                "dev",
+                &pod_if,
+                "nodad",
+            ]);
+            ns.ip(&["link", "set", &pod_if, "up"]);
+            ns.ip(&["route", "add", "default", "via", &format!("10.250.{i}.1")]);
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:250:{i}::1"),
+            ]);
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            std::os::unix::fs::chown(&dir, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+            pods.push(Pod {
+                ns,
+                v4: format!("10.250.{i}.2"),
+                v6: format!("fd00:250:{i}::2"),
+                procs: Vec::new(),
+                dir,
+            });
+        }
+        must(
+            node.cmd("sysctl")
+                .args(["-q", "-w", "net.ipv4.ip_forward=1"]),
+        );
+        must(
+            node.cmd("sysctl")
+                .args(["-q", "-w", "net.ipv6.conf.all.forwarding=1"]),
+        );
+        let b = pods.pop().unwrap();
+        let a = pods.pop().unwrap();
+        Topology {
+            a,
+            b,
+            node,
+            pki: Pki::new(TD),
+            _root: root,
+        }
+    }
+}
+
+impl Pod {
+    fn start_app(&mut self, name: &str) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/app.py");
+        let mut child = self
+            .ns
+            .as_user(APP_UID, SYSTEM_PYTHON)
+            .args([script, name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready", "app did not start");
+        self.procs.push(Proc(child, format!("app {name}")));
+    }
+
+    /// `ward-proxy init` in this pod, with extra flags.
+    fn init(&self, extra: &[&str]) -> Output {
+        run(self
+            .ns
+            .cmd(proxy_bin().to_str().unwrap())
+            .arg("init")
+            .args(["--proxy-uid", &PROXY_UID.to_string()])
+            .args(extra))
+    }
+
+    fn start_proxy(&mut self, pki: &Pki, name: &str, tune: impl FnOnce(&mut ProxyConfig)) {
+        let issued = pki.svid(&format!("/{name}"));
+        let (chain, key) = issued.write(&self.dir, name);
+        let bundle = pki.write_bundle(&self.dir);
+        for f in [&chain, &key, &bundle] {
+            std::os::unix::fs::chown(f, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        }
+        let mut cfg = ProxyConfig::new(IdentitySource::Files {
+            chain,
+            key,
+            bundle,
+            trust_domain: ward_spiffe::TrustDomain::new(TD).unwrap(),
+        });
+        cfg.admin_address = "127.0.0.1:15020".parse().unwrap();
+        cfg.access_log = Some(AccessLog {
+            path: self.dir.join("access.jsonl"),
+            max_bytes: 1 << 30,
+            queue: 1024,
+        });
+        cfg.drain_timeout = Duration::from_secs(1);
+        cfg.listeners = vec![
+            Listener::InboundCapture(InboundCapture {
+                name: "capture-in".into(),
+                listen: "[::]:15006".parse().unwrap(),
+                app_address: Default::default(),
+                default_port: Default::default(),
+                ports: Default::default(),
+                probes: vec![],
+                authorize_probes: true,
+            }),
+            Listener::OutboundCapture(OutboundCapture {
+                name: "capture-out".into(),
+                listen: "127.0.0.1:15001".parse().unwrap(),
+                protocol: Default::default(),
+                routes: mesh_routes(),
+                unknown: UnknownDestination::Passthrough,
+            }),
+            Listener::OutboundCapture(OutboundCapture {
+                name: "capture-out6".into(),
+                listen: "[::1]:15001".parse().unwrap(),
+                protocol: Default::default(),
+                routes: mesh_routes(),
+                unknown: UnknownDestination::Passthrough,
+            }),
+        ];
+        tune(&mut cfg);
+        let path = self.dir.join("proxy.yaml");
+        std::fs::write(&path, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
+        let child = self
+            .ns
+            .as_user(PROXY_UID, proxy_bin().to_str().unwrap())
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.procs.push(Proc(child, format!("proxy {name}")));
+        // Ready once it holds its SVID.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run(self.ns.cmd("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:15020/readyz",
+            ]));
+            if String::from_utf8_lossy(&out.stdout) == "200" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "proxy {name} not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `curl` from this pod as the application's uid: (HTTP status, body).
+    fn curl(&self, url: &str) -> (u16, String) {
+        curl(self.ns.as_user(APP_UID, "curl"), url)
+    }
+
+    fn log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("access.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|l| l.get("access").cloned())
+            .collect()
+    }
+
+    /// Waits for an access record matching `f`.
+    fn wait_record(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.log().into_iter().find(|r| f(r)) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access record {what} in {:#?}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn curl(mut c: Command, url: &str) -> (u16, String) {
+    let out = run(c.args(["-s", "-m", "10", "-g", "-w", "\n%{http_code}", url]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn id(p: &str) -> SpiffeId {
+    SpiffeId::new(&format!("spiffe://{TD}/{p}")).unwrap()
+}
+
+fn mesh_routes() -> Vec<MeshRoute> {
+    let route = |dst: &str, who: &str| MeshRoute {
+        dst: dst.parse().unwrap(),
+        ports: vec![8080],
+        expected_ids: vec![id(who)],
+    };
+    vec![
+        route("10.250.1.2", "a"),
+        route("10.250.2.2", "b"),
+        route("fd00:250:1::2", "a"),
+        route("fd00:250:2::2", "b"),
+    ]
+}
+
+const POLICIES: &str = r#"
+policies:
+  - name: b-allows-a
+    target: { spiffe_ids: ["spiffe://capture.test/b"] }
+    action: ALLOW
+    rules: [ { from: [ { principals: ["spiffe://capture.test/a"] } ], to: [ { ports: [8080], paths: ["/api/*"] } ] } ]
+"#;
+
+fn with_policies(pod: &Pod, default: DefaultPolicy) -> impl FnOnce(&mut ProxyConfig) + use<> {
+    let path = pod.dir.join("policies.yaml");
+    std::fs::write(&path, POLICIES).unwrap();
+    move |c: &mut ProxyConfig| {
+        c.authorization = Authorization {
+            default,
+            policy_files: vec![path],
+            ..Default::default()
+        };
+    }
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn meshed_pods_talk_over_mtls_and_nothing_goes_around_the_proxy() {
+    let mut t = Topology::new();
+    t.a.start_app("a");
+    t.b.start_app("b");
+    for pod in [&t.a, &t.b] {
+        let out = pod.init(&["--exclude-inbound-ports", "9090"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pa = with_policies(&t.a, DefaultPolicy::Deny);
+    t.a.start_proxy(&t.pki, "a", pa);
+    let pb = with_policies(&t.b, DefaultPolicy::Deny);
+    let probes = vec![Probe {
+        port: 8080,
+        path: "/healthz".into(),
+    }];
+    t.b.start_proxy(&t.pki, "b", move |c| {
+        pb(c);
+        if let Listener::InboundCapture(i) = &mut c.listeners[0] {
+            i.probes = probes;
+        }
+    });
+
+    // The application in pod a calls pod b's IP and port in plain HTTP, unchanged: its proxy
+    // captures the call, carries it over mTLS, pod b's proxy authorizes it and delivers it.
+    let (code, body) = t.a.curl(&format!("http://{}:8080/api/hello", t.b.v4));
+    assert_eq!(code, 200, "{body}");
+    let got = json(&body);
+    assert_eq!(got["pod"], "b");
+    assert_eq!(got["peer"], "spiffe://capture.test/a", "{got}");
+    let rec =
+        t.b.wait_record("for /api/hello on b", |r| r["path"] == "/api/hello");
+    assert_eq!(rec["src"], "spiffe://capture.test/a", "{rec}");
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    assert_eq!(rec["plan"], "deliver", "{rec}");
+    assert_eq!(rec["orig_dst"], format!("{}:8080", t.b.v4), "{rec}");
+    let out =
+        t.a.wait_record("for /api/hello on a", |r| r["path"] == "/api/hello");
+    assert_eq!(out["plan"], "mesh", "{out}");
+    assert_eq!(out["dst"], "spiffe://capture.test/b", "{out}");
+    assert_eq!(out["orig_dst"], format!("{}:8080", t.b.v4), "{out}");
+    // The proxy's own connection was not captured again: one outbound record, no loop.
+    assert_eq!(
+        t.a.log()
+            .iter()
+            .filter(|r| r["path"] == "/api/hello")
+            .count(),
+        1,
+        "{:#?}",
+        t.a.log()
+    );
+
+    // IPv6 works the same way.
+    let (code, body) = t.a.curl(&format!("http://[{}]:8080/api/six", t.b.v6));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["peer"], "spiffe://capture.test/a");
+    let rec = t.b.wait_record("for /api/six", |r| r["path"] == "/api/six");
+    assert_eq!(rec["orig_dst"], format!("[{}]:8080", t.b.v6), "{rec}");
+
+    // A meshed caller that policy denies gets 403, never the application.
+    let (code, body) = t.a.curl(&format!("http://{}:8080/admin", t.b.v4));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("forbidden"), "{body}");
+    let denied = t.b.wait_record("for /admin", |r| r["path"] == "/admin");
+    assert_eq!(denied["decision"], "deny");
+
+    // An unmeshed caller (the node, no proxy) dialling the pod IP and application port is
+    // captured too, and refused under default deny; the kubelet's probe path is let in.
+    let (code, body) = curl(
+        t.node.cmd("curl"),
+        &format!("http://{}:8080/api/hello", t.b.v4),
+    );
+    assert_eq!(code, 403, "{body}");
+    let unauth = t.b.wait_record("unauthenticated", |r| {
+        r["src"].is_null() && r["path"] == "/api/hello"
+    });
+    assert_eq!(unauth["decision"], "deny", "{unauth}");
+    let (code, body) = curl(
+        t.node.cmd("curl"),
+        &format!("http://{}:8080/healthz", t.b.v4),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["peer"], Value::Null);
+    let probe = t.b.wait_record("probe", |r| r["path"] == "/healthz");
+    assert_eq!(probe["policy"], "probe", "{probe}");
+    // By IPv6 as well.
+    let (code, _) = curl(
+        t.node.cmd("curl"),
+        &format!("http://[{}]:8080/api/hello", t.b.v6),
+    );
+    assert_eq!(code, 403);
+
+    // An excluded port reaches the application directly.
+    let (code, body) = curl(
+        t.node.cmd("curl"),
+        &format!("http://{}:9090/direct", t.b.v4),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["port"], 9090);
+    assert!(
+        !t.b.log().iter().any(|r| r["path"] == "/direct"),
+        "the excluded port did not go through the proxy"
+    );
+
+    // A destination outside the mesh table is passed through (plaintext, as dialled): pod b's
+    // excluded port 9090 from pod a.
+    let (code, body) = t.a.curl(&format!("http://{}:9090/outside", t.b.v4));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["peer"], Value::Null);
+    let pass =
+        t.a.wait_record("passthrough", |r| r["plan"] == "passthrough");
+    assert_eq!(pass["orig_dst"], format!("{}:9090", t.b.v4), "{pass}");
+
+    // UDP is not captured: the echo answers directly.
+    let udp = t
+        .a
+        .ns
+        .as_user(APP_UID, SYSTEM_PYTHON)
+        .args([
+            "-c",
+            &format!(
+                "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
+                 s.sendto(b'ping', ('{}', 5353)); print(s.recv(100).decode())",
+                t.b.v4
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&udp.stdout).trim(),
+        "b:ping",
+        "{udp:?}"
+    );
+}
+
+#[test]
+fn all_unauthenticated_lets_unmeshed_callers_in_and_strict_ports_refuse_plaintext() {
+    let mut t = Topology::new();
+    t.b.start_app("b");
+    assert!(t.b.init(&[]).status.success());
+    // No ALLOW policy targets b, so its default decides.
+    t.b.start_proxy(&t.pki, "b", move |c| {
+        c.authorization.default = DefaultPolicy::AllUnauthenticated;
+        if let Listener::InboundCapture(i) = &mut c.listeners[0] {
+            i.ports.insert(
+                9090,
+                ward_proxy::config::PortMode {
+                    tls: ward_proxy::config::TlsMode::Strict,
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    let (code, body) = curl(t.node.cmd("curl"), &format!("http://{}:8080/open", t.b.v4));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["peer"], Value::Null, "no identity is invented");
+    let rec = t.b.wait_record("open", |r| r["path"] == "/open");
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["src"], Value::Null);
+    // A strict port takes mTLS only: the plaintext caller gets a closed connection.
+    let (code, _) = curl(
+        t.node.cmd("curl"),
+        &format!("http://{}:9090/strict", t.b.v4),
+    );
+    assert_eq!(code, 0, "plaintext on a strict port must not be answered");
+}
+
+#[test]
+fn init_is_idempotent_prints_with_dry_run_and_remove_restores_reachability() {
+    let mut t = Topology::new();
+    t.b.start_app("b");
+    let list = |p: &Pod| must(p.ns.cmd("nft").args(["list", "table", "inet", "ward"]));
+    let out = t.b.init(&[
+        "--exclude-outbound-cidrs",
+        "169.254.169.254/32",
+        "--exclude-outbound-ports",
+        "53",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let first = list(&t.b);
+    assert!(
+        first.contains("redirect to :15006") && first.contains("redirect to :15001"),
+        "{first}"
+    );
+    assert!(first.contains("meta skuid 1337 return"), "{first}");
+    let again = t.b.init(&[
+        "--exclude-outbound-cidrs",
+        "169.254.169.254/32",
+        "--exclude-outbound-ports",
+        "53",
+    ]);
+    assert!(again.status.success());
+    assert_eq!(list(&t.b), first, "running init twice changes nothing");
+    let ruleset = must(t.b.ns.cmd("nft").args(["list", "ruleset"]));
+    assert_eq!(ruleset.matches("table inet ward").count(), 1, "{ruleset}");
+    // Dry run prints the script and installs nothing new.
+    let dry =
+        run(t
+            .b
+            .ns
+            .cmd(proxy_bin().to_str().unwrap())
+            .args(["init", "--dry-run", "--no-outbound"]));
+    let script = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        script.contains("chain inbound") && !script.contains("chain outbound"),
+        "{script}"
+    );
+    assert_eq!(list(&t.b), first);
+    // Captured: with no proxy listening, the application is not reachable from the node.
+    let (code, _) = curl(t.node.cmd("curl"), &format!("http://{}:8080/x", t.b.v4));
+    assert_eq!(
+        code, 0,
+        "captured port must not reach the app without its proxy"
+    );
+    // Removed: reachable directly again; removing twice is fine.
+    assert!(t.b.init(&["--remove"]).status.success());
+    assert!(t.b.init(&["--remove"]).status.success());
+    assert!(
+        !run(t.b.ns.cmd("nft").args(["list", "table", "inet", "ward"]))
+            .status
+            .success()
+    );
+    let (code, body) = curl(t.node.cmd("curl"), &format!("http://{}:8080/x", t.b.v4));
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn init_without_net_admin_says_what_is_missing() {
+    let t = Topology::new();
+    let out = run(t
+        .b
+        .ns
+        .as_user(APP_UID, proxy_bin().to_str().unwrap())
+        .arg("init"));
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(
+        !run(t.b.ns.cmd("nft").args(["list", "table", "inet", "ward"]))
+            .status
+            .success()
+    );
+    let out =
+        run(t
+            .b
+            .ns
+            .cmd(proxy_bin().to_str().unwrap())
+            .args(["init", "--nft", "/nonexistent/nft"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("install nftables"));
+}
