@@ -38,6 +38,12 @@ enum Output {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum InjectMode {
+    Capture,
+    Explicit,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Default {
     Deny,
     AllAuthenticated,
@@ -82,6 +88,11 @@ enum Command {
         /// Host directory holding the agent socket (the chart's agent.socketDir).
         #[arg(long, default_value = "/run/ward")]
         socket_dir: String,
+        /// capture: a ward-init container redirects all traffic through the proxy (the app and
+        /// its Services stay as they are); explicit: listeners on P+20000 and Services pointed
+        /// at them (a pod can also opt out with ward.dev/capture: "false").
+        #[arg(long, value_enum, default_value = "capture")]
+        mode: InjectMode,
     },
     /// Install (or with --remove, remove) the rules that send every TCP connection of this
     /// network namespace through the proxy: inbound to the inbound capture port, outbound
@@ -288,11 +299,16 @@ pub async fn main() -> ExitCode {
             image,
             default_policy,
             socket_dir,
+            mode,
         } => {
             let opts = crate::inject::Options {
                 image,
                 default_policy: default_policy.into(),
                 socket_dir,
+                mode: match mode {
+                    InjectMode::Capture => crate::inject::Mode::Capture,
+                    InjectMode::Explicit => crate::inject::Mode::Explicit,
+                },
             };
             let inputs: Vec<(String, String)> = if files.is_empty() {
                 vec![("-".into(), read_stdin())]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_yaml_ng::Value;
-use ward_proxy::config::ProxyConfig;
+use ward_proxy::config::{Listener, ProxyConfig};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ward-proxy"))
@@ -127,7 +127,29 @@ fn golden_files_idempotence_and_validity() {
     assert!(!cases.is_empty());
     for input in cases {
         let golden = PathBuf::from(input.to_str().unwrap().replace(".in.yaml", ".out.yaml"));
-        let got = ok(&inject(&["-f", input.to_str().unwrap()], None));
+        // `explicit-*` cases run in explicit mode, the others in the default capture mode.
+        let explicit = input
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("explicit-");
+        let mode: &[&str] = if explicit {
+            &["--mode", "explicit"]
+        } else {
+            &[]
+        };
+        let args = |f: &str| {
+            let mut a = vec!["-f", f];
+            a.extend_from_slice(mode);
+            a.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>()
+        };
+        let run = |f: &str| {
+            let a = args(f);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            ok(&inject(&a, None))
+        };
+        let got = run(input.to_str().unwrap());
         if std::env::var("WARD_UPDATE_GOLDEN").is_ok() {
             std::fs::write(&golden, &got).unwrap();
         }
@@ -141,9 +163,9 @@ fn golden_files_idempotence_and_validity() {
         );
 
         // Idempotent, and the same through stdin.
-        assert_eq!(ok(&inject(&["-f", golden.to_str().unwrap()], None)), want);
+        assert_eq!(run(golden.to_str().unwrap()), want);
         let text = std::fs::read_to_string(&input).unwrap();
-        assert_eq!(ok(&inject(&[], Some(&text))), want);
+        assert_eq!(ok(&inject(mode, Some(&text))), want);
 
         let docs = flat_docs(&want);
         validate(&docs);
@@ -167,6 +189,8 @@ fn what_gets_injected() {
             "reg/proxy:9",
             "--socket-dir",
             "/run/spiffe",
+            "--mode",
+            "explicit",
         ],
         None,
     ));
@@ -253,7 +277,14 @@ fn what_gets_injected() {
     )
     .unwrap();
     let out2 = ok(&inject(
-        &["-f", input.to_str().unwrap(), "-f", svc.to_str().unwrap()],
+        &[
+            "-f",
+            input.to_str().unwrap(),
+            "-f",
+            svc.to_str().unwrap(),
+            "--mode",
+            "explicit",
+        ],
         None,
     ));
     let other = flat_docs(&out2)
@@ -273,6 +304,102 @@ fn what_gets_injected() {
 }
 
 #[test]
+fn capture_mode_adds_ward_init_and_leaves_the_app_and_its_services_alone() {
+    let input = dir().join("capture.in.yaml");
+    let out = ok(&inject(&["-f", input.to_str().unwrap()], None));
+    let docs = flat_docs(&out);
+    let by = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap().clone();
+    let api = by("Deployment");
+    let spec = &api["spec"]["template"]["spec"];
+    // ward-init first: root with NET_ADMIN only, the annotations' exclusions as flags.
+    let init = &spec["initContainers"][0];
+    assert_eq!(init["name"], "ward-init");
+    let args: Vec<&str> = init["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--admin-port",
+            "15020",
+            "--inbound-port",
+            "15006",
+            "--outbound-port",
+            "15001",
+            "--exclude-inbound-ports",
+            "9100",
+            "--exclude-outbound-cidrs",
+            "169.254.169.254/32"
+        ]
+    );
+    assert_eq!(init["securityContext"]["runAsUser"], 0);
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"][0],
+        "NET_ADMIN"
+    );
+    assert_eq!(init["securityContext"]["capabilities"]["drop"][0], "ALL");
+    // The sidecar runs as the uid the rules skip and exposes only its admin port.
+    let side = &sidecars(std::slice::from_ref(&api))[0];
+    assert_eq!(side["securityContext"]["runAsUser"], 1337);
+    let ports: Vec<u64> = side["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, [15020]);
+    // The application's ports are untouched.
+    assert_eq!(spec["containers"][0]["ports"][0]["containerPort"], 8080);
+    let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    let roles: Vec<(&str, String)> = cfg
+        .listeners
+        .iter()
+        .map(|l| (l.role(), l.listen().to_string()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("inbound-capture", "[::]:15006".to_owned()),
+            ("outbound-capture", "127.0.0.1:15001".to_owned()),
+            ("outbound-capture", "[::1]:15001".to_owned())
+        ]
+    );
+    let Listener::InboundCapture(inb) = &cfg.listeners[0] else {
+        panic!()
+    };
+    let probes: Vec<(u16, &str)> = inb
+        .probes
+        .iter()
+        .map(|p| (p.port, p.path.as_str()))
+        .collect();
+    assert_eq!(probes, [(8080, "/live"), (8080, "/ready")]);
+    assert_eq!(inb.ports[&6379].protocol, ward_proxy::config::Protocol::Tcp);
+    let Listener::OutboundCapture(out) = &cfg.listeners[1] else {
+        panic!()
+    };
+    assert_eq!(out.routes.len(), 2);
+    assert_eq!(out.routes[0].dst.to_string(), "10.96.0.20/32");
+    assert_eq!(out.routes[0].ports, [5432]);
+    assert_eq!(
+        out.routes[0].expected_ids[0].as_str(),
+        "spiffe://example.org/ns/shop/sa/db"
+    );
+    // The Service still targets the application's port.
+    assert_eq!(by("Service")["spec"]["ports"][0]["targetPort"], "http");
+    // The Job: ward-init, then the native sidecar, both before the job's container.
+    let job = &by("Job")["spec"]["template"]["spec"];
+    assert_eq!(job["initContainers"][0]["name"], "ward-init");
+    assert_eq!(job["initContainers"][1]["name"], "ward-proxy");
+    assert_eq!(job["initContainers"][1]["restartPolicy"], "Always");
+}
+
+#[test]
 fn bad_input_is_refused_with_the_document() {
     for (input, want) in [
         ("a: [1,\n", "document 1: not YAML"),
@@ -289,9 +416,29 @@ fn bad_input_is_refused_with_the_document() {
             "document 1: Deployment y: no pod template",
         ),
     ] {
-        let o = inject(&[], Some(input));
+        let o = inject(&["--mode", "explicit"], Some(input));
         assert_eq!(o.status.code(), Some(2), "{input}");
         assert!(o.stdout.is_empty());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{err} lacks {want}");
+    }
+    // Capture mode refuses what would make capture unsafe or wrong.
+    for (input, want) in [
+        (
+            "kind: Pod\napiVersion: v1\nmetadata: {name: p}\nspec:\n  securityContext: {runAsUser: 1337}\n  containers: [{name: a, image: b}]\n",
+            "container \"a\" runs as uid 1337, the proxy's uid",
+        ),
+        (
+            "kind: Pod\napiVersion: v1\nmetadata: {name: p, annotations: {ward.dev/mesh-routes: \"10.0.0.1:80\"}}\nspec:\n  containers: [{name: a, image: b}]\n",
+            "ward.dev/mesh-routes \"10.0.0.1:80\": no '='",
+        ),
+        (
+            "kind: Pod\napiVersion: v1\nmetadata: {name: p, annotations: {ward.dev/exclude-inbound-ports: \"22,x\"}}\nspec:\n  containers: [{name: a, image: b}]\n",
+            "ward.dev/exclude-inbound-ports: \"x\" is not a port",
+        ),
+    ] {
+        let o = inject(&[], Some(input));
+        assert_eq!(o.status.code(), Some(2), "{input}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{err} lacks {want}");
     }
