@@ -6,6 +6,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod capturebench;
 mod k8sbench;
 mod procs;
 mod proxybench;
@@ -73,6 +74,25 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
         rates: Vec<u32>,
     },
+    /// Captured traffic vs explicit listeners vs direct, in network namespaces with real
+    /// nftables rules (needs root, nftables, nginx, oha).
+    Capture {
+        /// The ward-proxy binary.
+        #[arg(long)]
+        ward_proxy: PathBuf,
+        /// The nginx binary.
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        /// The oha binary.
+        #[arg(long, default_value = "oha")]
+        oha: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Fixed rates.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<u32>,
+    },
     /// The Kubernetes controller: convergence time and CA peak RSS, bytes to one agent per
     /// pod change, pod created → SVID latency (fake API server and kubelet in-process).
     K8s {
@@ -127,6 +147,22 @@ async fn main() -> Result<()> {
                 pods,
                 nodes,
                 samples,
+            })
+            .await
+        }
+        Cmd::Capture {
+            ward_proxy,
+            nginx,
+            oha,
+            seconds,
+            rates,
+        } => {
+            capturebench::run(capturebench::Opts {
+                ward_proxy,
+                nginx,
+                oha,
+                duration: Duration::from_secs(seconds),
+                rates,
             })
             .await
         }

@@ -18,6 +18,7 @@ use ward_proxy::config::{
 use ward_spiffe::SpiffeId;
 use ward_spiffe::policy::DefaultPolicy;
 use ward_testing::Pki;
+use ward_testing::netns::{Netns, PodNet, TwoPods, must, run};
 
 const TD: &str = "capture.test";
 const PROXY_UID: u32 = 1337;
@@ -27,22 +28,6 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
 fn proxy_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ward-proxy"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn must(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Fails (never skips) when the machine cannot run these tests, naming what is missing.
@@ -61,49 +46,6 @@ fn require_tools() {
             ok,
             "{tool} is missing (scripts/test-tools.sh installs iproute2, nftables, util-linux, curl)"
         );
-    }
-}
-
-/// A network namespace, deleted (with everything in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        let _ = run(Command::new("ip").args(["netns", "del", &name]));
-        must(Command::new("ip").args(["netns", "add", &name]));
-        must(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Netns(name)
-    }
-
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, prog]);
-        c
-    }
-
-    /// A command run inside the namespace as `uid`, without capabilities.
-    fn as_user(&self, uid: u32, prog: &str) -> Command {
-        let mut c = self.cmd("setpriv");
-        c.args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-            prog,
-        ]);
-        c
-    }
-
-    fn ip(&self, args: &[&str]) {
-        must(Command::new("ip").args(["-n", &self.0]).args(args));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run(Command::new("ip").args(["netns", "del", &self.0]));
     }
 }
 
@@ -135,93 +77,34 @@ struct Topology {
     _root: tempfile::TempDir,
 }
 
-fn tag() -> String {
-    format!("{:x}", std::process::id() ^ (rand_u16() as u32))
-}
-
-fn rand_u16() -> u16 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    (t >> 8) as u16
-}
-
 impl Topology {
     fn new() -> Topology {
         require_tools();
-        let t = tag();
         let root = tempfile::tempdir().unwrap();
-        // The proxy (uid 1337) reads its identity and writes its log here.
-        std::os::unix::fs::chown(root.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        // The proxy and the applications run as other uids: they must reach their files.
         std::fs::set_permissions(
             root.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        let node = Netns::new(format!("wn{t}"));
-        let mut pods = Vec::new();
-        for (i, name) in [(1, "a"), (2, "b")] {
-            let ns = Netns::new(format!("w{name}{t}"));
-            let (host_if, pod_if) = (format!("n{name}{t}"), format!("p{name}{t}"));
-            must(Command::new("ip").args([
-                "link", "add", &host_if, "netns", &node.0, "type", "veth", "peer", "name", &pod_if,
-                "netns", &ns.0,
-            ]));
-            node.ip(&["addr", "add", &format!("10.250.{i}.1/24"), "dev", &host_if]);
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:250:{i}::1/64"),
-                "dev",
-                &host_if,
-                "nodad",
-            ]);
-            node.ip(&["link", "set", &host_if, "up"]);
-            ns.ip(&["addr", "add", &format!("10.250.{i}.2/24"), "dev", &pod_if]);
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:250:{i}::2/64"),
-                "dev",
-                &pod_if,
-                "nodad",
-            ]);
-            ns.ip(&["link", "set", &pod_if, "up"]);
-            ns.ip(&["route", "add", "default", "via", &format!("10.250.{i}.1")]);
-            ns.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:250:{i}::1"),
-            ]);
+        let net = TwoPods::new();
+        let pod = |p: PodNet, name: &str| {
+            // The proxy (uid 1337) reads its identity and writes its log here.
             let dir = root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             std::os::unix::fs::chown(&dir, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-            pods.push(Pod {
-                ns,
-                v4: format!("10.250.{i}.2"),
-                v6: format!("fd00:250:{i}::2"),
+            Pod {
+                ns: p.ns,
+                v4: p.v4,
+                v6: p.v6,
                 procs: Vec::new(),
                 dir,
-            });
-        }
-        must(
-            node.cmd("sysctl")
-                .args(["-q", "-w", "net.ipv4.ip_forward=1"]),
-        );
-        must(
-            node.cmd("sysctl")
-                .args(["-q", "-w", "net.ipv6.conf.all.forwarding=1"]),
-        );
-        let b = pods.pop().unwrap();
-        let a = pods.pop().unwrap();
+            }
+        };
         Topology {
-            a,
-            b,
-            node,
+            a: pod(net.a, "a"),
+            b: pod(net.b, "b"),
+            node: net.node,
             pki: Pki::new(TD),
             _root: root,
         }

@@ -173,6 +173,7 @@ impl Pki {
 }
 pub mod kube;
 pub mod logs;
+pub mod netns;
 
 /// Runs Prometheus' `promtool check metrics` on an exposition `text`; panics with its findings
 /// if it refuses it.
