@@ -30,6 +30,7 @@ pub(crate) struct Opts {
     pub(crate) oha: PathBuf,
     pub(crate) duration: Duration,
     pub(crate) rates: Vec<u32>,
+    pub(crate) rounds: usize,
 }
 
 fn nginx_conf(d: &Path) -> String {
@@ -159,6 +160,21 @@ fn oha(o: &Opts, ns: &Netns, url: &str, rate: u32, pids: &[u32]) -> Result<Point
     })
 }
 
+fn median(pts: &[Point]) -> Point {
+    let m = |f: fn(&Point) -> f64| {
+        let mut v: Vec<f64> = pts.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Point {
+        rps: m(|p| p.rps),
+        p50: m(|p| p.p50),
+        p99: m(|p| p.p99),
+        ok: m(|p| p.ok),
+        cpu_us: m(|p| p.cpu_us),
+    }
+}
+
 /// Runs the benchmark and prints the table.
 pub(crate) async fn run(o: Opts) -> Result<()> {
     tokio::task::spawn_blocking(move || run_blocking(&o)).await?
@@ -243,10 +259,20 @@ fn run_blocking(o: &Opts) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for &rate in &o.rates {
-        let mut got = Vec::new();
-        for (name, url) in paths {
-            got.push((name, oha(o, &net.a.ns, url, rate, &pids)?));
+        // Rounds in rotating order; the median of each figure per path, so neither drift nor
+        // the order of the paths favours one of them.
+        let mut all: Vec<Vec<Point>> = vec![Vec::new(); paths.len()];
+        for round in 0..o.rounds.max(1) {
+            for k in 0..paths.len() {
+                let i = (k + round) % paths.len();
+                all[i].push(oha(o, &net.a.ns, paths[i].1, rate, &pids)?);
+            }
         }
+        let got: Vec<(&str, Point)> = paths
+            .iter()
+            .zip(&all)
+            .map(|((name, _), pts)| (*name, median(pts)))
+            .collect();
         let direct = got[0].1;
         for (name, p) in &got {
             let (a50, a99) = if *name == "direct" {

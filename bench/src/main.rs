@@ -92,6 +92,9 @@ enum Cmd {
         /// Fixed rates.
         #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
         rates: Vec<u32>,
+        /// Rounds per rate (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The Kubernetes controller: convergence time and CA peak RSS, bytes to one agent per
     /// pod change, pod created → SVID latency (fake API server and kubelet in-process).
@@ -156,6 +159,7 @@ async fn main() -> Result<()> {
             oha,
             seconds,
             rates,
+            rounds,
         } => {
             capturebench::run(capturebench::Opts {
                 ward_proxy,
@@ -163,6 +167,7 @@ async fn main() -> Result<()> {
                 oha,
                 duration: Duration::from_secs(seconds),
                 rates,
+                rounds,
             })
             .await
         }
