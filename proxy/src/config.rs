@@ -549,6 +549,31 @@ impl ProxyConfig {
                 .map_err(|e| ConfigError::Invalid(format!("outbound {}: upstream: {e}", l.name)))?;
         }
         for l in &self.listeners {
+            if let Listener::InboundCapture(i) = l {
+                for p in &i.probes {
+                    let ok = ward_spiffe::policy::path::normalize(&p.path)
+                        .is_ok_and(|n| n == p.path)
+                        && p.path != "/"
+                        && !p.path.contains('?');
+                    if !ok {
+                        return inv(format!(
+                            "inbound-capture {}: probe path {:?} must be a normalized path \
+                             other than \"/\", without a query (it is reachable without \
+                             authentication)",
+                            i.name, p.path
+                        ));
+                    }
+                }
+            }
+            if let Listener::Outbound(o) = l
+                && o.expected_ids.is_empty()
+            {
+                return inv(format!(
+                    "outbound {}: expected_ids must name at least one SPIFFE ID (any other \
+                     workload could otherwise answer for the upstream)",
+                    o.name
+                ));
+            }
             if let Listener::OutboundCapture(o) = l {
                 for r in &o.routes {
                     if r.expected_ids.is_empty() {

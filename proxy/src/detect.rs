@@ -75,41 +75,47 @@ pub enum Sniffed {
     Tcp,
 }
 
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-    b"PRI * HTTP/2",
-];
+/// How many bytes detection reads at most before deciding.
+const SNIFF_MAX: usize = 64;
 
-/// Classifies a prefix. `None` means "need more bytes".
-pub fn classify(buf: &[u8]) -> Option<Sniffed> {
-    let mut undecided = false;
-    for m in METHODS {
-        let n = buf.len().min(m.len());
-        if buf[..n] == m[..n] {
-            if n == m.len() {
-                return Some(Sniffed::Http);
-            }
-            undecided = true;
-        }
-    }
-    if undecided { None } else { Some(Sniffed::Tcp) }
+/// RFC 9110 token characters (what a method is made of).
+fn tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Reads up to 16 bytes (waiting at most `wait` for the client to speak) and classifies them.
-/// Returns the bytes read so they can be replayed.
+/// Classifies a prefix. `None` means "need more bytes".
+///
+/// HTTP is anything an HTTP/1 parser could take as the start of a request line — optional
+/// empty lines, then a token and a space — or the HTTP/2 preface; TCP is anything else. The
+/// rule errs towards HTTP on purpose: bytes classified as TCP reach the application unparsed,
+/// so an HTTP application must never see a request that skipped the HTTP stage (its
+/// authorization per request and its peer-identity header). A text protocol whose lines start
+/// with a word and a space (memcached, Redis inline commands) is therefore taken for HTTP:
+/// mark such ports opaque.
+pub fn classify(buf: &[u8]) -> Option<Sniffed> {
+    let start = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(buf.len());
+    let rest = &buf[start..];
+    match rest.iter().position(|b| !tchar(*b)) {
+        // A token so far and nothing else: could still become a method.
+        None => None,
+        Some(0) => Some(Sniffed::Tcp),
+        Some(i) if rest[i] == b' ' => Some(Sniffed::Http),
+        Some(_) => Some(Sniffed::Tcp),
+    }
+}
+
+/// Reads up to [`SNIFF_MAX`] bytes (waiting at most `wait` for the client to speak) and
+/// classifies them. Silence (nothing at all) is a server-speaks-first protocol: TCP. Bytes
+/// that are still undecided when the wait or the buffer runs out go to HTTP, whose parser
+/// refuses what is not a request. Returns the bytes read so they can be replayed.
 pub async fn sniff<T: AsyncRead + Unpin>(
     io: &mut T,
     wait: Duration,
 ) -> io::Result<(Sniffed, Bytes)> {
-    let mut buf = vec![0u8; 16];
+    let mut buf = vec![0u8; SNIFF_MAX];
     let mut have = 0;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -118,14 +124,17 @@ pub async fn sniff<T: AsyncRead + Unpin>(
             return Ok((s, Bytes::from(buf)));
         }
         if have == buf.len() {
-            buf.truncate(have);
-            return Ok((Sniffed::Tcp, Bytes::from(buf)));
+            return Ok((Sniffed::Http, Bytes::from(buf)));
         }
         match tokio::time::timeout_at(deadline, io.read(&mut buf[have..])).await {
             Ok(Ok(0)) | Err(_) => {
-                // EOF or silence: a server-speaks-first protocol, or nothing at all.
                 buf.truncate(have);
-                return Ok((Sniffed::Tcp, Bytes::from(buf)));
+                let kind = if have == 0 {
+                    Sniffed::Tcp
+                } else {
+                    Sniffed::Http
+                };
+                return Ok((kind, Bytes::from(buf)));
             }
             Ok(Ok(n)) => have += n,
             Ok(Err(e)) => return Err(e),
@@ -170,7 +179,34 @@ mod tests {
             classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
             Some(Sniffed::Tcp)
         );
-        assert_eq!(classify(b"GETX"), Some(Sniffed::Tcp));
+        // What HTTP/1 parsers accept must never pass as TCP: leading empty lines, any token
+        // method (httparse skips the former and takes the latter).
+        assert_eq!(classify(b"\r\nGET /admin HTTP/1.1"), Some(Sniffed::Http));
+        assert_eq!(classify(b"\n\n\nPOST /"), Some(Sniffed::Http));
+        assert_eq!(classify(b"PROPFIND /x"), Some(Sniffed::Http));
+        assert_eq!(classify(b"X-CUSTOM! /"), Some(Sniffed::Http));
+        assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(classify(b"GETX"), None);
+        // Binary and line protocols without a word and a space are TCP.
+        assert_eq!(classify(b"*3\r\n$3\r\nSET"), Some(Sniffed::Tcp));
+        assert_eq!(classify(b"PING\r\n"), Some(Sniffed::Tcp));
+        assert_eq!(classify(b"{\"a\":1}"), Some(Sniffed::Tcp));
+    }
+
+    #[tokio::test]
+    async fn undecided_bytes_go_to_http_and_silence_to_tcp() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        a.write_all(b"GET").await.unwrap();
+        let (s, prefix) = sniff(&mut b, Duration::from_millis(50)).await.unwrap();
+        assert_eq!((s, &prefix[..]), (Sniffed::Http, &b"GET"[..]));
+        let (_a2, mut b2) = tokio::io::duplex(64);
+        let (s, prefix) = sniff(&mut b2, Duration::from_millis(50)).await.unwrap();
+        assert_eq!((s, prefix.len()), (Sniffed::Tcp, 0));
+        let (mut a3, mut b3) = tokio::io::duplex(256);
+        a3.write_all(&[b'A'; 100]).await.unwrap();
+        let (s, prefix) = sniff(&mut b3, Duration::from_millis(50)).await.unwrap();
+        assert_eq!((s, prefix.len()), (Sniffed::Http, SNIFF_MAX));
     }
 
     #[tokio::test]

@@ -69,6 +69,8 @@ pub enum RoleCfg {
     Inbound {
         /// The application.
         forward_to: String,
+        /// Its port (what authorization sees, as for captured traffic).
+        app_port: u16,
         /// Plaintext allowed?
         tls: TlsMode,
         /// HTTP version to the application.
@@ -135,6 +137,11 @@ impl ListenerCtx {
                 i.protocol,
                 RoleCfg::Inbound {
                     forward_to: i.forward_to.clone(),
+                    app_port: i
+                        .forward_to
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse().ok())
+                        .unwrap_or(port),
                     tls: i.tls,
                     app_protocol: i.app_protocol,
                 },
@@ -261,9 +268,13 @@ pub async fn connection(
     };
     match &l.role {
         RoleCfg::Inbound {
-            tls, app_protocol, ..
+            tls,
+            app_protocol,
+            app_port,
+            ..
         } => {
             conn.app_protocol = *app_protocol;
+            conn.port = *app_port;
             inbound(l.clone(), tcp, conn, *tls, l.protocol, drain).await;
         }
         RoleCfg::InboundCapture {

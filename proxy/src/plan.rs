@@ -246,8 +246,11 @@ fn inbound<'r: 'h, 'h>(
             ),
         },
     };
-    // The kubelet's probes carry no identity; they reach exactly the probed paths.
-    if a.peer.is_none()
+    // The kubelet's probes carry no identity; they reach exactly the probed paths, unless a
+    // DENY policy says otherwise.
+    if !decision.proceed
+        && a.peer.is_none()
+        && decision.verdict.reason != ward_spiffe::policy::Reason::DeniedByPolicy
         && let (Some(h), Some(p)) = (&a.request, &path)
         && matches!(h.method, "GET" | "HEAD")
         && probes.iter().any(|pr| pr.port == a.port && pr.path == *p)

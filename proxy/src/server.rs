@@ -62,6 +62,18 @@ async fn bind(what: String, addr: SocketAddr) -> Result<tokio::net::TcpListener,
         .map_err(|source| StartError::Bind { what, source })
 }
 
+fn is_capture(l: &crate::config::Listener) -> bool {
+    matches!(
+        l,
+        crate::config::Listener::InboundCapture(_) | crate::config::Listener::OutboundCapture(_)
+    )
+}
+
+/// The errors binding an IPv6 address gives where IPv6 is disabled.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::AddrNotAvailable) || e.raw_os_error() == Some(97) // EAFNOSUPPORT
+}
+
 impl Proxy {
     /// Starts every part of the proxy.
     pub async fn start(cfg: ProxyConfig) -> Result<Self, StartError> {
@@ -135,7 +147,24 @@ impl Proxy {
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
-            let listener = bind(format!("{} listener {}", l.role(), l.name()), l.listen()).await?;
+            let what = format!("{} listener {}", l.role(), l.name());
+            let listener = match bind(what.clone(), l.listen()).await {
+                Ok(x) => x,
+                // A node without IPv6: the capture listeners fall back to (or skip) it.
+                Err(StartError::Bind { source, .. })
+                    if l.listen().is_ipv6() && no_ipv6(&source) && is_capture(l) =>
+                {
+                    if l.listen().ip().is_unspecified() {
+                        let v4 = SocketAddr::from(([0, 0, 0, 0], l.listen().port()));
+                        tracing::warn!(listener = l.name(), %v4, "no IPv6 here; listening on IPv4 only");
+                        bind(what, v4).await?
+                    } else {
+                        tracing::warn!(listener = l.name(), "no IPv6 here; listener skipped");
+                        continue;
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 what: l.name().to_owned(),
                 source,

@@ -458,6 +458,22 @@ fn all_unauthenticated_lets_unmeshed_callers_in_and_strict_ports_refuse_plaintex
     });
     let (code, body) = curl(t.node.cmd("curl"), &format!("http://{}:8080/open", t.b.v4));
     assert_eq!(code, 200, "{body}");
+    // A packet routed to pod b for another address is not captured: b's proxy (which lets
+    // anyone in here) must not relay it to pod a.
+    t.a.start_app("a");
+    t.node.ip(&[
+        "route",
+        "replace",
+        &format!("{}/32", t.a.v4),
+        "via",
+        &t.b.v4,
+    ]);
+    let (relayed, text) = curl(t.node.cmd("curl"), &format!("http://{}:8080/relay", t.a.v4));
+    assert_eq!(
+        relayed, 0,
+        "the proxy relayed a foreign destination: {text}"
+    );
+    t.node.ip(&["route", "del", &format!("{}/32", t.a.v4)]);
     assert_eq!(json(&body)["peer"], Value::Null, "no identity is invented");
     let rec = t.b.wait_record("open", |r| r["path"] == "/open");
     assert_eq!(rec["decision"], "allow");
@@ -488,6 +504,7 @@ fn init_is_idempotent_prints_with_dry_run_and_remove_restores_reachability() {
         "{first}"
     );
     assert!(first.contains("meta skuid 1337 return"), "{first}");
+    assert!(first.contains("fib daddr type != local return"), "{first}");
     let again = t.b.init(&[
         "--exclude-outbound-cidrs",
         "169.254.169.254/32",

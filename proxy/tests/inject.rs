@@ -344,6 +344,15 @@ fn capture_mode_adds_ward_init_and_leaves_the_app_and_its_services_alone() {
         "NET_ADMIN"
     );
     assert_eq!(init["securityContext"]["capabilities"]["drop"][0], "ALL");
+    // The proxy runs right after ward-init, before any other init container and the app,
+    // which starts only once the proxy is ready.
+    assert_eq!(spec["initContainers"][1]["name"], "ward-proxy");
+    assert_eq!(spec["initContainers"][1]["restartPolicy"], "Always");
+    assert_eq!(
+        spec["initContainers"][1]["startupProbe"]["httpGet"]["path"],
+        "/readyz"
+    );
+    assert_eq!(spec["containers"].as_sequence().unwrap().len(), 1);
     // The sidecar runs as the uid the rules skip and exposes only its admin port.
     let side = &sidecars(std::slice::from_ref(&api))[0];
     assert_eq!(side["securityContext"]["runAsUser"], 1337);
@@ -397,6 +406,14 @@ fn capture_mode_adds_ward_init_and_leaves_the_app_and_its_services_alone() {
     assert_eq!(job["initContainers"][0]["name"], "ward-init");
     assert_eq!(job["initContainers"][1]["name"], "ward-proxy");
     assert_eq!(job["initContainers"][1]["restartPolicy"], "Always");
+    // A hostNetwork pod is not captured (the rules would be the node's): explicit listeners.
+    let ds = by("DaemonSet");
+    let ds_spec = &ds["spec"]["template"]["spec"];
+    assert!(ds_spec["initContainers"].is_null(), "{ds_spec:?}");
+    let side = &sidecars(std::slice::from_ref(&ds))[0];
+    let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    assert_eq!(cfg.listeners[0].role(), "inbound");
+    assert_eq!(cfg.listeners[0].listen().port(), 29100);
 }
 
 #[test]

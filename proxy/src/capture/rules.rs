@@ -63,9 +63,11 @@ pub fn install_script(o: &Options) -> String {
     let mut s = remove_script();
     let _ = writeln!(s, "table inet {TABLE} {{");
     if o.inbound {
-        // Everything that arrives for the pod, except what is excluded, goes to the proxy.
-        // Locally generated traffic never passes prerouting, so the proxy's own connections to
-        // the application are not captured.
+        // Everything that arrives for the pod, except what is excluded, goes to the proxy —
+        // and only what is addressed to the pod itself: a packet routed here for another
+        // address must not turn the proxy into a relay. Locally generated connections are not
+        // new when their packets loop back through prerouting (nat sees a connection's first
+        // packet only), so the proxy's own connections to the application are not captured.
         let skip = set(o
             .exclude_inbound_ports
             .iter()
@@ -74,6 +76,7 @@ pub fn install_script(o: &Options) -> String {
         let _ = writeln!(
             s,
             "  chain inbound {{\n    type nat hook prerouting priority -100; policy accept;\n    \
+             fib daddr type != local return\n    \
              tcp dport {skip} return\n    meta l4proto tcp redirect to :{}\n  }}",
             o.inbound_port
         );
@@ -136,6 +139,7 @@ mod tests {
             s,
             "add table inet ward\ndelete table inet ward\ntable inet ward {\n\
              \x20 chain inbound {\n    type nat hook prerouting priority -100; policy accept;\n\
+             \x20   fib daddr type != local return\n\
              \x20   tcp dport { 15006, 15020 } return\n    meta l4proto tcp redirect to :15006\n  }\n\
              \x20 chain outbound {\n    type nat hook output priority -100; policy accept;\n\
              \x20   meta skuid 1337 return\n    oifname \"lo\" return\n\

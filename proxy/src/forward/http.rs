@@ -32,6 +32,9 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(&l, &conn, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // With a timer, HTTP/1 connections get hyper's header read timeout (30 s): a client
+    // trickling its headers cannot hold a connection forever.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new());
     if l.role.is_inbound() {
         builder.http2().max_concurrent_streams(1024);
     }
@@ -230,10 +233,13 @@ async fn deliver(
         AppProtocol::Http2 => true,
     };
     // The request keeps its original authority (Host for HTTP/1.1, :authority for HTTP/2);
-    // the connector dials the application whatever the URI says.
+    // the connector dials the application whatever the URI says. For HTTP/1.1 the URI names
+    // the application, so the pool keeps one set of connections per application rather than
+    // one per Host a caller chooses.
+    let uri_authority = if h2 { authority } else { app };
     let target = match req.uri().query() {
-        Some(q) => format!("http://{authority}{path}?{q}"),
-        None => format!("http://{authority}{path}"),
+        Some(q) => format!("http://{uri_authority}{path}?{q}"),
+        None => format!("http://{uri_authority}{path}"),
     };
     let Ok(uri) = target.parse::<Uri>() else {
         let r = Refused {

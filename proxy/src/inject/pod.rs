@@ -34,12 +34,21 @@ pub(super) fn pod(
     if annotation(template, "ward.dev/inject") == Some("false") {
         return Ok(false);
     }
-    let capture =
-        o.mode == Mode::Capture && annotation(template, "ward.dev/capture") != Some("false");
     let spec = template
         .get("spec")
         .ok_or("pod template without spec")?
         .clone();
+    // A hostNetwork pod shares the node's network namespace: rules installed there would
+    // capture the node's own traffic (the kubelet's, sshd's) and outlive the pod. Such pods
+    // get explicit listeners instead.
+    let host_network = spec.get("hostNetwork").and_then(Value::as_bool) == Some(true);
+    let capture = o.mode == Mode::Capture
+        && annotation(template, "ward.dev/capture") != Some("false")
+        && !host_network;
+    // Captured pods always get a native sidecar (an init container that keeps running, started
+    // right after ward-init): their own init containers' connections are redirected too, so
+    // the proxy must run before them, and the application starts only once it is ready.
+    let native = native || capture;
     let containers = spec
         .get("containers")
         .and_then(Value::as_sequence)
@@ -216,6 +225,14 @@ volumeMounts:
     if native {
         m.insert("restartPolicy".into(), "Always".into());
     }
+    if capture {
+        m.insert(
+            "startupProbe".into(),
+            yaml_value(
+                "{httpGet: {path: /readyz, port: ward-admin}, periodSeconds: 1, failureThreshold: 120}",
+            ),
+        );
+    }
 
     let init = if capture {
         Some(init_container(template_annotations(template), &o.image)?)
@@ -231,19 +248,19 @@ volumeMounts:
     } else {
         "containers"
     };
-    spec.entry(list.into())
+    let seq = spec
+        .entry(list.into())
         .or_insert_with(|| Value::Sequence(Vec::new()))
         .as_sequence_mut()
-        .ok_or(format!("{list} is not a list"))?
-        .push(sidecar);
-    if let Some(init) = init {
-        // The rules exist before any other container starts: init containers run first, in
-        // order, and this one goes in front.
-        spec.entry("initContainers".into())
-            .or_insert_with(|| Value::Sequence(Vec::new()))
-            .as_sequence_mut()
-            .ok_or("initContainers is not a list")?
-            .insert(0, init);
+        .ok_or(format!("{list} is not a list"))?;
+    match init {
+        // The rules exist before any other container starts (init containers run first, in
+        // order, and ward-init goes in front), and the proxy runs right after them.
+        Some(init) => {
+            seq.insert(0, init);
+            seq.insert(1, sidecar);
+        }
+        None => seq.push(sidecar),
     }
     let volumes = spec
         .entry("volumes".into())
@@ -298,10 +315,9 @@ fn refuse_proxy_uid(spec: &Value) -> Result<(), String> {
             .and_then(Value::as_u64)
     };
     let pod_uid = uid(spec);
-    for c in spec
-        .get("containers")
-        .and_then(Value::as_sequence)
-        .into_iter()
+    for c in ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| spec.get(*k).and_then(Value::as_sequence))
         .flatten()
     {
         if uid(c).or(pod_uid) == Some(u64::from(PROXY_UID)) {
@@ -340,7 +356,14 @@ fn probes(spec: &Value) -> Vec<Probe> {
                     .and_then(|n| u16::try_from(n).ok()),
                 _ => None,
             };
-            let path = str_of(get, "path").unwrap_or("/").to_owned();
+            // Only a specific path is let through without authentication: the default "/"
+            // (the whole application) and paths with a query are left to policy.
+            let Some(path) = str_of(get, "path")
+                .and_then(|p| ward_spiffe::policy::path::normalize(p).ok())
+                .filter(|p| p != "/" && !p.contains('?'))
+            else {
+                continue;
+            };
             if let Some(port) = port {
                 let p = Probe { port, path };
                 if !out.contains(&p) {
