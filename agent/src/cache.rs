@@ -136,6 +136,8 @@ pub struct Snapshot {
     pub policies: Arc<ward_spiffe::policy::PolicySet>,
     /// Tainted authorities, as of the last bundle.
     pub taints: Arc<Taints>,
+    /// Mesh services from the CA.
+    pub services: Arc<crate::destinations::ServiceIndex>,
 }
 
 impl Snapshot {

@@ -1,11 +1,13 @@
 //! ward-agent: the per-node agent. It attests to the CA, follows the entries it may serve,
 //! keeps an SVID fresh for each, attests local workloads and serves them the SPIFFE Workload
-//! API on a Unix socket. `main.rs` only calls [`cli::main`].
+//! API on a Unix socket, with Envoy SDS, the policies and the destinations local proxies use.
+//! `main.rs` only calls [`cli::main`].
 
 pub mod attest;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod destinations;
 pub mod files;
 pub mod helper;
 pub mod identity;

@@ -149,6 +149,9 @@ impl Agent {
         let policies = ward_proto::agent::policies_server::PoliciesServer::new(
             crate::policies::PolicyService::new(api.clone()),
         );
+        let destinations = ward_proto::agent::destinations_server::DestinationsServer::new(
+            crate::destinations::DestinationService::new(api.clone()),
+        );
         let sds = ward_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(
             crate::sds::SdsService::new(api.clone(), cfg.sds.clone()),
         );
@@ -161,6 +164,7 @@ impl Agent {
                 .layer(ward_net::refusal::RefusalLogLayer::new("agent"))
                 .add_service(svc)
                 .add_service(policies)
+                .add_service(destinations)
                 .add_service(sds)
                 .serve_with_incoming_shutdown(incoming, stop(rx))
                 .await;

@@ -51,6 +51,16 @@ pub fn apply(s: &mut Snapshot, u: &SyncUpdate) -> Result<(), String> {
             }
         }
     }
+    if u.services_full || !u.services_upserted.is_empty() || !u.services_removed.is_empty() {
+        let mut upserted = Vec::with_capacity(u.services_upserted.len());
+        for m in &u.services_upserted {
+            match ward_proto::convert::service_from_proto(m) {
+                Ok(svc) => upserted.push(svc),
+                Err(e) => tracing::error!(error = %e, "CA sent an invalid service; ignored"),
+            }
+        }
+        Arc::make_mut(&mut s.services).apply(u.services_full, upserted, &u.services_removed);
+    }
     s.revision = u.revision;
     s.synced = true;
     Ok(())

@@ -60,6 +60,10 @@ fn authority_to_proto(kind: Kind, v: &View, live: Live) -> admin::Authority {
     }
 }
 
+fn service_msg(r: &crate::services::ServiceRecord) -> types::Service {
+    ward_proto::convert::service_to_proto(&r.service, r.revision, &r.origin)
+}
+
 fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, ApiError> {
     if v.is_empty() {
         Err(ApiError::InvalidArgument(format!("{field} is required")))
@@ -232,6 +236,53 @@ impl Admin for AdminService {
                 .map(|r| ward_proto::convert::policy_to_proto(&r.policy, r.revision))
                 .collect(),
         }))
+    }
+
+    async fn put_services(
+        &self,
+        req: Request<admin::PutServicesRequest>,
+    ) -> Result<Response<admin::PutServicesResponse>, Status> {
+        let services = req
+            .into_inner()
+            .services
+            .iter()
+            .map(ward_proto::convert::service_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ApiError::InvalidArgument)?;
+        if services.is_empty() {
+            return Err(ApiError::InvalidArgument("no services given".into()).into());
+        }
+        let ops = services
+            .into_iter()
+            .map(crate::services::ServiceOp::Put)
+            .collect();
+        let stored = self.core.services.write(ops, "admin").await?;
+        for r in &stored {
+            self.audit("service-put", &r.service.name, "").await?;
+        }
+        Ok(Response::new(admin::PutServicesResponse {
+            services: stored.iter().map(service_msg).collect(),
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        _req: Request<admin::ListServicesRequest>,
+    ) -> Result<Response<admin::ListServicesResponse>, Status> {
+        let all = self.core.services.list().await?;
+        Ok(Response::new(admin::ListServicesResponse {
+            services: all.iter().map(service_msg).collect(),
+        }))
+    }
+
+    async fn delete_service(
+        &self,
+        req: Request<admin::DeleteServiceRequest>,
+    ) -> Result<Response<admin::DeleteServiceResponse>, Status> {
+        let name = req.into_inner().name;
+        self.core.services.delete(&name, "admin").await?;
+        self.audit("service-delete", &name, "").await?;
+        Ok(Response::new(admin::DeleteServiceResponse {}))
     }
 
     async fn get_policy(

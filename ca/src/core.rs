@@ -61,6 +61,8 @@ pub struct CaCore {
     pub agents: AgentRepo,
     /// Authorization policies.
     pub policies: crate::policies::PolicyRepo,
+    /// Mesh services.
+    pub services: crate::services::ServiceRepo,
     /// Signing authorities and the bundle.
     pub authorities: Authorities,
     /// Time.
@@ -91,6 +93,7 @@ impl CaCore {
             entries: EntryRepo::new(store.clone(), td.clone()),
             agents: AgentRepo::new(store.clone(), td),
             policies: crate::policies::PolicyRepo::new(store.clone()),
+            services: crate::services::ServiceRepo::new(store.clone()),
             authorities,
             store,
             clock,

@@ -26,6 +26,7 @@ pub mod node_api;
 pub mod oidc;
 pub mod policies;
 pub mod server;
+pub mod services;
 pub mod sync;
 
 pub use config::CaConfig;

@@ -116,6 +116,44 @@ async fn add_policies(core: &CaCore, update: &mut SyncUpdate) -> Result<(), ApiE
     Ok(())
 }
 
+/// Puts the services changed after `after` into `update` (every service when the change log
+/// does not reach back that far); returns the revision sent.
+async fn add_services(
+    core: &CaCore,
+    after: Option<u64>,
+    update: &mut SyncUpdate,
+) -> Result<u64, ApiError> {
+    let svc = &core.services;
+    let full = match after {
+        None => true,
+        Some(a) => a < svc.changes_floor().await?,
+    };
+    if full {
+        let rev = svc.revision().await?;
+        update.services_full = true;
+        update.services_upserted = svc
+            .list()
+            .await?
+            .iter()
+            .map(|r| ward_proto::convert::service_to_proto(&r.service, r.revision, &r.origin))
+            .collect();
+        return Ok(rev);
+    }
+    let after = after.unwrap_or(0);
+    let (rev, names) = svc.changed_since(after).await?;
+    for name in names {
+        match svc.get(&name).await? {
+            Some(r) => update
+                .services_upserted
+                .push(ward_proto::convert::service_to_proto(
+                    &r.service, r.revision, &r.origin,
+                )),
+            None => update.services_removed.push(name),
+        }
+    }
+    Ok(rev)
+}
+
 /// Starts the stream for `agent`.
 pub fn stream(
     core: Arc<CaCore>,
@@ -147,6 +185,7 @@ async fn run(
     let mut sets = core.authorities.watch();
     let mut stopping = core.stopping.subscribe();
     let mut policies = core.policies.watch();
+    let mut services = core.services.watch();
 
     let current = core.entries.revision().await?;
     let first = if since == 0 || since > current {
@@ -162,17 +201,23 @@ async fn run(
     let mut sent_seq = set.bundle.sequence;
     add_bundle(&set, &mut update);
     add_policies(core, &mut update).await?;
+    let mut svc_rev = add_services(core, None, &mut update).await?;
     if tx.send(Ok(update)).await.is_err() {
         return Ok(());
     }
 
     loop {
         let mut policies_changed = false;
+        let mut services_changed = false;
         tokio::select! {
             ok = changes.changed() => if !ok { return Ok(()) },
             ok = policies.changed() => {
                 if !ok { return Ok(()) }
                 policies_changed = true;
+            }
+            ok = services.changed() => {
+                if !ok { return Ok(()) }
+                services_changed = true;
             }
             ok = agents.changed() => {
                 if !ok { return Ok(()) }
@@ -201,11 +246,17 @@ async fn run(
         if policies_changed {
             add_policies(core, &mut update).await?;
         }
+        if services_changed {
+            svc_rev = add_services(core, Some(svc_rev), &mut update).await?;
+        }
         let empty = !update.full
             && update.upserted.is_empty()
             && update.removed.is_empty()
             && update.bundle.is_none()
-            && !update.policies_changed;
+            && !update.policies_changed
+            && !update.services_full
+            && update.services_upserted.is_empty()
+            && update.services_removed.is_empty();
         rev = next_rev;
         if empty {
             // Nothing for this agent: stay silent so unrelated changes cost it nothing.

@@ -106,7 +106,8 @@ pub mod convert {
 
     use crate::types;
     use ward_spiffe::policy::{Action, Operation, Policy, Rule, Source, Target};
-    use ward_spiffe::{Bundle, JwtAuthority, TrustDomain};
+    use ward_spiffe::service::{Endpoint, Service, ServicePort};
+    use ward_spiffe::{Bundle, JwtAuthority, SpiffeId, TrustDomain};
 
     /// A policy as a message.
     pub fn policy_to_proto(p: &Policy, revision: u64) -> types::AuthzPolicy {
@@ -225,6 +226,104 @@ pub mod convert {
             sequence: b.sequence,
             refresh_hint_seconds: b.refresh_hint_secs.unwrap_or(0).min(u64::from(u32::MAX)) as u32,
         }
+    }
+
+    /// A service as a message.
+    pub fn service_to_proto(s: &Service, revision: u64, origin: &str) -> types::Service {
+        types::Service {
+            name: s.name.clone(),
+            addresses: s.addresses.iter().map(ToString::to_string).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| types::ServicePort {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    target_port: p.target_port.map_or(0, u32::from),
+                })
+                .collect(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| types::ServiceEndpoint {
+                    address: e.address.to_string(),
+                    ports: e
+                        .ports
+                        .iter()
+                        .map(|(k, v)| (k.clone(), u32::from(*v)))
+                        .collect(),
+                    spiffe_ids: e.ids.iter().map(ToString::to_string).collect(),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    pod: e.pod.clone().unwrap_or_default(),
+                })
+                .collect(),
+            revision,
+            origin: origin.to_owned(),
+        }
+    }
+
+    /// A service message as a service, validated; errors name the field.
+    pub fn service_from_proto(m: &types::Service) -> Result<Service, String> {
+        let port = |what: &str, v: u32| {
+            u16::try_from(v).map_err(|_| format!("service {:?}: {what} {v} is not a port", m.name))
+        };
+        let ip = |what: &str, v: &str| {
+            v.parse::<std::net::IpAddr>()
+                .map_err(|_| format!("service {:?}: {what} {v:?} is not an IP address", m.name))
+        };
+        let s = Service {
+            name: m.name.clone(),
+            addresses: m
+                .addresses
+                .iter()
+                .map(|a| ip("address", a))
+                .collect::<Result<_, _>>()?,
+            ports: m
+                .ports
+                .iter()
+                .map(|p| {
+                    Ok(ServicePort {
+                        name: p.name.clone(),
+                        port: port("port", p.port)?,
+                        target_port: match p.target_port {
+                            0 => None,
+                            t => Some(port("target_port", t)?),
+                        },
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            endpoints: m
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Ok(Endpoint {
+                        address: ip("endpoint address", &e.address)?,
+                        ports: e
+                            .ports
+                            .iter()
+                            .map(|(k, v)| Ok((k.clone(), port("endpoint port", *v)?)))
+                            .collect::<Result<_, String>>()?,
+                        ids: e
+                            .spiffe_ids
+                            .iter()
+                            .map(|i| {
+                                SpiffeId::new(i).map_err(|err| {
+                                    format!("service {:?}: endpoint ID {i:?}: {err}", m.name)
+                                })
+                            })
+                            .collect::<Result<_, _>>()?,
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        pod: (!e.pod.is_empty()).then(|| e.pod.clone()),
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+        };
+        s.validate().map_err(|e| e.to_string())?;
+        Ok(s)
     }
 
     /// A bundle message as a bundle; fails on an invalid trust domain name.

@@ -10,6 +10,7 @@ pub mod id;
 pub mod jwk;
 pub mod jwt;
 pub mod selector;
+pub mod service;
 pub mod x509;
 
 pub use bundle::{Bundle, JwtAuthority};

@@ -19,6 +19,8 @@ use ward_spiffe::TrustDomain;
 
 use crate::config::{CaConfig, LogFormat};
 
+mod services;
+
 /// ward-ca: the certificate authority of a Ward trust domain.
 #[derive(Debug, Parser)]
 #[command(name = "ward-ca", version, about, after_help = EXIT_CODES)]
@@ -71,6 +73,11 @@ enum Command {
         kind: AuthorityKind,
         #[command(subcommand)]
         cmd: AuthorityCmd,
+    },
+    /// Mesh services for hosts without Kubernetes: names, ports, endpoints and their IDs.
+    Service {
+        #[command(subcommand)]
+        cmd: services::ServiceCmd,
     },
     /// Print the Kubernetes CustomResourceDefinitions (IdentityPolicy, AuthorizationPolicy)
     /// as YAML, for `kubectl apply -f -`.
@@ -517,6 +524,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent { cmd } => agent(cmd).await,
         Command::Bundle { cmd } => bundle(cmd).await,
         Command::Policy { cmd } => policy(cmd).await,
+        Command::Service { cmd } => services::service(cmd).await,
         Command::Authority { kind, cmd } => authority(kind, cmd).await,
         Command::Crds => {
             let yaml = crate::k8s::crd::definitions_yaml().map_err(|e| CliError::new(1, e))?;
