@@ -52,6 +52,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         log_level: "info".into(),
         listeners: vec![],
         drain_timeout: std::time::Duration::from_secs(1),
+        discovery: None,
     }
 }
 

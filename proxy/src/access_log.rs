@@ -39,8 +39,10 @@ pub struct Entry {
     /// The address the caller dialled, when the connection was captured.
     pub orig_dst: Option<String>,
     /// The plan taken: `deliver` (to the local application), `mesh` (to a peer proxy),
-    /// `passthrough`, or `refuse`.
+    /// `balanced` (to an endpoint of a mesh service), `passthrough`, or `refuse`.
     pub plan: &'static str,
+    /// The endpoint a balanced plan chose (`ip:port`).
+    pub endpoint: Option<String>,
     /// HTTP status returned (0 for TCP).
     pub status: u16,
     /// `allow`, `deny`, `would-deny`.
@@ -107,6 +109,9 @@ pub struct AccessFields {
     /// Plan taken.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plan: String,
+    /// Endpoint chosen by the balancer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// Status.
     pub status: u16,
     /// Decision.
@@ -278,6 +283,7 @@ impl Writer {
                 path: e.path,
                 orig_dst: e.orig_dst,
                 plan: e.plan.to_owned(),
+                endpoint: e.endpoint,
                 status: e.status,
                 decision: e.decision.to_owned(),
                 policy: e.policy,
@@ -420,6 +426,7 @@ mod tests {
             path: Some(format!("/{i}")),
             orig_dst: None,
             plan: "deliver",
+            endpoint: None,
             status: 200,
             decision: "allow",
             policy: "p".into(),

@@ -420,6 +420,19 @@ pub struct ProxyConfig {
     /// On shutdown, how long open connections may take to finish before they are cut.
     #[serde(default = "default_drain", with = "serde_str")]
     pub drain_timeout: Duration,
+    /// Service discovery through the agent (requires a `workload_api` identity): outbound
+    /// traffic to a mesh service is balanced across its endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryCfg>,
+}
+
+/// Service discovery settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryCfg {
+    /// `p2c` (power of two choices over peak-EWMA, the default) or `round-robin`.
+    #[serde(default)]
+    pub balancer: crate::balance::Balancer,
 }
 
 fn default_drain() -> Duration {
@@ -469,6 +482,7 @@ impl ProxyConfig {
             access_log: None,
             log_level: default_log_level(),
             drain_timeout: default_drain(),
+            discovery: None,
         }
     }
 
@@ -599,6 +613,10 @@ impl ProxyConfig {
             && (a.queue == 0 || a.max_bytes < 4096)
         {
             return inv("access_log: queue must be > 0 and max_bytes >= 4096".into());
+        }
+        if self.discovery.is_some() && !matches!(self.identity, IdentitySource::WorkloadApi { .. })
+        {
+            return inv("discovery needs a workload_api identity (it asks the agent)".into());
         }
         if self.authorization.from_agent
             && !matches!(self.identity, IdentitySource::WorkloadApi { .. })

@@ -7,10 +7,12 @@
 
 pub mod access_log;
 pub mod authz;
+pub mod balance;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod detect;
+pub mod discover;
 pub mod forward;
 pub mod http;
 pub mod identity;

@@ -66,6 +66,8 @@ pub struct Record {
     path: Option<String>,
     orig_dst: Option<SocketAddr>,
     plan: &'static str,
+    /// The endpoint a balanced plan chose.
+    pub endpoint: Option<String>,
     outcome: Outcome,
 }
 
@@ -88,6 +90,7 @@ impl Record {
             path: None,
             orig_dst,
             plan: "refuse",
+            endpoint: None,
             outcome: Outcome::plain("error", "none"),
         }
     }
@@ -153,6 +156,7 @@ impl Record {
             path: self.path,
             orig_dst: self.orig_dst.map(|a| a.to_string()),
             plan: self.plan,
+            endpoint: self.endpoint,
             status,
             decision: self.outcome.decision,
             policy: self.outcome.policy,

@@ -53,6 +53,10 @@ pub struct Shared {
     pub apps: AppClients,
     /// Pools per peer proxy.
     pub upstreams: Upstreams,
+    /// Service discovery, when configured.
+    pub discovery: Option<crate::discover::Discovery>,
+    /// How endpoints are chosen.
+    pub balancer: crate::balance::Balancer,
 }
 
 impl Shared {
@@ -203,6 +207,17 @@ impl ListenerCtx {
         }
     }
 
+    /// What discovery says about where `conn` goes (outbound roles with discovery only).
+    pub async fn destination(&self, conn: &ConnInfo) -> Option<crate::discover::Resolution> {
+        let d = self.shared.discovery.as_ref()?;
+        let authority = match &self.role {
+            RoleCfg::Outbound { upstream, .. } => upstream.as_str(),
+            RoleCfg::OutboundCapture { .. } => conn.target.as_str(),
+            _ => return None,
+        };
+        d.resolve(authority).await
+    }
+
     /// What arrived on `conn`, with `request` (`None` for the connection itself).
     pub fn arrived<'r, 'h>(
         &'r self,
@@ -314,13 +329,15 @@ pub async fn connection(
             // passthrough and refusals are per connection.
             let meshed = {
                 let own = l.shared.own_id();
+                let destination = l.destination(&conn).await;
                 let knows = Knows {
                     own_id: own.as_ref(),
                     authz: &l.shared.authz,
+                    destination: destination.as_ref(),
                 };
                 matches!(
                     crate::plan::plan(&l.arrived(&conn, None), &knows),
-                    Ok(Plan::Mesh { .. })
+                    Ok(Plan::Mesh { .. } | Plan::Balanced { .. })
                 )
             };
             if meshed {

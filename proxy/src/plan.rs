@@ -10,6 +10,7 @@ use ward_spiffe::policy::{Request as AuthzRequest, path::normalize};
 
 use crate::authz::Authz;
 use crate::config::{MeshRoute, Probe, UnknownDestination};
+use crate::discover::{Destination, Resolution};
 use crate::observe::Outcome;
 use crate::refusal::Refusal;
 
@@ -76,10 +77,12 @@ pub struct Knows<'a> {
     pub own_id: Option<&'a SpiffeId>,
     /// The policies in force.
     pub authz: &'a Authz,
+    /// What service discovery says about the destination (outbound roles with discovery).
+    pub destination: Option<&'a Resolution>,
 }
 
 /// Where an allowed request or connection goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Plan<'r, 'h> {
     /// To the local application.
     Deliver {
@@ -105,6 +108,13 @@ pub enum Plan<'r, 'h> {
         /// The authority the request keeps (HTTP).
         authority: Cow<'h, str>,
     },
+    /// A mesh service: balanced across its endpoints, each checked for its own IDs.
+    Balanced {
+        /// The service's endpoints.
+        destination: std::sync::Arc<Destination>,
+        /// The authority the request keeps (HTTP).
+        authority: Cow<'h, str>,
+    },
     /// Outside the mesh: to the destination as the application asked, unchanged.
     Passthrough {
         /// `host:port` to dial.
@@ -118,6 +128,7 @@ impl Plan<'_, '_> {
         match self {
             Plan::Deliver { .. } => "deliver",
             Plan::Mesh { .. } => "mesh",
+            Plan::Balanced { .. } => "balanced",
             Plan::Passthrough { .. } => "passthrough",
         }
     }
@@ -148,6 +159,47 @@ fn authority<'h>(given: Option<&'h str>, default: &'h str) -> Result<Cow<'h, str
 
 /// Plans one request (or TCP connection).
 pub fn plan<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r, 'h>, Refused> {
+    match (a.role, k.destination) {
+        (
+            Role::Outbound { upstream, .. } | Role::OutboundCapture { dst: upstream, .. },
+            Some(d),
+        ) if !matches!(d, Resolution::NoSuchService) => balanced(a, d, upstream),
+        _ => plan_static(a, k),
+    }
+}
+
+/// A destination discovery knows: its endpoints, or a refusal when it has none.
+fn balanced<'r: 'h, 'h>(
+    a: &Arrived<'r, 'h>,
+    d: &Resolution,
+    default: &'r str,
+) -> Result<Plan<'r, 'h>, Refused> {
+    let refuse = |refusal| Refused {
+        refusal,
+        outcome: Outcome::plain("error", "outbound"),
+        path: None,
+    };
+    let destination = match d {
+        Resolution::Endpoints(dest) => dest.clone(),
+        Resolution::NoEndpoints(service) => {
+            return Err(refuse(Refusal::Unavailable(format!(
+                "service {service} has no endpoint ready"
+            ))));
+        }
+        Resolution::NoSuchService => unreachable!("handled by the caller"),
+    };
+    let authority = match &a.request {
+        Some(h) => authority(h.authority, default).map_err(refuse)?,
+        None => Cow::Borrowed(default),
+    };
+    Ok(Plan::Balanced {
+        destination,
+        authority,
+    })
+}
+
+/// Plans without discovery: fixed upstreams, the static mesh table, inbound authorization.
+fn plan_static<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r, 'h>, Refused> {
     match a.role {
         Role::Inbound { app, probes } => inbound(a, k, app, probes),
         Role::Outbound { upstream, expected } => mesh(a, upstream, expected),
@@ -363,6 +415,7 @@ policies:
         let k = Knows {
             own_id: Some(&b),
             authz: &enforce,
+            destination: None,
         };
         // (arrived, knows, expected plan label or refusal, log path)
         type Want = Result<(&'static str, Option<&'static str>), Refusal>;
@@ -413,6 +466,7 @@ policies:
                 Knows {
                     own_id: None,
                     authz: &enforce,
+                    destination: None,
                 },
                 Err(Refusal::NoIdentity),
             ),
@@ -421,6 +475,7 @@ policies:
                 Knows {
                     own_id: Some(&b),
                     authz: &dry,
+                    destination: None,
                 },
                 Ok((app, Some("/y"))),
             ),
@@ -489,6 +544,7 @@ policies:
             &Knows {
                 own_id: Some(&b),
                 authz: &dry,
+                destination: None,
             },
         )
         else {
@@ -517,6 +573,7 @@ policies:
         let k = Knows {
             own_id: None,
             authz: &enforce,
+            destination: None,
         };
         let Ok(Plan::Mesh {
             upstream,
@@ -546,6 +603,7 @@ policies:
         let k = Knows {
             own_id: None,
             authz: &enforce,
+            destination: None,
         };
         let routes = vec![
             MeshRoute {

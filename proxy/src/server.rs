@@ -130,6 +130,17 @@ impl Proxy {
             None => None,
         };
 
+        let discovery = match (&cfg.discovery, &cfg.identity) {
+            (Some(_), crate::config::IdentitySource::WorkloadApi { socket, spiffe_id }) => {
+                let path = socket.clone().unwrap_or_default();
+                let path = std::path::PathBuf::from(
+                    path.trim_start_matches("unix://")
+                        .trim_start_matches("unix:"),
+                );
+                Some(crate::discover::Discovery::new(path, spiffe_id.clone()))
+            }
+            _ => None,
+        };
         let header = http::HeaderName::from_bytes(cfg.peer_id_header.as_bytes())
             .map_err(|e| StartError::Config(format!("peer_id_header: {e}")))?;
         let shared = Arc::new(Shared {
@@ -143,6 +154,8 @@ impl Proxy {
             header,
             apps: Default::default(),
             upstreams: Default::default(),
+            discovery,
+            balancer: cfg.discovery.map(|d| d.balancer).unwrap_or_default(),
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();

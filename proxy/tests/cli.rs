@@ -136,6 +136,7 @@ fn log_verify_reports_the_first_broken_record() {
                 path: Some(format!("/{i}")),
                 orig_dst: None,
                 plan: "deliver",
+                endpoint: None,
                 status: 200,
                 decision: "allow",
                 policy: "p".into(),

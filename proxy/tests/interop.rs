@@ -444,6 +444,7 @@ impl GrpcMesh {
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
+            discovery: None,
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
@@ -468,6 +469,7 @@ impl GrpcMesh {
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
+            discovery: None,
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

@@ -62,7 +62,7 @@ fn given_authority<B>(req: &Request<B>) -> Option<&str> {
     }
 }
 
-fn refuse(l: &ListenerCtx, mut rec: Record, r: Refused, grpc: bool) -> Response<Body> {
+pub(crate) fn refuse(l: &ListenerCtx, mut rec: Record, r: Refused, grpc: bool) -> Response<Body> {
     if let Some(p) = &r.path {
         rec.set_path(p);
     }
@@ -90,9 +90,11 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
             authority: given_authority(&req),
         }),
     );
+    let destination = l.destination(conn).await;
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &l.shared.authz,
+        destination: destination.as_ref(),
     };
     // The plan borrows the request; what it takes from it (the authority) is made owned so
     // the request can move on.
@@ -119,6 +121,13 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
         } => Ok(Target::Mesh {
             upstream,
             expected,
+            authority: authority.into_owned(),
+        }),
+        Plan::Balanced {
+            destination,
+            authority,
+        } => Ok(Target::Balanced {
+            destination,
             authority: authority.into_owned(),
         }),
         // Passthrough is decided per connection, before any byte is read as HTTP.
@@ -154,6 +163,10 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
             expected,
             authority,
         }) => mesh(l, rec, req, upstream, expected, &authority, grpc).await,
+        Ok(Target::Balanced {
+            destination,
+            authority,
+        }) => crate::forward::balanced::http(l, rec, req, &destination, &authority, grpc).await,
     }
 }
 
@@ -172,10 +185,14 @@ enum Target<'r> {
         expected: &'r [ward_spiffe::SpiffeId],
         authority: String,
     },
+    Balanced {
+        destination: Arc<crate::discover::Destination>,
+        authority: String,
+    },
 }
 
 /// Wraps a response body so the record is written when the exchange ends.
-fn finish_with_body(
+pub(crate) fn finish_with_body(
     l: &ListenerCtx,
     rec: Record,
     resp: Response<Incoming>,
@@ -288,30 +305,18 @@ async fn deliver(
     }
 }
 
-async fn mesh(
-    l: &ListenerCtx,
-    mut rec: Record,
-    mut req: Request<Incoming>,
-    upstream: &str,
-    expected: &[ward_spiffe::SpiffeId],
-    authority: &str,
-    grpc: bool,
-) -> Response<Body> {
-    let shared = &l.shared;
+/// Readies a request for a peer proxy: its authority in the URI (it travels as :authority;
+/// the connector dials the peer whatever it says), hop-by-hop headers gone, HTTP/2, and the
+/// application's HTTP version in ORIG_PROTO.
+pub(crate) fn to_peer(req: &mut Request<Incoming>, authority: &str) -> Result<(), Refusal> {
     let pq = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let Ok(uri) = format!("http://{authority}{pq}").parse::<Uri>() else {
-        let r = Refused {
-            refusal: Refusal::BadRequest("bad request target"),
-            outcome: Outcome::plain("error", "outbound"),
-            path: None,
-        };
-        return refuse(l, rec, r, grpc);
-    };
-    // The request's authority travels as :authority; the connector always dials the peer.
+    let uri = format!("http://{authority}{pq}")
+        .parse::<Uri>()
+        .map_err(|_| Refusal::BadRequest("bad request target"))?;
     let h1 = req.version() != Version::HTTP_2;
     strip_hop_by_hop(req.headers_mut());
     req.headers_mut().remove(header::HOST);
@@ -324,6 +329,68 @@ async fn mesh(
     }
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_2;
+    Ok(())
+}
+
+/// The response of a peer proxy, on its way back: the record names the peer (and endpoint),
+/// is written when the body ends.
+pub(crate) fn from_peer(
+    l: &ListenerCtx,
+    mut rec: Record,
+    resp: Response<Incoming>,
+    plan: &'static str,
+    bytes_in: Arc<AtomicU64>,
+    grpc: bool,
+) -> Response<Body> {
+    rec.decided(&l.shared.obs, Outcome::plain("allow", "outbound"), plan);
+    rec.dst = resp
+        .extensions()
+        .get::<UpstreamId>()
+        .and_then(|u| u.0.as_ref())
+        .map(ToString::to_string);
+    let (mut parts, body) = finish_with_body(l, rec, resp, "forwarded".into(), bytes_in);
+    if parts.headers.get(header::CONTENT_TYPE).is_none() && grpc {
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+    }
+    Response::from_parts(parts, body)
+}
+
+/// A request that reached no peer: 502 with the reason, recorded.
+pub(crate) fn peer_failed(
+    l: &ListenerCtx,
+    mut rec: Record,
+    plan: &'static str,
+    r: Refusal,
+    grpc: bool,
+) -> Response<Body> {
+    tracing::warn!(listener = %l.name, reason = %r.log_reason(), "outbound request failed");
+    rec.decided(&l.shared.obs, Outcome::plain("error", "outbound"), plan);
+    let (status, ..) = r.answer();
+    rec.finish(&l.shared.obs, status.as_u16(), r.log_reason(), 0, 0);
+    r.respond(grpc)
+}
+
+async fn mesh(
+    l: &ListenerCtx,
+    rec: Record,
+    mut req: Request<Incoming>,
+    upstream: &str,
+    expected: &[ward_spiffe::SpiffeId],
+    authority: &str,
+    grpc: bool,
+) -> Response<Body> {
+    let shared = &l.shared;
+    if let Err(refusal) = to_peer(&mut req, authority) {
+        let r = Refused {
+            refusal,
+            outcome: Outcome::plain("error", "outbound"),
+            path: None,
+        };
+        return refuse(l, rec, r, grpc);
+    }
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
     let out = Request::from_parts(parts, boxed(Counted::new(body, bytes_in.clone(), None)));
@@ -337,32 +404,13 @@ async fn mesh(
     let result = up.client().request(out).await;
     rec.observe_latency(&shared.obs);
     match result {
-        Ok(resp) => {
-            rec.decided(&shared.obs, Outcome::plain("allow", "outbound"), "mesh");
-            rec.dst = resp
-                .extensions()
-                .get::<UpstreamId>()
-                .and_then(|u| u.0.as_ref())
-                .map(ToString::to_string);
-            let (mut parts, body) = finish_with_body(l, rec, resp, "forwarded".into(), bytes_in);
-            if parts.headers.get(header::CONTENT_TYPE).is_none() && grpc {
-                parts.headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/grpc"),
-                );
-            }
-            Response::from_parts(parts, body)
-        }
+        Ok(resp) => from_peer(l, rec, resp, "mesh", bytes_in, grpc),
         Err(e) => {
             let r = Refusal::Unavailable(format!(
                 "upstream {upstream} unavailable: {}",
                 crate::forward::source_chain(&e)
             ));
-            tracing::warn!(reason = %r.log_reason(), "outbound request failed");
-            rec.decided(&shared.obs, Outcome::plain("error", "outbound"), "mesh");
-            let (status, ..) = r.answer();
-            rec.finish(&shared.obs, status.as_u16(), r.log_reason(), 0, 0);
-            r.respond(grpc)
+            peer_failed(l, rec, "mesh", r, grpc)
         }
     }
 }

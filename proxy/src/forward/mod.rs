@@ -1,6 +1,7 @@
 //! The forward stage: carrying a plan out over HTTP ([`http`]) or as an opaque TCP stream
 //! ([`tcp`]), through the connection pools of [`pools`].
 
+pub mod balanced;
 pub mod http;
 pub mod pools;
 pub mod tcp;

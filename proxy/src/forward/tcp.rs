@@ -25,9 +25,11 @@ where
     };
     let mut rec = Record::start(&l.name, "tcp", src, conn.orig_dst);
     let arrived = l.arrived(&conn, None);
+    let destination = l.destination(&conn).await;
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &shared.authz,
+        destination: destination.as_ref(),
     };
     match plan(&arrived, &knows) {
         Err(r) => {
@@ -80,6 +82,9 @@ where
                 .await
                 .unwrap_or((0, 0));
             rec.finish(&shared.obs, 0, "forwarded".into(), i, o);
+        }
+        Ok(Plan::Balanced { destination, .. }) => {
+            crate::forward::balanced::tcp(&l, rec, &mut io, &destination).await;
         }
         Ok(Plan::Passthrough { to }) => {
             rec.decided(

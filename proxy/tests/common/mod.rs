@@ -195,6 +195,7 @@ impl Mesh {
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
+            discovery: None,
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -220,6 +221,7 @@ impl Mesh {
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
+            discovery: None,
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();

@@ -1,0 +1,329 @@
+//! Service discovery end to end, with a real CA, a real agent and real proxies on loopback: a
+//! service declared in the CA reaches the agent, a frontend proxy resolves it on first use and
+//! balances requests across the backends' proxies (P2C over peak-EWMA), each endpoint checked
+//! for the SPIFFE ID the service gives it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use ward_ca::entries::EntrySpec;
+use ward_ca::services::ServiceOp;
+use ward_proxy::config::{
+    Authorization, DiscoveryCfg, IdentitySource, Inbound, Listener, Outbound, Protocol,
+    ProxyConfig, TlsMode,
+};
+use ward_spiffe::SpiffeId;
+use ward_spiffe::policy::DefaultPolicy;
+use ward_spiffe::service::Service;
+
+const TD: &str = "disc.test";
+
+/// An app answering with its name, after `delay`, counting its requests.
+async fn app(name: &'static str, delay: Duration, hits: Arc<AtomicUsize>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let hits = hits.clone();
+                    async move {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(name),
+                        )))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+fn cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
+    let mut c = ProxyConfig::new(IdentitySource::WorkloadApi {
+        socket: Some(format!("unix://{}", socket.display())),
+        spiffe_id: Some(SpiffeId::new(&format!("spiffe://{TD}/{id}")).unwrap()),
+    });
+    c.admin_address = "127.0.0.1:0".parse().unwrap();
+    c.drain_timeout = Duration::from_secs(1);
+    c.authorization = Authorization {
+        default: DefaultPolicy::AllAuthenticated,
+        ..Default::default()
+    };
+    c
+}
+
+async fn backend(socket: &std::path::Path, id: &str, app: SocketAddr) -> ward_proxy::Proxy {
+    let mut c = cfg(socket, id);
+    c.listeners = vec![Listener::Inbound(Inbound {
+        name: "in".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        forward_to: app.to_string(),
+        protocol: Protocol::Http,
+        tls: TlsMode::Strict,
+        app_protocol: Default::default(),
+    })];
+    let p = ward_proxy::Proxy::start(c).await.unwrap();
+    for _ in 0..200 {
+        if p.sink.current().is_some() {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("backend {id} got no SVID");
+}
+
+fn service(endpoints: &[(SocketAddr, &str)]) -> Service {
+    let eps: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(a, id)| {
+            serde_json::json!({
+                "address": a.ip().to_string(), "ports": { "http": a.port() },
+                "ids": [format!("spiffe://{TD}/{id}")],
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "name": "api.shop", "addresses": ["10.96.0.10"],
+        "ports": [ { "name": "http", "port": 80 } ], "endpoints": eps,
+    }))
+    .unwrap()
+}
+
+async fn get(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    out: SocketAddr,
+) -> (u16, String) {
+    let req = hyper::Request::builder()
+        .uri(format!("http://{out}/x"))
+        .header("host", "api.shop")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    match client.request(req).await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            (s, String::from_utf8_lossy(&b).into_owned())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_balanced_across_verified_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::start_ca(
+        common::ca_config(&dir.path().join("ca"), TD),
+        Arc::new(ward_spiffe::SystemClock),
+    )
+    .await;
+    let agent = common::start_agent(common::agent_config(&ca, dir.path()).await).await;
+    let parent = agent.identity.id().unwrap().to_string();
+    for name in ["client", "api", "impostor"] {
+        ca.core
+            .entries
+            .create(
+                &EntrySpec {
+                    spiffe_id: format!("spiffe://{TD}/{name}"),
+                    parent_id: parent.clone(),
+                    selectors: vec![common::my_uid_selector()],
+                    ..Default::default()
+                },
+                "admin",
+                name.into(),
+                ca.core.clock.now(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut rx = agent.cache.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.svids.len() == 3))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let hits: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let apps = [
+        app("a1", Duration::ZERO, hits[0].clone()).await,
+        app("a2", Duration::ZERO, hits[1].clone()).await,
+        app("a3", Duration::from_millis(20), hits[2].clone()).await,
+        app("imp", Duration::ZERO, hits[3].clone()).await,
+    ];
+    let sock = agent.socket_path.clone();
+    let b1 = backend(&sock, "api", apps[0]).await;
+    let b2 = backend(&sock, "api", apps[1]).await;
+    let b3 = backend(&sock, "api", apps[2]).await;
+    // An endpoint the service says is api, whose proxy presents another ID.
+    let bi = backend(&sock, "impostor", apps[3]).await;
+    let eps = |v: &[&ward_proxy::Proxy]| -> Vec<(SocketAddr, &'static str)> {
+        v.iter()
+            .map(|p| (p.inbound_addr("in").unwrap(), "api"))
+            .collect()
+    };
+    ca.core
+        .services
+        .write(
+            vec![ServiceOp::Put(service(&eps(&[&b1, &b2, &b3, &bi])))],
+            "admin",
+        )
+        .await
+        .unwrap();
+
+    let mut fc = cfg(&sock, "client");
+    fc.discovery = Some(DiscoveryCfg::default());
+    fc.listeners = vec![Listener::Outbound(Outbound {
+        name: "api".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: "api.shop:80".into(),
+        expected_ids: vec![SpiffeId::new(&format!("spiffe://{TD}/api")).unwrap()],
+        protocol: Protocol::Http,
+    })];
+    let frontend = ward_proxy::Proxy::start(fc).await.unwrap();
+    let out = frontend.outbound_addr("api").unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    // The first request waits for the frontend's SVID and the destination's first answer.
+    let mut first = (0, String::new());
+    for _ in 0..100 {
+        first = get(&client, out).await;
+        if first.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first.0, 200, "{}", first.1);
+
+    // Four callers at once, 80 requests each (with more callers than fast endpoints, the
+    // requests in flight rightly push some load onto the slow one).
+    let loads = (0..4).map(|_| {
+        let client = client.clone();
+        async move {
+            let mut got = Vec::new();
+            for _ in 0..80 {
+                got.push(get(&client, out).await);
+            }
+            got
+        }
+    });
+    let mut by: HashMap<String, usize> = HashMap::new();
+    for (s, body) in futures::future::join_all(loads).await.into_iter().flatten() {
+        assert_eq!(s, 200, "{body}");
+        *by.entry(body).or_default() += 1;
+    }
+    let n = |k: &str| by.get(k).copied().unwrap_or(0);
+    // Spread over the fast endpoints; the slow one gets much less; the impostor nothing.
+    assert!(n("a1") > 60 && n("a2") > 60, "{by:?}");
+    // An even share would be a third; P2C over the latency estimate gives the slow one less
+    // than a quarter even with four requests in flight.
+    assert!(
+        n("a3") * 4 < 320 && n("a3") < n("a1").min(n("a2")),
+        "the 20 ms endpoint got {} of 320: {by:?}",
+        n("a3")
+    );
+    assert_eq!(
+        hits[3].load(Ordering::Relaxed),
+        0,
+        "the impostor was used: {by:?}"
+    );
+    assert!(n("imp") == 0);
+    let refused: u64 = frontend
+        .metrics
+        .tls_failures
+        .get_or_create(&ward_proxy::metrics::TlsFailureLabel {
+            listener: "api".into(),
+            reason: "unauthorized_id".into(),
+        })
+        .get();
+    assert!(
+        refused >= 1,
+        "the impostor's handshake was refused and counted"
+    );
+
+    // One endpoint goes away mid-load: GETs keep succeeding (tried elsewhere), and it is
+    // ejected after a few failures.
+    b1.shutdown().await;
+    let mut failed = 0;
+    for _ in 0..100 {
+        let (s, _) = get(&client, out).await;
+        if s != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 0,
+        "idempotent requests must not fail when an endpoint dies"
+    );
+
+    // A new endpoint becomes ready: it gets traffic.
+    let hits_new = Arc::new(AtomicUsize::new(0));
+    let b4 = backend(
+        &sock,
+        "api",
+        app("a4", Duration::ZERO, hits_new.clone()).await,
+    )
+    .await;
+    ca.core
+        .services
+        .write(
+            vec![ServiceOp::Put(service(&eps(&[&b2, &b3, &b4])))],
+            "admin",
+        )
+        .await
+        .unwrap();
+    let mut seen_new = false;
+    for _ in 0..200 {
+        let (s, body) = get(&client, out).await;
+        assert_eq!(s, 200, "{body}");
+        if body == "a4" {
+            seen_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(seen_new, "the new endpoint never got a request");
+
+    // No endpoints: a clear 502, not a hang.
+    ca.core
+        .services
+        .write(vec![ServiceOp::Put(service(&[]))], "admin")
+        .await
+        .unwrap();
+    let mut last = (0, String::new());
+    for _ in 0..100 {
+        last = get(&client, out).await;
+        if last.0 == 502 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last.0, 502, "{}", last.1);
+    assert!(last.1.contains("no endpoint"), "{}", last.1);
+    for p in [frontend, b2, b3, b4, bi] {
+        p.shutdown().await;
+    }
+    agent.shutdown().await;
+    ca.shutdown().await;
+}
