@@ -133,6 +133,9 @@ pub struct ControllerConfig {
     /// Turn `AuthorizationPolicy` resources into CA policies.
     #[serde(default = "yes")]
     pub authorization_policies: bool,
+    /// Keep mesh services from Services and EndpointSlices (service discovery).
+    #[serde(default = "yes")]
+    pub services: bool,
 }
 
 impl Default for ControllerConfig {
@@ -142,6 +145,7 @@ impl Default for ControllerConfig {
             default_policy: true,
             ignore_namespaces: default_ignore_namespaces(),
             authorization_policies: true,
+            services: true,
         }
     }
 }

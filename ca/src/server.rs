@@ -328,6 +328,14 @@ impl CaServer {
             let Some(client) = cluster.client() else {
                 continue;
             };
+            if cc.controller.services {
+                tasks.push(tokio::spawn(crate::k8s::services::run(
+                    core.clone(),
+                    client.clone(),
+                    cluster.name().to_owned(),
+                    shutdown_rx.clone(),
+                )));
+            }
             let ctl = crate::k8s::controller::Controller::new(
                 core.clone(),
                 client.clone(),

@@ -7,15 +7,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use common::k8s::{cluster, eventually, node, pod};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Namespace;
 use serde_json::{Value, json};
 use tonic::Code;
-use ward_ca::config::{ClusterConfig, ControllerConfig, PsatMode};
 use ward_ca::entries::Entry;
 use ward_proto::node::{
     AttestRequest, BatchNewX509SvidRequest, K8sPsatAttestation, NewX509SvidParams,
@@ -23,21 +22,8 @@ use ward_proto::node::{
 };
 use ward_testing::kube::{FakeKube, TokenSpec};
 
-fn node(name: &str, uid: &str) -> Node {
-    serde_json::from_value(json!({ "metadata": { "name": name, "uid": uid } })).unwrap()
-}
-
 fn namespace(name: &str, labels: Value) -> Namespace {
     serde_json::from_value(json!({ "metadata": { "name": name, "labels": labels } })).unwrap()
-}
-
-fn pod(ns: &str, name: &str, uid: &str, node: &str, sa: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": { "name": name, "namespace": ns, "uid": uid, "labels": { "app": name.split('-').next().unwrap() } },
-        "spec": { "nodeName": node, "serviceAccountName": sa, "containers": [ { "name": "app", "image": "app:1" } ] },
-        "status": { "phase": "Running" }
-    }))
-    .unwrap()
 }
 
 fn identity_policy(name: &str, template: &str, app: &str) -> Value {
@@ -52,39 +38,6 @@ fn identity_policy(name: &str, template: &str, app: &str) -> Value {
             "x509SvidTtl": "15m"
         }
     })
-}
-
-fn cluster(fake: &FakeKube, dir: &std::path::Path) -> ClusterConfig {
-    ClusterConfig {
-        name: "c1".into(),
-        kubeconfig: Some(fake.write_kubeconfig(dir, "c1")),
-        service_account_allow_list: vec!["ward:ward-agent".into()],
-        audience: "ward-ca".into(),
-        mode: PsatMode::TokenReview,
-        issuer: None,
-        jwks_file: None,
-        jwks_discovery: false,
-        jwks_ca_file: None,
-        node_label_allow_list: vec![],
-        pod_label_allow_list: vec![],
-        controller: ControllerConfig::default(),
-        bundle_config_map: None,
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match f().await {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// Generated entries as (SPIFFE ID, parent, origin), sorted.

@@ -1,9 +1,12 @@
 //! Kubernetes: node attestation with projected service-account tokens, and (in `controller`)
-//! the identity controller that keeps one registration entry per selected pod.
+//! the identity controller that keeps one registration entry per selected pod, and (in
+//! `services`) the service controller that keeps the mesh services from Services and
+//! EndpointSlices.
 
 pub mod bundle_cm;
 pub mod controller;
 pub mod crd;
 pub mod http;
 pub mod psat;
+pub mod services;
 pub mod template;

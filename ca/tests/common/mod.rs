@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cli;
+pub mod k8s;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
