@@ -29,6 +29,16 @@ const TD: &str = "disc.test";
 
 /// An app answering with its name, after `delay`, counting its requests.
 async fn app(name: &'static str, delay: Duration, hits: Arc<AtomicUsize>) -> SocketAddr {
+    app_with(name, delay, 200, hits).await
+}
+
+/// An app answering `status` with its name, after `delay`, counting its requests.
+async fn app_with(
+    name: &'static str,
+    delay: Duration,
+    status: u16,
+    hits: Arc<AtomicUsize>,
+) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -43,9 +53,9 @@ async fn app(name: &'static str, delay: Duration, hits: Arc<AtomicUsize>) -> Soc
                     async move {
                         hits.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(delay).await;
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(name),
-                        )))
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(name)));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(r)
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(
@@ -322,6 +332,199 @@ async fn requests_are_balanced_across_verified_endpoints() {
     assert_eq!(last.0, 502, "{}", last.1);
     assert!(last.1.contains("no endpoint"), "{}", last.1);
     for p in [frontend, b2, b3, b4, bi] {
+        p.shutdown().await;
+    }
+    agent.shutdown().await;
+    ca.shutdown().await;
+}
+
+/// Sets up a CA, an agent and the entries of `names`; returns them and the agent socket.
+async fn mesh(dir: &std::path::Path, names: &[&str]) -> (ward_ca::CaServer, ward_agent::Agent) {
+    let ca = common::start_ca(
+        common::ca_config(&dir.join("ca"), TD),
+        Arc::new(ward_spiffe::SystemClock),
+    )
+    .await;
+    let agent = common::start_agent(common::agent_config(&ca, dir).await).await;
+    let parent = agent.identity.id().unwrap().to_string();
+    for name in names {
+        ca.core
+            .entries
+            .create(
+                &EntrySpec {
+                    spiffe_id: format!("spiffe://{TD}/{name}"),
+                    parent_id: parent.clone(),
+                    selectors: vec![common::my_uid_selector()],
+                    ..Default::default()
+                },
+                "admin",
+                (*name).into(),
+                ca.core.clock.now(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut rx = agent.cache.subscribe();
+    let n = names.len();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.svids.len() == n))
+        .await
+        .unwrap()
+        .unwrap();
+    (ca, agent)
+}
+
+async fn frontend(sock: &std::path::Path, d: DiscoveryCfg) -> (ward_proxy::Proxy, SocketAddr) {
+    let mut fc = cfg(sock, "client");
+    fc.discovery = Some(d);
+    fc.listeners = vec![Listener::Outbound(Outbound {
+        name: "api".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: "api.shop:80".into(),
+        expected_ids: vec![SpiffeId::new(&format!("spiffe://{TD}/api")).unwrap()],
+        protocol: Protocol::Http,
+    })];
+    let p = ward_proxy::Proxy::start(fc).await.unwrap();
+    let out = p.outbound_addr("api").unwrap();
+    (p, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, agent) = mesh(dir.path(), &["client", "api"]).await;
+    let sock = agent.socket_path.clone();
+    let (bad_hits, good_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let bad = backend(
+        &sock,
+        "api",
+        app_with("bad", Duration::ZERO, 503, bad_hits.clone()).await,
+    )
+    .await;
+    let good = backend(
+        &sock,
+        "api",
+        app("good", Duration::ZERO, good_hits.clone()).await,
+    )
+    .await;
+    let put = |v: &[&ward_proxy::Proxy]| {
+        let s = service(
+            &v.iter()
+                .map(|p| (p.inbound_addr("in").unwrap(), "api"))
+                .collect::<Vec<_>>(),
+        );
+        let core = ca.core.clone();
+        async move {
+            core.services
+                .write(vec![ServiceOp::Put(s)], "admin")
+                .await
+                .unwrap()
+        }
+    };
+    put(&[&bad, &good]).await;
+    let (fp, out) = frontend(&sock, DiscoveryCfg::default()).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut first = (0, String::new());
+    for _ in 0..100 {
+        first = get(&client, out).await;
+        if first.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first.0, 200, "{}", first.1);
+    // One endpoint answers 503: every GET still succeeds (retried on the other, and the bad
+    // one is ejected after three failures in a row).
+    for _ in 0..100 {
+        let (s, body) = get(&client, out).await;
+        assert_eq!((s, body.as_str()), (200, "good"));
+    }
+    assert!(
+        bad_hits.load(Ordering::Relaxed) <= 10,
+        "the failing endpoint kept getting traffic"
+    );
+    let retried = fp.metrics.retries.get();
+    assert!((1..=10).contains(&retried), "{retried} retries");
+    fp.shutdown().await;
+
+    // A full outage: every endpoint answers 503. Retries stay within the budget (20 % of
+    // requests plus a small reserve), so they cannot multiply the outage.
+    let bad2_hits = Arc::new(AtomicUsize::new(0));
+    let bad2 = backend(
+        &sock,
+        "api",
+        app_with("bad2", Duration::ZERO, 503, bad2_hits.clone()).await,
+    )
+    .await;
+    put(&[&bad, &bad2]).await;
+    let budget = DiscoveryCfg {
+        retries: ward_proxy::config::RetryCfg {
+            min_per_second: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (fp, out) = frontend(&sock, budget).await;
+    let before = bad_hits.load(Ordering::Relaxed) + bad2_hits.load(Ordering::Relaxed);
+    let mut answered = 0;
+    for _ in 0..200 {
+        let (s, _) = get(&client, out).await;
+        if s == 503 {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > 150,
+        "the 503s reach the caller ({answered} of 200)"
+    );
+    let sent = bad_hits.load(Ordering::Relaxed) + bad2_hits.load(Ordering::Relaxed) - before;
+    let retries = fp.metrics.retries.get() as usize;
+    assert!(sent >= 200, "{sent}");
+    assert!(
+        retries <= 200 / 5 + 10 + 2,
+        "{retries} retries for 200 requests exceed the budget"
+    );
+    assert_eq!(sent, 200 + retries, "each request once, plus each retry");
+    fp.shutdown().await;
+
+    // A request timeout answers 504 on time.
+    let slow = backend(
+        &sock,
+        "api",
+        app(
+            "slow",
+            Duration::from_secs(3),
+            Arc::new(AtomicUsize::new(0)),
+        )
+        .await,
+    )
+    .await;
+    put(&[&slow]).await;
+    let (fp, out) = frontend(
+        &sock,
+        DiscoveryCfg {
+            request_timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut got = (0, String::new());
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        got = get(&client, out).await;
+        if got.0 == 504 {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got.0, 504, "{}", got.1);
+    assert!(got.1.contains("timed out after 300ms"), "{}", got.1);
+    for p in [fp, bad, good, bad2, slow] {
         p.shutdown().await;
     }
     agent.shutdown().await;

@@ -77,6 +77,29 @@ pub mod serde_str {
     }
 }
 
+/// serde adapter for `Option<Duration>`: `#[serde(default, with = "ward_net::duration::serde_opt")]`.
+pub mod serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes as a string such as `1h`, or null.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Deserializes from a string such as `1h`, or null.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => super::parse(&s).map(Some).map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

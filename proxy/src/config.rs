@@ -392,7 +392,7 @@ fn default_queue() -> usize {
 }
 
 /// The whole proxy configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Where the SVID comes from: `workload_api: {...}` or `files: {...}`.
@@ -427,12 +427,65 @@ pub struct ProxyConfig {
 }
 
 /// Service discovery settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryCfg {
     /// `p2c` (power of two choices over peak-EWMA, the default) or `round-robin`.
     #[serde(default)]
     pub balancer: crate::balance::Balancer,
+    /// Retries of requests to mesh services.
+    #[serde(default)]
+    pub retries: RetryCfg,
+    /// The longest a request to a mesh service may take, retries included (then 504).
+    #[serde(
+        default,
+        with = "ward_net::duration::serde_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub request_timeout: Option<Duration>,
+}
+
+/// When a request to a mesh service is sent again, to another endpoint. Only requests that
+/// can be repeated are: those without a body (so nothing was consumed) whose method is
+/// idempotent, or any request that was never sent (the connection failed).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryCfg {
+    /// Also on 502/503/504 and gRPC UNAVAILABLE answers (not only on connection failures).
+    #[serde(default = "yes")]
+    pub on_5xx: bool,
+    /// Retries may add at most this fraction to the requests of a destination...
+    #[serde(default = "default_ratio")]
+    pub budget_ratio: f32,
+    /// ...plus this many per second, so retries can never multiply an outage.
+    #[serde(default = "default_min_retries")]
+    pub min_per_second: u32,
+    /// A `Retry-After` longer than this means: do not retry.
+    #[serde(default = "default_retry_after", with = "serde_str")]
+    pub max_retry_after: Duration,
+}
+
+fn default_ratio() -> f32 {
+    0.2
+}
+
+fn default_min_retries() -> u32 {
+    10
+}
+
+fn default_retry_after() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl Default for RetryCfg {
+    fn default() -> Self {
+        Self {
+            on_5xx: true,
+            budget_ratio: default_ratio(),
+            min_per_second: default_min_retries(),
+            max_retry_after: default_retry_after(),
+        }
+    }
 }
 
 fn default_drain() -> Duration {

@@ -36,6 +36,8 @@ pub struct Destination {
     pub endpoints: Vec<Arc<EndpointState>>,
     /// Round-robin counter.
     pub turn: AtomicUsize,
+    /// Retries allowed to this destination (shared across its updates).
+    pub budget: Arc<tower::retry::budget::TpsBudget>,
 }
 
 /// What an authority resolves to.
@@ -59,6 +61,7 @@ struct Sub {
 pub struct Discovery {
     socket: PathBuf,
     own_id: Option<SpiffeId>,
+    retries: crate::config::RetryCfg,
     subs: Mutex<HashMap<String, Sub>>,
 }
 
@@ -86,10 +89,15 @@ impl Drop for Discovery {
 impl Discovery {
     /// Discovery through the agent socket at `socket`, as `own_id` (which of the workload's
     /// identities to present; default its first).
-    pub fn new(socket: PathBuf, own_id: Option<SpiffeId>) -> Self {
+    pub fn new(
+        socket: PathBuf,
+        own_id: Option<SpiffeId>,
+        retries: crate::config::RetryCfg,
+    ) -> Self {
         Self {
             socket,
             own_id,
+            retries,
             subs: Mutex::new(HashMap::new()),
         }
     }
@@ -125,10 +133,16 @@ impl Discovery {
                     });
                 }
                 let (tx, rx) = watch::channel(None);
+                let budget = Arc::new(tower::retry::budget::TpsBudget::new(
+                    Duration::from_secs(10),
+                    self.retries.min_per_second,
+                    self.retries.budget_ratio,
+                ));
                 let task = tokio::spawn(follow(
                     self.socket.clone(),
                     authority.to_owned(),
                     self.own_id.clone(),
+                    budget,
                     tx,
                 ));
                 subs.insert(
@@ -169,6 +183,7 @@ impl Discovery {
 fn convert(
     update: ward_proto::agent::DestinationUpdate,
     known: &mut HashMap<SocketAddr, Arc<EndpointState>>,
+    budget: &Arc<tower::retry::budget::TpsBudget>,
 ) -> Resolution {
     match update.kind {
         Some(Kind::Endpoints(e)) => {
@@ -228,6 +243,7 @@ fn convert(
                 service: e.service,
                 endpoints,
                 turn: AtomicUsize::new(0),
+                budget: budget.clone(),
             }))
         }
         Some(Kind::NoEndpoints(n)) => {
@@ -247,6 +263,7 @@ async fn follow(
     socket: PathBuf,
     authority: String,
     own_id: Option<SpiffeId>,
+    budget: Arc<tower::retry::budget::TpsBudget>,
     tx: watch::Sender<Option<Resolution>>,
 ) {
     let _ = own_id;
@@ -268,7 +285,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(u)) => {
                             backoff = Duration::from_millis(100);
-                            let r = convert(u, &mut known);
+                            let r = convert(u, &mut known, &budget);
                             if tx.send(Some(r)).is_err() {
                                 return;
                             }
@@ -326,12 +343,14 @@ mod tests {
     #[test]
     fn endpoint_state_survives_updates_and_unverifiable_endpoints_are_dropped() {
         let mut known = HashMap::new();
+        let budget = Arc::new(tower::retry::budget::TpsBudget::default());
         let Resolution::Endpoints(d1) = convert(
             update(&[
                 ("10.0.0.1:80", "spiffe://t/a", false),
                 ("10.0.0.2:80", "", false),
             ]),
             &mut known,
+            &budget,
         ) else {
             panic!()
         };
@@ -343,6 +362,7 @@ mod tests {
                 ("10.0.0.3:80", "spiffe://t/a", false),
             ]),
             &mut known,
+            &budget,
         ) else {
             panic!()
         };
@@ -355,16 +375,17 @@ mod tests {
         let Resolution::Endpoints(d3) = convert(
             update(&[("10.0.0.1:80", "spiffe://t/b", false)]),
             &mut known,
+            &budget,
         ) else {
             panic!()
         };
         assert!(!Arc::ptr_eq(&first, &d3.endpoints[0]));
         assert!(matches!(
-            convert(update(&[]), &mut known),
+            convert(update(&[]), &mut known, &budget),
             Resolution::NoEndpoints(_)
         ));
         assert!(matches!(
-            convert(DestinationUpdate { kind: None }, &mut known),
+            convert(DestinationUpdate { kind: None }, &mut known, &budget),
             Resolution::NoSuchService
         ));
     }

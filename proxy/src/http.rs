@@ -88,6 +88,8 @@ pub enum GrpcCode {
     Unavailable = 14,
     /// 3.
     InvalidArgument = 3,
+    /// 4.
+    DeadlineExceeded = 4,
 }
 
 /// A response the proxy makes itself: for gRPC a trailers-only response with `grpc-status`,

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub log_dropped: Counter,
     /// Identity updates refused.
     pub identity_errors: Counter,
+    /// Requests to mesh services sent again to another endpoint.
+    pub retries: Counter,
+    /// Endpoints ejected by failure accrual.
+    pub ejections: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -80,6 +84,8 @@ impl Metrics {
             policy_errors: Counter::default(),
             log_dropped: Counter::default(),
             identity_errors: Counter::default(),
+            retries: Counter::default(),
+            ejections: Counter::default(),
         }
     }
 
@@ -115,6 +121,16 @@ impl Metrics {
             "policies",
             "Authorization policies in force",
             self.policies.clone(),
+        );
+        r.register(
+            "retries",
+            "Requests to mesh services sent again to another endpoint (within the retry budget)",
+            self.retries.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints taken out of rotation after consecutive failures",
+            self.ejections.clone(),
         );
         r.register(
             "policy_errors",

@@ -57,6 +57,8 @@ pub struct Shared {
     pub discovery: Option<crate::discover::Discovery>,
     /// How endpoints are chosen.
     pub balancer: crate::balance::Balancer,
+    /// Retries and timeouts of requests to mesh services.
+    pub discovery_cfg: crate::config::DiscoveryCfg,
 }
 
 impl Shared {

@@ -21,6 +21,8 @@ pub enum Refusal {
     Unavailable(String),
     /// A captured outbound connection to a destination the proxy may not reach.
     NoRoute(String),
+    /// The request took longer than its timeout allows.
+    Timeout(String),
 }
 
 impl Refusal {
@@ -57,6 +59,11 @@ impl Refusal {
                 GrpcCode::PermissionDenied,
                 reason.clone(),
             ),
+            Refusal::Timeout(reason) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                GrpcCode::DeadlineExceeded,
+                reason.clone(),
+            ),
         }
     }
 
@@ -67,7 +74,7 @@ impl Refusal {
             Refusal::Forbidden(r) => r.clone(),
             Refusal::BadRequest(r) => (*r).to_owned(),
             Refusal::AppUnreachable(e) => format!("application unreachable: {e}"),
-            Refusal::Unavailable(r) | Refusal::NoRoute(r) => r.clone(),
+            Refusal::Unavailable(r) | Refusal::NoRoute(r) | Refusal::Timeout(r) => r.clone(),
         }
     }
 
@@ -90,6 +97,7 @@ mod tests {
             (Refusal::BadRequest("invalid Host header"), 400, 3),
             (Refusal::AppUnreachable("refused".into()), 502, 14),
             (Refusal::NoRoute("not a mesh destination".into()), 403, 7),
+            (Refusal::Timeout("timed out".into()), 504, 4),
             (
                 Refusal::Unavailable("upstream x unavailable".into()),
                 502,

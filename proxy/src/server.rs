@@ -137,7 +137,11 @@ impl Proxy {
                     path.trim_start_matches("unix://")
                         .trim_start_matches("unix:"),
                 );
-                Some(crate::discover::Discovery::new(path, spiffe_id.clone()))
+                Some(crate::discover::Discovery::new(
+                    path,
+                    spiffe_id.clone(),
+                    cfg.discovery.map(|d| d.retries).unwrap_or_default(),
+                ))
             }
             _ => None,
         };
@@ -156,6 +160,7 @@ impl Proxy {
             upstreams: Default::default(),
             discovery,
             balancer: cfg.discovery.map(|d| d.balancer).unwrap_or_default(),
+            discovery_cfg: cfg.discovery.unwrap_or_default(),
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();

@@ -379,6 +379,10 @@ fn capture_mode_adds_ward_init_and_leaves_the_app_and_its_services_alone() {
             ("outbound-capture", "[::1]:15001".to_owned())
         ]
     );
+    assert!(
+        cfg.discovery.is_some(),
+        "captured pods balance Service calls"
+    );
     let Listener::InboundCapture(inb) = &cfg.listeners[0] else {
         panic!()
     };

@@ -39,7 +39,62 @@ fn choose(l: &ListenerCtx, dest: &Destination, tried: &[SocketAddr]) -> Option<A
     Some(dest.endpoints[i].clone())
 }
 
-/// Sends one HTTP request to an endpoint of `dest`.
+/// Methods whose requests may be repeated after an answer (RFC 9110 §9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
+}
+
+/// An answer that says the endpoint could not serve: 502/503/504, or gRPC UNAVAILABLE. It
+/// counts as a failure of the endpoint (failure accrual) and may be retried elsewhere.
+fn unavailable<B>(resp: &Response<B>) -> bool {
+    matches!(resp.status().as_u16(), 502..=504)
+        || resp
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"14")
+}
+
+/// For an [`unavailable`] answer, how long to wait before retrying (from `Retry-After`,
+/// seconds only); `None` when it must not be retried (no such answer, or a longer wait).
+fn retry_after<B>(resp: &Response<B>, max: std::time::Duration) -> Option<std::time::Duration> {
+    if !unavailable(resp) {
+        return None;
+    }
+    let wait = match resp.headers().get(http::header::RETRY_AFTER) {
+        None => std::time::Duration::ZERO,
+        Some(v) => std::time::Duration::from_secs(v.to_str().ok()?.trim().parse().ok()?),
+    };
+    (wait <= max).then_some(wait)
+}
+
+/// A request without a body, as it can be built again.
+struct Again {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Again {
+    fn build(&self) -> Request<Body> {
+        let mut r = Request::new(crate::http::full(bytes::Bytes::new()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Sends one HTTP request to an endpoint of `dest`, with retries and the request timeout.
 pub async fn http(
     l: &ListenerCtx,
     mut rec: Record,
@@ -48,7 +103,6 @@ pub async fn http(
     authority: &str,
     grpc: bool,
 ) -> Response<Body> {
-    let shared = &l.shared;
     if let Err(refusal) = to_peer(&mut req, authority) {
         let r = Refused {
             refusal,
@@ -57,15 +111,45 @@ pub async fn http(
         };
         return refuse(l, rec, r, grpc);
     }
-    // What is needed to send the request again: only for requests without a body.
-    let again = req.body().is_end_stream().then(|| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.version(),
-            req.headers().clone(),
-        )
+    let timeout = l.shared.discovery_cfg.request_timeout;
+    let attempts = attempts(l, &mut rec, req, dest, grpc);
+    match timeout {
+        None => attempts.await,
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                let r = Refusal::Timeout(format!(
+                    "request to {} timed out after {}",
+                    dest.service,
+                    ward_net::duration::format(t)
+                ));
+                rec.observe_latency(&l.shared.obs);
+                peer_failed(l, rec, "balanced", r, grpc)
+            }
+        },
+    }
+}
+
+async fn attempts(
+    l: &ListenerCtx,
+    rec: &mut Record,
+    req: Request<Incoming>,
+    dest: &Destination,
+    grpc: bool,
+) -> Response<Body> {
+    use tower::retry::budget::Budget as _;
+    let shared = &l.shared;
+    let retries = shared.discovery_cfg.retries;
+    dest.budget.deposit();
+    // What is needed to send the request again: only requests without a body.
+    let again = req.body().is_end_stream().then(|| Again {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
     });
+    let repeatable_after_answer =
+        retries.on_5xx && again.as_ref().is_some_and(|a| idempotent(&a.method));
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
     let mut next = Some(Request::from_parts(
@@ -74,6 +158,7 @@ pub async fn http(
     ));
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
+    let mut retried = 0u32;
     while let Some(out) = next.take() {
         let Some(ep) = choose(l, dest, &tried) else {
             break;
@@ -91,14 +176,39 @@ pub async fn http(
         let started = Instant::now();
         let result = up.client().request(out).await;
         drop(inflight);
+        let may_retry = tried.len() < MAX_TRIES && again.is_some();
         match result {
             Ok(resp) => {
-                ep.succeeded(started.elapsed(), Instant::now());
+                if unavailable(&resp) {
+                    if ep.failed(Instant::now()) {
+                        shared.obs.metrics.ejections.inc();
+                        tracing::warn!(listener = %l.name, service = %dest.service,
+                            endpoint = %ep.addr, "endpoint ejected after consecutive failures");
+                    }
+                } else {
+                    ep.succeeded(started.elapsed(), Instant::now());
+                }
+                if may_retry
+                    && repeatable_after_answer
+                    && let Some(wait) = retry_after(&resp, retries.max_retry_after)
+                    && dest.budget.withdraw()
+                {
+                    retried += 1;
+                    tracing::debug!(service = %dest.service, endpoint = %ep.addr,
+                        status = resp.status().as_u16(), "retrying on another endpoint");
+                    tokio::time::sleep(wait).await;
+                    next = again.as_ref().map(Again::build);
+                    continue;
+                }
                 rec.observe_latency(&shared.obs);
-                return from_peer(l, rec, resp, "balanced", bytes_in, grpc);
+                if retried > 0 {
+                    shared.obs.metrics.retries.inc_by(u64::from(retried));
+                }
+                return from_peer(l, rec.clone(), resp, "balanced", bytes_in, grpc);
             }
             Err(e) => {
                 if ep.failed(Instant::now()) {
+                    shared.obs.metrics.ejections.inc();
                     tracing::warn!(listener = %l.name, service = %dest.service,
                         endpoint = %ep.addr, "endpoint ejected after consecutive failures");
                 }
@@ -109,24 +219,27 @@ pub async fn http(
                     crate::forward::source_chain(&e)
                 );
                 // Never sent: safe to send again elsewhere, if it has no body.
-                if e.is_connect() && tried.len() < MAX_TRIES {
-                    next = again.as_ref().map(|(method, uri, version, headers)| {
-                        let mut fresh = Request::new(crate::http::full(bytes::Bytes::new()));
-                        *fresh.method_mut() = method.clone();
-                        *fresh.uri_mut() = uri.clone();
-                        *fresh.version_mut() = *version;
-                        *fresh.headers_mut() = headers.clone();
-                        fresh
-                    });
+                if e.is_connect() && may_retry && dest.budget.withdraw() {
+                    retried += 1;
+                    next = again.as_ref().map(Again::build);
                 }
             }
         }
     }
     rec.observe_latency(&shared.obs);
+    if retried > 0 {
+        shared.obs.metrics.retries.inc_by(u64::from(retried));
+    }
     if last_error.is_empty() {
         last_error = format!("no endpoint of {} is available", dest.service);
     }
-    peer_failed(l, rec, "balanced", Refusal::Unavailable(last_error), grpc)
+    peer_failed(
+        l,
+        rec.clone(),
+        "balanced",
+        Refusal::Unavailable(last_error),
+        grpc,
+    )
 }
 
 /// Connects one TCP stream to an endpoint of `dest` and splices it; tries another endpoint
@@ -168,6 +281,7 @@ where
             Err(e) => {
                 drop(inflight);
                 if ep.failed(Instant::now()) {
+                    shared.obs.metrics.ejections.inc();
                     tracing::warn!(listener = %l.name, service = %dest.service,
                         endpoint = %ep.addr, "endpoint ejected after consecutive failures");
                 }

@@ -171,7 +171,8 @@ pub(super) fn pod(
         access_log: None,
         log_level: "info".into(),
         drain_timeout: std::time::Duration::from_secs(5),
-        discovery: None,
+        // Captured pods call Services by ClusterIP or name: balanced through discovery.
+        discovery: capture.then(crate::config::DiscoveryCfg::default),
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.
