@@ -17,6 +17,7 @@ use ward_proto::agent::{
     DestinationEndpoint, DestinationUpdate, Endpoints, GetDestinationRequest, NoEndpoints,
     NoSuchService,
 };
+use ward_proto::convert::routes_to_proto;
 use ward_spiffe::service::{Service, resolve};
 
 use crate::workload::{WorkloadApi, spawn_stream};
@@ -92,10 +93,12 @@ pub fn answer(index: &ServiceIndex, authority: &str) -> DestinationUpdate {
             None => Kind::NoSuchService(NoSuchService {}),
             Some(targets) if targets.is_empty() => Kind::NoEndpoints(NoEndpoints {
                 service: svc.name.clone(),
+                routes: routes_to_proto(&svc.routes_for(port)),
             }),
             Some(targets) => Kind::Endpoints(Endpoints {
                 service: svc.name.clone(),
                 port: u32::from(port),
+                routes: routes_to_proto(&svc.routes_for(port)),
                 endpoints: targets
                     .into_iter()
                     .map(|t| DestinationEndpoint {

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::mesh::{TD, app, app_with, backend, cfg, frontend, get, mesh};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,94 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use ward_ca::entries::EntrySpec;
 use ward_ca::services::ServiceOp;
-use ward_proxy::config::{
-    Authorization, DiscoveryCfg, IdentitySource, Inbound, Listener, Outbound, Protocol,
-    ProxyConfig, TlsMode,
-};
+use ward_proxy::config::{DiscoveryCfg, Listener, Outbound, Protocol};
 use ward_spiffe::SpiffeId;
-use ward_spiffe::policy::DefaultPolicy;
 use ward_spiffe::service::Service;
-
-const TD: &str = "disc.test";
-
-/// An app answering with its name, after `delay`, counting its requests.
-async fn app(name: &'static str, delay: Duration, hits: Arc<AtomicUsize>) -> SocketAddr {
-    app_with(name, delay, 200, hits).await
-}
-
-/// An app answering `status` with its name, after `delay`, counting its requests.
-async fn app_with(
-    name: &'static str,
-    delay: Duration,
-    status: u16,
-    hits: Arc<AtomicUsize>,
-) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            let hits = hits.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let hits = hits.clone();
-                    async move {
-                        hits.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(delay).await;
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(name)));
-                        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-            });
-        }
-    });
-    addr
-}
-
-fn cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
-    let mut c = ProxyConfig::new(IdentitySource::WorkloadApi {
-        socket: Some(format!("unix://{}", socket.display())),
-        spiffe_id: Some(SpiffeId::new(&format!("spiffe://{TD}/{id}")).unwrap()),
-    });
-    c.admin_address = "127.0.0.1:0".parse().unwrap();
-    c.drain_timeout = Duration::from_secs(1);
-    c.authorization = Authorization {
-        default: DefaultPolicy::AllAuthenticated,
-        ..Default::default()
-    };
-    c
-}
-
-async fn backend(socket: &std::path::Path, id: &str, app: SocketAddr) -> ward_proxy::Proxy {
-    let mut c = cfg(socket, id);
-    c.listeners = vec![Listener::Inbound(Inbound {
-        name: "in".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        forward_to: app.to_string(),
-        protocol: Protocol::Http,
-        tls: TlsMode::Strict,
-        app_protocol: Default::default(),
-    })];
-    let p = ward_proxy::Proxy::start(c).await.unwrap();
-    for _ in 0..200 {
-        if p.sink.current().is_some() {
-            return p;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("backend {id} got no SVID");
-}
 
 fn service(endpoints: &[(SocketAddr, &str)]) -> Service {
     let eps: Vec<serde_json::Value> = endpoints
@@ -118,28 +38,6 @@ fn service(endpoints: &[(SocketAddr, &str)]) -> Service {
         "ports": [ { "name": "http", "port": 80 } ], "endpoints": eps,
     }))
     .unwrap()
-}
-
-async fn get(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
-    out: SocketAddr,
-) -> (u16, String) {
-    let req = hyper::Request::builder()
-        .uri(format!("http://{out}/x"))
-        .header("host", "api.shop")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    match client.request(req).await {
-        Ok(r) => {
-            let s = r.status().as_u16();
-            let b = r.into_body().collect().await.unwrap().to_bytes();
-            (s, String::from_utf8_lossy(&b).into_owned())
-        }
-        Err(e) => (0, e.to_string()),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,56 +236,6 @@ async fn requests_are_balanced_across_verified_endpoints() {
     ca.shutdown().await;
 }
 
-/// Sets up a CA, an agent and the entries of `names`; returns them and the agent socket.
-async fn mesh(dir: &std::path::Path, names: &[&str]) -> (ward_ca::CaServer, ward_agent::Agent) {
-    let ca = common::start_ca(
-        common::ca_config(&dir.join("ca"), TD),
-        Arc::new(ward_spiffe::SystemClock),
-    )
-    .await;
-    let agent = common::start_agent(common::agent_config(&ca, dir).await).await;
-    let parent = agent.identity.id().unwrap().to_string();
-    for name in names {
-        ca.core
-            .entries
-            .create(
-                &EntrySpec {
-                    spiffe_id: format!("spiffe://{TD}/{name}"),
-                    parent_id: parent.clone(),
-                    selectors: vec![common::my_uid_selector()],
-                    ..Default::default()
-                },
-                "admin",
-                (*name).into(),
-                ca.core.clock.now(),
-            )
-            .await
-            .unwrap();
-    }
-    let mut rx = agent.cache.subscribe();
-    let n = names.len();
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.svids.len() == n))
-        .await
-        .unwrap()
-        .unwrap();
-    (ca, agent)
-}
-
-async fn frontend(sock: &std::path::Path, d: DiscoveryCfg) -> (ward_proxy::Proxy, SocketAddr) {
-    let mut fc = cfg(sock, "client");
-    fc.discovery = Some(d);
-    fc.listeners = vec![Listener::Outbound(Outbound {
-        name: "api".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream: "api.shop:80".into(),
-        expected_ids: vec![SpiffeId::new(&format!("spiffe://{TD}/api")).unwrap()],
-        protocol: Protocol::Http,
-    })];
-    let p = ward_proxy::Proxy::start(fc).await.unwrap();
-    let out = p.outbound_addr("api").unwrap();
-    (p, out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504() {
     let dir = tempfile::tempdir().unwrap();
@@ -400,10 +248,13 @@ async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504
         app_with("bad", Duration::ZERO, 503, bad_hits.clone()).await,
     )
     .await;
+    // The good endpoint is slower than a new endpoint's first estimate (30 ms), so the
+    // balancer does try the bad one: otherwise, once the good one had answered fast, it
+    // would never pick the other and nothing here would be retried.
     let good = backend(
         &sock,
         "api",
-        app("good", Duration::ZERO, good_hits.clone()).await,
+        app("good", Duration::from_millis(40), good_hits.clone()).await,
     )
     .await;
     let put = |v: &[&ward_proxy::Proxy]| {

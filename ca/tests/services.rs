@@ -189,6 +189,13 @@ services:
     ports: [ { name: http, port: 80, target_port: 8080 } ]
     endpoints:
       - { address: 10.0.0.1, ids: [spiffe://cli.test/api] }
+    routes:
+      - name: shop/api
+        rules:
+          - matches: [ { path: { type: prefix, value: /v2 }, headers: [ { name: x-canary, value: "yes" } ] } ]
+            backends: [ { service: api-v2.shop, port: 80, weight: 90 }, { service: api.shop, port: 80, weight: 10 } ]
+            filters: [ { type: request_headers, set: [ { name: x-via, value: route } ] } ]
+            timeout: 2000
 "#,
     )
     .unwrap();
@@ -205,6 +212,11 @@ services:
         "spiffe://cli.test/api"
     );
     assert_eq!(v["services"][0]["origin"], "admin");
+    let rule = &v["services"][0]["routes"][0]["rules"][0];
+    assert_eq!(rule["backends"][0]["weight"], 90, "{v}");
+    assert_eq!(rule["matches"][0]["path"]["value"], "/v2");
+    assert_eq!(rule["filters"][0]["type"], "request_headers");
+    assert_eq!(rule["timeout"], 2000);
     // Invalid files are refused with the reason, and nothing changes.
     std::fs::write(
         &file,
@@ -218,6 +230,10 @@ services:
     ca.cli(&["service", "apply", "-f", f])
         .fails(2)
         .stderr_has("no SPIFFE ID");
+    std::fs::write(&file, "services:\n  - { name: x, ports: [ { port: 80 } ], routes: [ { name: r, rules: [ { matches: [ { path: { type: regex, value: '[' } } ] } ] } ] }\n").unwrap();
+    ca.cli(&["service", "apply", "-f", f])
+        .fails(2)
+        .stderr_has("route r: rule 0: path regex");
     ca.cli(&["service", "delete", "api.shop"]).ok();
     ca.cli(&["service", "delete", "api.shop"]).fails(3);
     let v = ca.cli(&["service", "list", "-o", "json"]).json();

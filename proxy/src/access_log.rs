@@ -43,6 +43,8 @@ pub struct Entry {
     pub plan: &'static str,
     /// The endpoint a balanced plan chose (`ip:port`).
     pub endpoint: Option<String>,
+    /// The route rule that decided where the request went (`<route>#<rule index>`).
+    pub route: Option<String>,
     /// HTTP status returned (0 for TCP).
     pub status: u16,
     /// `allow`, `deny`, `would-deny`.
@@ -112,6 +114,9 @@ pub struct AccessFields {
     /// Endpoint chosen by the balancer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Route rule that applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     /// Status.
     pub status: u16,
     /// Decision.
@@ -284,6 +289,7 @@ impl Writer {
                 orig_dst: e.orig_dst,
                 plan: e.plan.to_owned(),
                 endpoint: e.endpoint,
+                route: e.route,
                 status: e.status,
                 decision: e.decision.to_owned(),
                 policy: e.policy,
@@ -427,6 +433,7 @@ mod tests {
             orig_dst: None,
             plan: "deliver",
             endpoint: None,
+            route: None,
             status: 200,
             decision: "allow",
             policy: "p".into(),

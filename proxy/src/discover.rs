@@ -38,6 +38,38 @@ pub struct Destination {
     pub turn: AtomicUsize,
     /// Retries allowed to this destination (shared across its updates).
     pub budget: Arc<tower::retry::budget::TpsBudget>,
+    /// Routes attached to the service for this port.
+    pub routes: RouteTable,
+}
+
+/// A destination's routes.
+#[derive(Debug, Default)]
+pub enum RouteTable {
+    /// None: requests go to the service's endpoints.
+    #[default]
+    None,
+    /// HTTP requests go where the matching rule says.
+    Routes(ward_spiffe::route::Routes),
+    /// The routes sent could not be used; HTTP requests are refused (500) rather than sent
+    /// somewhere the routes did not say.
+    Invalid(String),
+}
+
+impl RouteTable {
+    fn from_proto(service: &str, m: &[ward_proto::types::HttpRoute]) -> Self {
+        if m.is_empty() {
+            return RouteTable::None;
+        }
+        let compiled = ward_proto::convert::routes_from_proto(m)
+            .and_then(|r| ward_spiffe::route::Routes::compile(&r).map_err(|e| e.to_string()));
+        match compiled {
+            Ok(r) => RouteTable::Routes(r),
+            Err(e) => {
+                tracing::warn!(%service, error = %e, "routes from the agent cannot be used; requests to the service are refused");
+                RouteTable::Invalid(format!("routes of {service} are invalid: {e}"))
+            }
+        }
+    }
 }
 
 /// What an authority resolves to.
@@ -236,7 +268,8 @@ fn convert(
                 endpoints.push(state);
             }
             *known = next;
-            if endpoints.is_empty() {
+            let routes = RouteTable::from_proto(&e.service, &e.routes);
+            if endpoints.is_empty() && matches!(routes, RouteTable::None) {
                 return Resolution::NoEndpoints(e.service);
             }
             Resolution::Endpoints(Arc::new(Destination {
@@ -244,11 +277,24 @@ fn convert(
                 endpoints,
                 turn: AtomicUsize::new(0),
                 budget: budget.clone(),
+                routes,
             }))
         }
         Some(Kind::NoEndpoints(n)) => {
             known.clear();
-            Resolution::NoEndpoints(n.service)
+            match RouteTable::from_proto(&n.service, &n.routes) {
+                // Routes may send requests elsewhere.
+                routes @ (RouteTable::Routes(_) | RouteTable::Invalid(_)) => {
+                    Resolution::Endpoints(Arc::new(Destination {
+                        service: n.service,
+                        endpoints: Vec::new(),
+                        turn: AtomicUsize::new(0),
+                        budget: budget.clone(),
+                        routes,
+                    }))
+                }
+                RouteTable::None => Resolution::NoEndpoints(n.service),
+            }
         }
         Some(Kind::NoSuchService(_)) | None => {
             known.clear();
@@ -336,6 +382,7 @@ mod tests {
                         pod: String::new(),
                     })
                     .collect(),
+                routes: vec![],
             })),
         }
     }

@@ -90,6 +90,10 @@ pub enum GrpcCode {
     InvalidArgument = 3,
     /// 4.
     DeadlineExceeded = 4,
+    /// 12.
+    Unimplemented = 12,
+    /// 13.
+    Internal = 13,
 }
 
 /// A response the proxy makes itself: for gRPC a trailers-only response with `grpc-status`,

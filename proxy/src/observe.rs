@@ -68,6 +68,8 @@ pub struct Record {
     plan: &'static str,
     /// The endpoint a balanced plan chose.
     pub endpoint: Option<String>,
+    /// The route rule that applied.
+    pub route: Option<String>,
     outcome: Outcome,
 }
 
@@ -91,6 +93,7 @@ impl Record {
             orig_dst,
             plan: "refuse",
             endpoint: None,
+            route: None,
             outcome: Outcome::plain("error", "none"),
         }
     }
@@ -157,6 +160,7 @@ impl Record {
             orig_dst: self.orig_dst.map(|a| a.to_string()),
             plan: self.plan,
             endpoint: self.endpoint,
+            route: self.route,
             status,
             decision: self.outcome.decision,
             policy: self.outcome.policy,

@@ -10,7 +10,9 @@ use ward_spiffe::policy::{Request as AuthzRequest, path::normalize};
 
 use crate::authz::Authz;
 use crate::config::{MeshRoute, Probe, UnknownDestination};
-use crate::discover::{Destination, Resolution};
+use ward_spiffe::route::{RequestFacts, Routes, Selection};
+
+use crate::discover::{Destination, Resolution, RouteTable};
 use crate::observe::Outcome;
 use crate::refusal::Refusal;
 
@@ -51,6 +53,10 @@ pub struct Head<'a> {
     pub path: &'a str,
     /// The Host header, or the URI's authority (HTTP/2).
     pub authority: Option<&'a str>,
+    /// The query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The request headers (route matches).
+    pub headers: Option<&'a http::HeaderMap>,
 }
 
 /// What arrived: the role (borrowed from the listener, `'r`) and the request head (borrowed
@@ -114,6 +120,9 @@ pub enum Plan<'r, 'h> {
         destination: std::sync::Arc<Destination>,
         /// The authority the request keeps (HTTP).
         authority: Cow<'h, str>,
+        /// The route rule that decides where an HTTP request goes, when the service has
+        /// routes.
+        route: Option<Routed>,
     },
     /// Outside the mesh: to the destination as the application asked, unchanged.
     Passthrough {
@@ -132,6 +141,15 @@ impl Plan<'_, '_> {
             Plan::Passthrough { .. } => "passthrough",
         }
     }
+}
+
+/// The route rule a request matched, and the normalized path it matched on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// Which rule.
+    pub selection: Selection,
+    /// The normalized path.
+    pub path: String,
 }
 
 /// A refused request: why, the outcome to record, and the path to log (normalized when it
@@ -168,7 +186,8 @@ pub fn plan<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r, '
     }
 }
 
-/// A destination discovery knows: its endpoints, or a refusal when it has none.
+/// A destination discovery knows: its endpoints (or, for HTTP to a service with routes, the
+/// matching rule), or a refusal.
 fn balanced<'r: 'h, 'h>(
     a: &Arrived<'r, 'h>,
     d: &Resolution,
@@ -182,20 +201,70 @@ fn balanced<'r: 'h, 'h>(
     let destination = match d {
         Resolution::Endpoints(dest) => dest.clone(),
         Resolution::NoEndpoints(service) => {
-            return Err(refuse(Refusal::Unavailable(format!(
-                "service {service} has no endpoint ready"
-            ))));
+            return Err(refuse(no_endpoints(service)));
         }
         Resolution::NoSuchService => unreachable!("handled by the caller"),
     };
-    let authority = match &a.request {
-        Some(h) => authority(h.authority, default).map_err(refuse)?,
-        None => Cow::Borrowed(default),
+    let Some(h) = &a.request else {
+        // Routes are for HTTP; a connection goes to the service's own endpoints.
+        if destination.endpoints.is_empty() {
+            return Err(refuse(no_endpoints(&destination.service)));
+        }
+        return Ok(Plan::Balanced {
+            destination,
+            authority: Cow::Borrowed(default),
+            route: None,
+        });
+    };
+    let authority = authority(h.authority, default).map_err(refuse)?;
+    let route = match &destination.routes {
+        RouteTable::None => None,
+        RouteTable::Invalid(why) => return Err(refuse(Refusal::RouteFailed(why.clone()))),
+        RouteTable::Routes(routes) => Some(route(h, routes, &destination.service)?),
     };
     Ok(Plan::Balanced {
         destination,
         authority,
+        route,
     })
+}
+
+fn no_endpoints(service: &str) -> Refusal {
+    Refusal::Unavailable(format!("service {service} has no endpoint ready"))
+}
+
+/// The rule of `routes` for request `h`; matching sees the normalized path.
+fn route(h: &Head<'_>, routes: &Routes, service: &str) -> Result<Routed, Refused> {
+    let path = normalize(h.path).map_err(|_| Refused {
+        refusal: Refusal::BadRequest("ambiguous request path"),
+        outcome: Outcome::plain("error", "outbound"),
+        path: Some(h.path.to_owned()),
+    })?;
+    let empty = http::HeaderMap::new();
+    let headers = h.headers.unwrap_or(&empty);
+    let header = |name: &str, ok: &dyn Fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(ok))
+    };
+    let facts = RequestFacts {
+        method: h.method,
+        path: &path,
+        query: h.query,
+        header: &header,
+    };
+    match routes.select(&facts) {
+        Some(selection) => Ok(Routed { selection, path }),
+        None => Err(Refused {
+            refusal: Refusal::NoMatchingRoute(format!(
+                "no route rule of {service} matches {} {path}",
+                h.method
+            )),
+            outcome: Outcome::plain("deny", "route"),
+            path: Some(path),
+        }),
+    }
 }
 
 /// Plans without discovery: fixed upstreams, the static mesh table, inbound authorization.
@@ -389,6 +458,8 @@ policies:
             method,
             path,
             authority,
+            query: None,
+            headers: None,
         })
     }
 

@@ -23,6 +23,12 @@ pub enum Refusal {
     NoRoute(String),
     /// The request took longer than its timeout allows.
     Timeout(String),
+    /// The service has routes and none matches the request (the Gateway API's 404; gRPC
+    /// UNIMPLEMENTED, as for a method the server does not have).
+    NoMatchingRoute(String),
+    /// The matching route rule cannot forward: no backend, zero weights, a backend that is
+    /// not a mesh service, or routes that did not compile (the Gateway API's 500).
+    RouteFailed(String),
 }
 
 impl Refusal {
@@ -64,6 +70,16 @@ impl Refusal {
                 GrpcCode::DeadlineExceeded,
                 reason.clone(),
             ),
+            Refusal::NoMatchingRoute(reason) => (
+                StatusCode::NOT_FOUND,
+                GrpcCode::Unimplemented,
+                reason.clone(),
+            ),
+            Refusal::RouteFailed(reason) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                GrpcCode::Internal,
+                reason.clone(),
+            ),
         }
     }
 
@@ -74,7 +90,11 @@ impl Refusal {
             Refusal::Forbidden(r) => r.clone(),
             Refusal::BadRequest(r) => (*r).to_owned(),
             Refusal::AppUnreachable(e) => format!("application unreachable: {e}"),
-            Refusal::Unavailable(r) | Refusal::NoRoute(r) | Refusal::Timeout(r) => r.clone(),
+            Refusal::Unavailable(r)
+            | Refusal::NoRoute(r)
+            | Refusal::Timeout(r)
+            | Refusal::NoMatchingRoute(r)
+            | Refusal::RouteFailed(r) => r.clone(),
         }
     }
 
@@ -98,6 +118,8 @@ mod tests {
             (Refusal::AppUnreachable("refused".into()), 502, 14),
             (Refusal::NoRoute("not a mesh destination".into()), 403, 7),
             (Refusal::Timeout("timed out".into()), 504, 4),
+            (Refusal::NoMatchingRoute("no rule".into()), 404, 12),
+            (Refusal::RouteFailed("no backend".into()), 500, 13),
             (
                 Refusal::Unavailable("upstream x unavailable".into()),
                 502,

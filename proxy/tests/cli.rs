@@ -137,6 +137,7 @@ fn log_verify_reports_the_first_broken_record() {
                 orig_dst: None,
                 plan: "deliver",
                 endpoint: None,
+                route: None,
                 status: 200,
                 decision: "allow",
                 policy: "p".into(),

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod id;
 pub mod jwk;
 pub mod jwt;
+pub mod route;
 pub mod selector;
 pub mod service;
 pub mod x509;

@@ -25,6 +25,10 @@ pub struct Service {
     /// Its endpoints.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Routes attached to it (Gateway API mesh routes): with any, HTTP requests to it go where
+    /// the matching rule says, and a request no rule matches is answered 404.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::route::HttpRoute>,
 }
 
 /// A port of a service.
@@ -130,6 +134,17 @@ impl Service {
                 )));
             }
         }
+        for r in &self.routes {
+            if let Some(p) = r.port
+                && !numbers.contains(&p)
+            {
+                return Err(bad(format!(
+                    "route {}: port {p} is not a port of the service",
+                    r.name
+                )));
+            }
+        }
+        crate::route::Routes::compile(&self.routes).map_err(|e| bad(e.to_string()))?;
         for e in &self.endpoints {
             if e.ids.is_empty() {
                 return Err(bad(format!(
@@ -152,6 +167,15 @@ impl Service {
     /// The service port callers dial as `port`.
     pub fn port(&self, port: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// The routes that apply to `port`.
+    pub fn routes_for(&self, port: u16) -> Vec<crate::route::HttpRoute> {
+        self.routes
+            .iter()
+            .filter(|r| r.port.is_none_or(|p| p == port))
+            .cloned()
+            .collect()
     }
 
     /// Whether `host` names this service: `<name>`, `<name>.svc`, or `<name>.svc.<domain>`.
@@ -265,5 +289,14 @@ endpoints:
         let mut s = svc();
         s.ports.clear();
         assert!(s.validate().is_err());
+        let mut s = svc();
+        s.routes = serde_yaml_ng::from_str(
+            "[ { name: r, rules: [ { matches: [ { path: { type: regex, value: '(' } } ] } ] } ]",
+        )
+        .unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("route r") && e.contains("regex"), "{e}");
+        s.routes = serde_yaml_ng::from_str("[ { name: r, port: 81, rules: [] } ]").unwrap();
+        assert!(s.validate().unwrap_err().to_string().contains("port 81"));
     }
 }

@@ -137,6 +137,7 @@ pub fn build(
         addresses,
         ports,
         endpoints,
+        routes: Vec::new(),
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod k8s;
+pub mod mesh;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

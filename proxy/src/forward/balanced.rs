@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::{Body as _, Incoming};
@@ -64,13 +64,13 @@ fn unavailable<B>(resp: &Response<B>) -> bool {
 
 /// For an [`unavailable`] answer, how long to wait before retrying (from `Retry-After`,
 /// seconds only); `None` when it must not be retried (no such answer, or a longer wait).
-fn retry_after<B>(resp: &Response<B>, max: std::time::Duration) -> Option<std::time::Duration> {
+fn retry_after<B>(resp: &Response<B>, max: Duration) -> Option<Duration> {
     if !unavailable(resp) {
         return None;
     }
     let wait = match resp.headers().get(http::header::RETRY_AFTER) {
-        None => std::time::Duration::ZERO,
-        Some(v) => std::time::Duration::from_secs(v.to_str().ok()?.trim().parse().ok()?),
+        None => Duration::ZERO,
+        Some(v) => Duration::from_secs(v.to_str().ok()?.trim().parse().ok()?),
     };
     (wait <= max).then_some(wait)
 }
@@ -94,7 +94,27 @@ impl Again {
     }
 }
 
-/// Sends one HTTP request to an endpoint of `dest`, with retries and the request timeout.
+/// How long a request may take.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    /// The whole request, retries included.
+    pub request: Option<Duration>,
+    /// Each attempt on an endpoint (an attempt that takes longer counts as a failure of the
+    /// endpoint and may be retried like a 504).
+    pub attempt: Option<Duration>,
+}
+
+impl Timeouts {
+    /// The listener's configured request timeout, no per-attempt one.
+    pub fn configured(l: &ListenerCtx) -> Self {
+        Self {
+            request: l.shared.discovery_cfg.request_timeout,
+            attempt: None,
+        }
+    }
+}
+
+/// Sends one HTTP request to an endpoint of `dest`, with retries, within `timeouts`.
 pub async fn http(
     l: &ListenerCtx,
     mut rec: Record,
@@ -102,6 +122,7 @@ pub async fn http(
     dest: &Destination,
     authority: &str,
     grpc: bool,
+    timeouts: Timeouts,
 ) -> Response<Body> {
     if let Err(refusal) = to_peer(&mut req, authority) {
         let r = Refused {
@@ -111,8 +132,8 @@ pub async fn http(
         };
         return refuse(l, rec, r, grpc);
     }
-    let timeout = l.shared.discovery_cfg.request_timeout;
-    let attempts = attempts(l, &mut rec, req, dest, grpc);
+    let timeout = timeouts.request;
+    let attempts = attempts(l, &mut rec, req, dest, grpc, timeouts.attempt);
     match timeout {
         None => attempts.await,
         Some(t) => match tokio::time::timeout(t, attempts).await {
@@ -136,6 +157,7 @@ async fn attempts(
     req: Request<Incoming>,
     dest: &Destination,
     grpc: bool,
+    per_attempt: Option<Duration>,
 ) -> Response<Body> {
     use tower::retry::budget::Budget as _;
     let shared = &l.shared;
@@ -163,6 +185,10 @@ async fn attempts(
         let Some(ep) = choose(l, dest, &tried) else {
             break;
         };
+        // Counted when sent: a retry decided on may find no endpoint left to go to.
+        if !tried.is_empty() {
+            retried += 1;
+        }
         tried.push(ep.addr);
         rec.endpoint = Some(ep.addr_text.clone());
         let up = shared.upstreams.get(
@@ -174,9 +200,46 @@ async fn attempts(
         );
         let inflight = ep.start();
         let started = Instant::now();
-        let result = up.client().request(out).await;
+        let sent = up.client().request(out);
+        let result = match per_attempt {
+            None => Ok(sent.await),
+            Some(t) => tokio::time::timeout(t, sent).await,
+        };
         drop(inflight);
         let may_retry = tried.len() < MAX_TRIES && again.is_some();
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => {
+                // The attempt took too long: a failure of the endpoint, retried like a 504.
+                if ep.failed(Instant::now()) {
+                    shared.obs.metrics.ejections.inc();
+                    tracing::warn!(listener = %l.name, service = %dest.service,
+                        endpoint = %ep.addr, "endpoint ejected after consecutive failures");
+                }
+                let t = per_attempt.unwrap_or_default();
+                last_error = format!(
+                    "endpoint {} of {} did not answer within {}",
+                    ep.addr,
+                    dest.service,
+                    ward_net::duration::format(t)
+                );
+                if may_retry && repeatable_after_answer && dest.budget.withdraw() {
+                    next = again.as_ref().map(Again::build);
+                    continue;
+                }
+                rec.observe_latency(&shared.obs);
+                if retried > 0 {
+                    shared.obs.metrics.retries.inc_by(u64::from(retried));
+                }
+                return peer_failed(
+                    l,
+                    rec.clone(),
+                    "balanced",
+                    Refusal::Timeout(last_error),
+                    grpc,
+                );
+            }
+        };
         match result {
             Ok(resp) => {
                 if unavailable(&resp) {
@@ -193,7 +256,6 @@ async fn attempts(
                     && let Some(wait) = retry_after(&resp, retries.max_retry_after)
                     && dest.budget.withdraw()
                 {
-                    retried += 1;
                     tracing::debug!(service = %dest.service, endpoint = %ep.addr,
                         status = resp.status().as_u16(), "retrying on another endpoint");
                     tokio::time::sleep(wait).await;
@@ -220,7 +282,6 @@ async fn attempts(
                 );
                 // Never sent: safe to send again elsewhere, if it has no body.
                 if e.is_connect() && may_retry && dest.budget.withdraw() {
-                    retried += 1;
                     next = again.as_ref().map(Again::build);
                 }
             }

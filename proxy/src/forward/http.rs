@@ -88,6 +88,8 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
             method: req.method().as_str(),
             path: req.uri().path(),
             authority: given_authority(&req),
+            query: req.uri().query(),
+            headers: Some(req.headers()),
         }),
     );
     let destination = l.destination(conn).await;
@@ -126,9 +128,11 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
         Plan::Balanced {
             destination,
             authority,
+            route,
         } => Ok(Target::Balanced {
             destination,
             authority: authority.into_owned(),
+            route,
         }),
         // Passthrough is decided per connection, before any byte is read as HTTP.
         Plan::Passthrough { to } => Err(Refused {
@@ -166,7 +170,18 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
         Ok(Target::Balanced {
             destination,
             authority,
-        }) => crate::forward::balanced::http(l, rec, req, &destination, &authority, grpc).await,
+            route: None,
+        }) => {
+            let t = crate::forward::balanced::Timeouts::configured(l);
+            crate::forward::balanced::http(l, rec, req, &destination, &authority, grpc, t).await
+        }
+        Ok(Target::Balanced {
+            destination,
+            authority,
+            route: Some(routed),
+        }) => {
+            crate::forward::routed::http(l, rec, req, &destination, authority, routed, grpc).await
+        }
     }
 }
 
@@ -188,6 +203,7 @@ enum Target<'r> {
     Balanced {
         destination: Arc<crate::discover::Destination>,
         authority: String,
+        route: Option<crate::plan::Routed>,
     },
 }
 

@@ -4,6 +4,7 @@
 pub mod balanced;
 pub mod http;
 pub mod pools;
+pub mod routed;
 pub mod tcp;
 
 /// An error with its sources, `a: b: c` (hyper's client errors say little on their own).
