@@ -9,36 +9,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::k8s::{cluster, eventually, node, pod};
+use common::k8s::{cluster, ep, eventually, node, pod, service, slice};
 use serde_json::json;
 use ward_testing::kube::FakeKube;
-
-fn service(name: &str, ip: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": { "name": name, "namespace": "shop", "uid": format!("svc-{name}") },
-        "spec": { "clusterIP": ip, "clusterIPs": [ip],
-                  "ports": [ { "name": "http", "port": 80, "targetPort": "web" } ] }
-    })
-}
-
-fn slice(name: &str, svc: &str, eps: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": { "name": name, "namespace": "shop", "labels": { "kubernetes.io/service-name": svc } },
-        "addressType": "IPv4",
-        "ports": [ { "name": "http", "port": 8080 } ],
-        "endpoints": eps
-    })
-}
-
-fn ep(addr: &str, pod: &str, uid: &str, ready: bool, terminating: bool) -> serde_json::Value {
-    json!({
-        "addresses": [addr],
-        "conditions": { "ready": ready, "serving": true, "terminating": terminating },
-        "targetRef": { "kind": "Pod", "name": pod, "namespace": "shop", "uid": uid }
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_follow_endpointslices_with_pod_identities() {

@@ -108,6 +108,10 @@ pub struct Backend {
     /// Share of the traffic (default 1).
     #[serde(default = "one")]
     pub weight: u32,
+    /// Why this backend may not be used (a reference the Gateway API does not permit): its
+    /// share of the requests is answered 500 with this reason, never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 fn one() -> u32 {
@@ -711,6 +715,7 @@ mod tests {
                 service: backend.into(),
                 port: 80,
                 weight: 1,
+                refused: None,
             }],
             ..Default::default()
         }
@@ -899,16 +904,19 @@ mod tests {
                 service: "a".into(),
                 port: 80,
                 weight: 90,
+                refused: None,
             },
             Backend {
                 service: "b".into(),
                 port: 80,
                 weight: 10,
+                refused: None,
             },
             Backend {
                 service: "c".into(),
                 port: 80,
                 weight: 0,
+                refused: None,
             },
         ];
         let mut seen = std::collections::HashMap::new();
@@ -923,6 +931,7 @@ mod tests {
             service: "z".into(),
             port: 80,
             weight: 0,
+            refused: None,
         }];
         assert!(pick_backend(&zero, &mut |_| 0).is_none());
         assert_eq!(

@@ -65,6 +65,8 @@ struct State {
     rv: u64,
     objects: BTreeMap<Key, Value>,
     history: Vec<Change>,
+    /// Resources the server does not serve (a CRD not installed): 404 for every request.
+    absent: std::collections::BTreeSet<String>,
 }
 
 /// An RSA signing key with its JWKS.
@@ -386,6 +388,16 @@ impl FakeKube {
             .collect()
     }
 
+    /// Serves `plural` or not (as when its CRD is or is not installed).
+    pub fn set_served(&self, plural: &str, served: bool) {
+        let mut st = self.inner.state.lock().unwrap();
+        if served {
+            st.absent.remove(plural);
+        } else {
+            st.absent.insert(plural.to_owned());
+        }
+    }
+
     /// `METHOD path` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.inner.requests.lock().unwrap().clone()
@@ -496,6 +508,13 @@ async fn handle(i: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             &format!("no route for {path}"),
         );
     };
+    if i.state.lock().unwrap().absent.contains(&t.plural) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     let q = query(&req);
     match (req.method().clone(), &t.name, t.sub.as_deref()) {
         (Method::GET, None, _) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {

@@ -6,7 +6,9 @@
 pub mod bundle_cm;
 pub mod controller;
 pub mod crd;
+pub mod gateway;
 pub mod http;
 pub mod psat;
+pub mod routes;
 pub mod services;
 pub mod template;

@@ -8,7 +8,12 @@
 //! An endpoint whose pod has no identity (not meshed) cannot be checked and is left out; a
 //! Service with no meshed endpoint at all is not published, so callers reach it as an
 //! outside destination. Services it made are found again by origin `k8s/<cluster>`; nothing is
-//! deleted before both watchers have listed once. [`build`] is the pure step.
+//! deleted before every watcher has listed once. [`build`] is the pure step.
+//!
+//! Gateway API routes (`HTTPRoute`, `GRPCRoute`) whose parent is a Service are watched too
+//! ([`super::routes`]): they become the mesh service's routes (a Service with routes is
+//! published even without endpoints of its own), and their status says whether they were
+//! accepted. Clusters without the Gateway API CRDs simply have no routes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +30,8 @@ use tokio::sync::{mpsc, watch};
 use ward_spiffe::SpiffeId;
 use ward_spiffe::service::{Endpoint, Service, ServicePort};
 
+use super::gateway::{GRPCRoute, HTTPRoute};
+use super::routes::{Kind as RouteKind, RouteKey, RouteSet, Seen};
 use crate::core::CaCore;
 use crate::services::ServiceOp;
 
@@ -38,8 +45,12 @@ type Key = (String, String);
 enum Ev {
     Service(Box<KService>, bool),
     Slice(Box<EndpointSlice>, bool),
+    Route(RouteKey, Option<Box<Seen>>),
     Listed(&'static str),
 }
+
+/// The watchers that must list before anything is written.
+const KINDS: usize = 4;
 
 /// The mesh service for Kubernetes Service `svc` with `slices`, its endpoints' IDs from
 /// `ids` (pod UID → SPIFFE IDs). `None`: nothing to publish (no ports, or no endpoint that
@@ -48,6 +59,7 @@ pub fn build(
     svc: &KService,
     slices: &[&EndpointSlice],
     ids: &HashMap<String, Vec<SpiffeId>>,
+    routes: Vec<ward_spiffe::route::HttpRoute>,
 ) -> Option<Service> {
     let ns = svc.metadata.namespace.as_deref()?;
     let name = svc.metadata.name.as_deref()?;
@@ -128,7 +140,8 @@ pub fn build(
             }
         }
     }
-    if endpoints.is_empty() {
+    // A Service with routes is a mesh destination even with no endpoint of its own.
+    if endpoints.is_empty() && routes.is_empty() {
         return None;
     }
     endpoints.sort_by_key(|e| e.address);
@@ -137,23 +150,51 @@ pub fn build(
         addresses,
         ports,
         endpoints,
-        routes: Vec::new(),
+        routes,
     })
 }
 
-async fn forward<K>(api: Api<K>, tx: mpsc::Sender<Ev>, kind: &'static str, f: fn(K, bool) -> Ev)
-where
+/// Forwards one watcher's events. For an `optional` kind (a CRD that may not be installed),
+/// "not found" counts as listed and empty, and is logged once.
+async fn forward<K>(
+    api: Api<K>,
+    tx: mpsc::Sender<Ev>,
+    kind: &'static str,
+    optional: bool,
+    f: fn(K, bool) -> Ev,
+) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
+    let mut absent = false;
     while let Some(r) = stream.next().await {
         let ev = match r {
             Ok(Event::Apply(k) | Event::InitApply(k)) => Some(f(k, true)),
             Ok(Event::Delete(k)) => Some(f(k, false)),
-            Ok(Event::InitDone) => Some(Ev::Listed(kind)),
+            Ok(Event::InitDone) => {
+                if absent {
+                    tracing::info!(kind, "now served by the API server; watching it");
+                    absent = false;
+                }
+                Some(Ev::Listed(kind))
+            }
             Ok(Event::Init) => None,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
+                if optional && s.is_not_found() =>
+            {
+                if absent {
+                    None
+                } else {
+                    absent = true;
+                    tracing::info!(
+                        kind,
+                        "not served by the API server (Gateway API CRDs not installed); no routes of this kind until it is"
+                    );
+                    Some(Ev::Listed(kind))
+                }
+            }
             Err(e) => {
                 tracing::warn!(kind, error = %e, "Kubernetes watch failed; retrying");
                 None
@@ -163,6 +204,109 @@ where
             && tx.send(ev).await.is_err()
         {
             return;
+        }
+    }
+}
+
+/// A route object as the route set keeps it.
+fn seen(
+    kind: RouteKind,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    parents: Vec<super::gateway::ParentRef>,
+    translated: Result<super::routes::Translated, super::routes::Why>,
+    status: Option<super::gateway::RouteStatus>,
+) -> Option<(RouteKey, Seen)> {
+    let (namespace, name) = key_of(meta)?;
+    let s = Seen {
+        kind,
+        namespace,
+        name,
+        generation: meta.generation,
+        created: meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        parents,
+        translated,
+        status: status.unwrap_or_default(),
+    };
+    Some((s.key(), s))
+}
+
+fn http_route_event(r: HTTPRoute, up: bool) -> Ev {
+    let ns = r.metadata.namespace.clone().unwrap_or_default();
+    let translated = super::routes::translate_http(&ns, &r.spec);
+    match seen(
+        RouteKind::Http,
+        &r.metadata,
+        r.spec.parent_refs,
+        translated,
+        r.status,
+    ) {
+        Some((k, s)) => Ev::Route(k, up.then(|| Box::new(s))),
+        None => Ev::Listed("httproutes"),
+    }
+}
+
+fn grpc_route_event(r: GRPCRoute, up: bool) -> Ev {
+    let ns = r.metadata.namespace.clone().unwrap_or_default();
+    let translated = super::routes::translate_grpc(&ns, &r.spec);
+    match seen(
+        RouteKind::Grpc,
+        &r.metadata,
+        r.spec.parent_refs,
+        translated,
+        r.status,
+    ) {
+        Some((k, s)) => Ev::Route(k, up.then(|| Box::new(s))),
+        None => Ev::Listed("grpcroutes"),
+    }
+}
+
+/// The TCP ports of every Service, for attaching routes.
+fn service_ports(services: &HashMap<Key, KService>) -> HashMap<Key, Vec<u16>> {
+    services
+        .iter()
+        .map(|(k, s)| {
+            let ports = s
+                .spec
+                .iter()
+                .flat_map(|sp| sp.ports.iter().flatten())
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .collect();
+            (k.clone(), ports)
+        })
+        .collect()
+}
+
+/// Writes the status of routes whose status changed.
+async fn write_route_statuses(
+    client: &kube::Client,
+    routes: &mut RouteSet,
+    ports: &HashMap<Key, Vec<u16>>,
+) {
+    let now = ward_net::process::rfc3339(std::time::SystemTime::now());
+    for (key, status) in routes.statuses(ports, &now) {
+        let (kind, ns, name) = &key;
+        let patch = serde_json::json!({ "status": status });
+        let pp = kube::api::PatchParams::default();
+        let r = match kind {
+            RouteKind::Http => Api::<HTTPRoute>::namespaced(client.clone(), ns)
+                .patch_status(name, &pp, &kube::api::Patch::Merge(&patch))
+                .await
+                .map(|_| ()),
+            RouteKind::Grpc => Api::<GRPCRoute>::namespaced(client.clone(), ns)
+                .patch_status(name, &pp, &kube::api::Patch::Merge(&patch))
+                .await
+                .map(|_| ()),
+        };
+        match r {
+            Ok(()) => routes.set_status(&key, status),
+            Err(e) => {
+                tracing::warn!(route = %format!("{}/{ns}/{name}", kind.label()), error = %e,
+                    "cannot write route status; will retry on the next change");
+            }
         }
     }
 }
@@ -210,15 +354,32 @@ pub async fn run(
             Api::<KService>::all(client.clone()),
             tx.clone(),
             "services",
+            false,
             |s, up| Ev::Service(Box::new(s), up),
         )),
         tokio::spawn(forward(
-            Api::<EndpointSlice>::all(client),
-            tx,
+            Api::<EndpointSlice>::all(client.clone()),
+            tx.clone(),
             "endpointslices",
+            false,
             |s, up| Ev::Slice(Box::new(s), up),
         )),
+        tokio::spawn(forward(
+            Api::<HTTPRoute>::all(client.clone()),
+            tx.clone(),
+            "httproutes",
+            true,
+            http_route_event,
+        )),
+        tokio::spawn(forward(
+            Api::<GRPCRoute>::all(client.clone()),
+            tx,
+            "grpcroutes",
+            true,
+            grpc_route_event,
+        )),
     ];
+    let mut routes = RouteSet::default();
     let mut entries = core.entries.watch();
     let mut services: HashMap<Key, KService> = HashMap::new();
     let mut slices: HashMap<Key, EndpointSlice> = HashMap::new();
@@ -243,6 +404,9 @@ pub async fn run(
                         }
                         if up { slices.insert(k, *s); } else { slices.remove(&k); }
                     },
+                    Ev::Route(key, seen) => {
+                        dirty.extend(routes.apply(key, seen.map(|b| *b)));
+                    }
                     Ev::Listed(kind) => { listed.insert(kind); }
                 }
                 // Take what else is queued before writing.
@@ -256,11 +420,12 @@ pub async fn run(
             }
             _ = ward_net::process::until_set(&mut stop) => break,
         }
-        // Nothing is written before both watchers have listed: a Service seen before its
-        // slices would otherwise vanish for a moment after a CA restart.
-        if listed.len() < 2 || (dirty.is_empty() && collected) {
+        // Nothing is written before every watcher has listed: a Service seen before its
+        // slices (or routes) would otherwise vanish or change for a moment after a restart.
+        if listed.len() < KINDS || (dirty.is_empty() && collected) {
             continue;
         }
+        let ports = service_ports(&services);
         let ids = pod_ids(&core, &cluster).await;
         let mut ops = Vec::new();
         for k in dirty.drain() {
@@ -277,7 +442,7 @@ pub async fn run(
                                 == Some(&k.1)
                     })
                     .collect();
-                build(svc, &mine, &ids)
+                build(svc, &mine, &ids, routes.for_service(&k, &ports))
             });
             let have = core.services.get(&name).await.ok().flatten();
             match (want, have) {
@@ -293,7 +458,8 @@ pub async fn run(
             }
         }
         // Once both watchers have listed, services of ours that no longer exist go.
-        if !collected && listed.len() == 2 {
+        write_route_statuses(&client, &mut routes, &ports).await;
+        if !collected && listed.len() == KINDS {
             collected = true;
             if let Ok(all) = core.services.list().await {
                 let live: HashSet<String> =
@@ -389,7 +555,7 @@ mod tests {
                 ep("10.0.0.3", "u3", None, None, None),
             ]),
         );
-        let s = build(&svc(), &[&a, &b], &ids).unwrap();
+        let s = build(&svc(), &[&a, &b], &ids, vec![]).unwrap();
         s.validate().unwrap();
         assert_eq!(s.name, "api.shop");
         assert_eq!(s.addresses.len(), 2);
@@ -419,7 +585,15 @@ mod tests {
             "x",
             serde_json::json!([ep("10.0.0.9", "unmeshed", Some(true), None, None)]),
         );
-        assert!(build(&svc(), &[&only], &ids).is_none());
-        assert!(build(&svc(), &[], &ids).is_none());
+        assert!(build(&svc(), &[&only], &ids, vec![]).is_none());
+        assert!(build(&svc(), &[], &ids, vec![]).is_none());
+        // With routes, published all the same: the routes say where requests go.
+        let route = ward_spiffe::route::HttpRoute {
+            name: "httproute/shop/api".into(),
+            port: None,
+            rules: vec![],
+        };
+        let s = build(&svc(), &[], &ids, vec![route]).unwrap();
+        assert!(s.endpoints.is_empty() && s.routes.len() == 1);
     }
 }

@@ -54,3 +54,33 @@ where
         }
     }
 }
+
+/// A Service in namespace `shop` with port 80 (`http`, target port `web`).
+pub fn service(name: &str, ip: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": "shop", "uid": format!("svc-{name}") },
+        "spec": { "clusterIP": ip, "clusterIPs": [ip],
+                  "ports": [ { "name": "http", "port": 80, "targetPort": "web" } ] }
+    })
+}
+
+/// An EndpointSlice of Service `svc` in `shop`, port `http` 8080.
+pub fn slice(name: &str, svc: &str, eps: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": name, "namespace": "shop", "labels": { "kubernetes.io/service-name": svc } },
+        "addressType": "IPv4",
+        "ports": [ { "name": "http", "port": 8080 } ],
+        "endpoints": eps
+    })
+}
+
+/// An endpoint of a slice: a pod in `shop`.
+pub fn ep(addr: &str, pod: &str, uid: &str, ready: bool, terminating: bool) -> serde_json::Value {
+    json!({
+        "addresses": [addr],
+        "conditions": { "ready": ready, "serving": true, "terminating": terminating },
+        "targetRef": { "kind": "Pod", "name": pod, "namespace": "shop", "uid": uid }
+    })
+}

@@ -86,6 +86,7 @@ pub fn routes_to_proto(routes: &[HttpRoute]) -> Vec<types::HttpRoute> {
                             service: b.service.clone(),
                             port: u32::from(b.port),
                             weight: b.weight,
+                            refused: b.refused.clone().unwrap_or_default(),
                         })
                         .collect(),
                     filters: rule
@@ -234,6 +235,7 @@ pub fn routes_from_proto(m: &[types::HttpRoute]) -> Result<Vec<HttpRoute>, Strin
                                     service: b.service.clone(),
                                     port: port16("backend port", b.port)?,
                                     weight: b.weight,
+                                    refused: nonempty(&b.refused),
                                 })
                             })
                             .collect::<Result<_, String>>()?,
@@ -270,7 +272,7 @@ mod tests {
                                  "headers": [ { "name": "x-canary", "value": "y.*", "regex": true } ],
                                  "query": [ { "name": "a", "value": "1" } ] } ],
                   "backends": [ { "service": "api-v1.shop", "port": 80, "weight": 90 },
-                                { "service": "api-v2.shop", "port": 80, "weight": 0 } ],
+                                { "service": "api-v2.shop", "port": 80, "weight": 0, "refused": "not permitted" } ],
                   "filters": [ { "type": "request_headers", "set": [{"name": "x-a", "value": "1"}], "add": [{"name": "x-b", "value": "2"}], "remove": ["x-c"] },
                                { "type": "response_headers", "set": [{"name": "x-d", "value": "4"}] },
                                { "type": "rewrite", "hostname": "h", "path": { "type": "prefix", "value": "/" } } ],

@@ -171,6 +171,13 @@ pub async fn http(
             }
         }
     };
+    if let Some(why) = &backend.refused {
+        let why = format!(
+            "backend {} of route rule {name} may not be used: {why}",
+            backend.service
+        );
+        return route_failed(l, rec, why, grpc);
+    }
     let target = format!("{}:{}", backend.service, backend.port);
     let Some(discovery) = &l.shared.discovery else {
         return route_failed(l, rec, "service discovery is off".into(), grpc);
