@@ -214,7 +214,14 @@ impl Agent {
         ));
         let rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            ward_net::health::serve_admin(health, Arc::new(registry), ready_rx, stop(rx)).await;
+            ward_net::health::serve_admin(
+                health,
+                Arc::new(registry),
+                ready_rx,
+                Default::default(),
+                stop(rx),
+            )
+            .await;
         }));
 
         tracing::info!(

@@ -246,9 +246,15 @@ impl CaServer {
         let (_ready_tx, ready_rx) = watch::channel(Ok(()));
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            ward_net::health::serve_admin(health, Arc::new(registry), ready_rx, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
+            ward_net::health::serve_admin(
+                health,
+                Arc::new(registry),
+                ready_rx,
+                Default::default(),
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            )
             .await;
             drop(_ready_tx);
         }));

@@ -170,6 +170,50 @@ async fn requests_are_balanced_across_verified_endpoints() {
         "the impostor's handshake was refused and counted"
     );
 
+    // The admin view shows each endpoint with what the balancer knows; metrics are per
+    // endpoint.
+    let (status, view) = common::mesh::admin_get(&frontend, "/destinations").await;
+    assert_eq!(status, 200, "{view}");
+    let v: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let d = v["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["authority"] == "api.shop:80")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        (d["state"].as_str(), d["service"].as_str()),
+        (Some("endpoints"), Some("api.shop"))
+    );
+    let ewma = |p: &ward_proxy::Proxy| {
+        let a = p.inbound_addr("in").unwrap().to_string();
+        d["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == a.as_str())
+            .unwrap_or_else(|| panic!("{a} not in {d}"))["ewma_ms"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        ewma(&b3) > ewma(&b1).max(ewma(&b2)),
+        "the slow endpoint's estimate is the highest: {d}"
+    );
+    let (_, metrics) = common::mesh::admin_get(&frontend, "/metrics").await;
+    let b1_ok = format!(
+        "ward_proxy_endpoint_requests_total{{service=\"api.shop\",endpoint=\"{}\",outcome=\"2xx\"}}",
+        b1.inbound_addr("in").unwrap()
+    );
+    assert!(metrics.contains(&b1_ok), "{b1_ok} not in\n{metrics}");
+    assert!(
+        metrics.contains("ward_proxy_endpoint_ewma_seconds{service=\"api.shop\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ward_proxy_endpoint_request_duration_seconds_count{service=\"api.shop\"")
+    );
+
     // One endpoint goes away mid-load: GETs keep succeeding (tried elsewhere), and it is
     // ejected after a few failures.
     b1.shutdown().await;
@@ -294,7 +338,7 @@ async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504
         bad_hits.load(Ordering::Relaxed) <= 10,
         "the failing endpoint kept getting traffic"
     );
-    let retried = fp.metrics.retries.get();
+    let retried = common::mesh::retries(&fp);
     assert!((1..=10).contains(&retried), "{retried} retries");
     fp.shutdown().await;
 
@@ -329,7 +373,7 @@ async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504
         "the 503s reach the caller ({answered} of 200)"
     );
     let sent = bad_hits.load(Ordering::Relaxed) + bad2_hits.load(Ordering::Relaxed) - before;
-    let retries = fp.metrics.retries.get() as usize;
+    let retries = common::mesh::retries(&fp) as usize;
     assert!(sent >= 200, "{sent}");
     assert!(
         retries <= 200 / 5 + 10 + 2,
@@ -376,6 +420,67 @@ async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504
     assert_eq!(got.0, 504, "{}", got.1);
     assert!(got.1.contains("timed out after 300ms"), "{}", got.1);
     for p in [fp, bad, good, bad2, slow] {
+        p.shutdown().await;
+    }
+    agent.shutdown().await;
+    ca.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_retried_after_a_connect_failure_large_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, agent) = mesh(dir.path(), &["client", "api"]).await;
+    let sock = agent.socket_path.clone();
+    let good = backend(
+        &sock,
+        "api",
+        app("good", Duration::ZERO, Arc::new(AtomicUsize::new(0))).await,
+    )
+    .await;
+    // An endpoint nothing listens on any more: connections to it are refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    ca.core
+        .services
+        .write(
+            vec![ServiceOp::Put(service(&[
+                (dead, "api"),
+                (good.inbound_addr("in").unwrap(), "api"),
+            ]))],
+            "admin",
+        )
+        .await
+        .unwrap();
+    // Round robin makes the order of picks known: dead, good, dead, good.
+    let (fp, out) = frontend(
+        &sock,
+        DiscoveryCfg {
+            balancer: ward_proxy::balance::Balancer::RoundRobin,
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let post = |n: usize| {
+        common::mesh::send_body(&client, out, "POST", "/x", &[], Bytes::from(vec![b'x'; n]))
+    };
+    // First pick: the dead endpoint; 10 KiB is buffered and sent again to the good one, whole.
+    let g = post(10 * 1024).await;
+    assert_eq!((g.status, g.body.as_str()), (200, "good"), "{g:?}");
+    assert_eq!(g.headers["x-echo-body-len"], "10240");
+    // The good one.
+    let g = post(100 * 1024).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.headers["x-echo-body-len"], "102400");
+    // The dead one again: 100 KiB streams and cannot be sent again.
+    let g = post(100 * 1024).await;
+    assert_eq!(g.status, 502, "{g:?}");
+    assert!(g.body.contains("unavailable"), "{}", g.body);
+    assert_eq!(common::mesh::retries(&fp), 1);
+    for p in [fp, good] {
         p.shutdown().await;
     }
     agent.shutdown().await;

@@ -219,6 +219,17 @@ async fn requests_follow_route_rules() {
     }
     assert!(all_v2, "the new weights never applied");
 
+    // Per-rule metrics.
+    let (_, metrics) = common::mesh::admin_get(&fp, "/metrics").await;
+    for want in [
+        "ward_proxy_route_requests_total{route=\"shop/api#0\",outcome=\"2xx\"}",
+        "ward_proxy_route_requests_total{route=\"shop/api#2\",outcome=\"3xx\"} 1",
+        "ward_proxy_route_requests_total{route=\"shop/api#4\",outcome=\"5xx\"} 1",
+        "ward_proxy_route_request_duration_seconds_count{route=\"shop/api#3\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} not in\n{metrics}");
+    }
+
     // The access log names the rule that applied and the endpoint.
     fp.shutdown().await;
     let text = std::fs::read_to_string(&log).unwrap();

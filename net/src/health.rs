@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint every Ward process serves: `/metrics` (OpenMetrics text from a
-//! prometheus-client registry), `/healthz` (the process is up) and `/readyz` (it can do its job).
+//! prometheus-client registry), `/healthz` (the process is up), `/readyz` (it can do its job),
+//! and any JSON views the process adds (the proxy's `/destinations`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,11 +16,18 @@ use tokio::sync::watch;
 /// Readiness: `Ok(())` when ready, `Err(reason)` otherwise.
 pub type Readiness = watch::Receiver<Result<(), String>>;
 
+/// A JSON view served at a path: called on each request.
+pub type View = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Views by path.
+pub type Views = Arc<Vec<(&'static str, View)>>;
+
 /// Serves the admin endpoint until `shutdown` resolves.
 pub async fn serve_admin(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,
+    views: Views,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
@@ -33,11 +41,13 @@ pub async fn serve_admin(
         };
         let registry = registry.clone();
         let ready = ready.clone();
+        let views = views.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let registry = registry.clone();
                 let ready = ready.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry, &ready)) }
+                let views = views.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registry, &ready, &views)) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -91,7 +101,12 @@ pub fn openmetrics_to_text(om: &str) -> String {
     out
 }
 
-fn route(req: &Request<Incoming>, registry: &Registry, ready: &Readiness) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    ready: &Readiness,
+    views: &Views,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into());
@@ -131,7 +146,10 @@ fn route(req: &Request<Incoming>, registry: &Registry, ready: &Readiness) -> Res
                 format!("{reason}\n"),
             ),
         },
-        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
+        path => match views.iter().find(|(p, _)| *p == path) {
+            Some((_, view)) => text(StatusCode::OK, "application/json", view()),
+            None => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
+        },
     }
 }
 

@@ -178,6 +178,14 @@ impl EndpointState {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Consecutive failures so far.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .consecutive_failures
+    }
+
     /// Whether failure accrual has it out of rotation at `now`.
     pub fn ejected(&self, now: Instant) -> bool {
         self.health

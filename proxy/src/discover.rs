@@ -94,6 +94,7 @@ pub struct Discovery {
     socket: PathBuf,
     own_id: Option<SpiffeId>,
     retries: crate::config::RetryCfg,
+    metrics: crate::metrics::Metrics,
     subs: Mutex<HashMap<String, Sub>>,
 }
 
@@ -125,13 +126,70 @@ impl Discovery {
         socket: PathBuf,
         own_id: Option<SpiffeId>,
         retries: crate::config::RetryCfg,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
         Self {
             socket,
             own_id,
             retries,
+            metrics,
             subs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The current view of every destination followed, for the admin endpoint: its state,
+    /// endpoints with what the balancer knows of them, and routes.
+    pub fn view(&self) -> serde_json::Value {
+        use serde_json::json;
+        let now = Instant::now();
+        let destinations: Vec<serde_json::Value> = self
+            .followed()
+            .into_iter()
+            .map(|(authority, r)| match r {
+                None => json!({ "authority": authority, "state": "waiting" }),
+                Some(Resolution::NoSuchService) => {
+                    json!({ "authority": authority, "state": "no_such_service" })
+                }
+                Some(Resolution::NoEndpoints(s)) => {
+                    json!({ "authority": authority, "state": "no_endpoints", "service": s })
+                }
+                Some(Resolution::Endpoints(d)) => {
+                    let endpoints: Vec<serde_json::Value> = d
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            json!({
+                                "address": e.addr_text,
+                                "pod": e.pod,
+                                "spiffe_ids": e.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                                "ewma_ms": e.ewma_ns(now) / 1e6,
+                                "in_flight": e.pending(),
+                                "consecutive_failures": e.consecutive_failures(),
+                                "ejected": e.ejected(now),
+                                "draining": e.draining(),
+                            })
+                        })
+                        .collect();
+                    let routes = match &d.routes {
+                        RouteTable::None => json!([]),
+                        RouteTable::Invalid(why) => json!({ "invalid": why }),
+                        RouteTable::Routes(r) => r
+                            .rules()
+                            .map(|c| {
+                                json!({
+                                    "rule": format!("{}#{}", c.route, c.index),
+                                    "backends": c.rule.backends,
+                                    "timeout_ms": c.rule.timeout.map(|t| t.as_millis() as u64),
+                                })
+                            })
+                            .collect(),
+                    };
+                    json!({ "authority": authority, "state": "endpoints", "service": d.service,
+                            "endpoints": endpoints, "routes": routes })
+                }
+            })
+            .collect();
+        json!({ "destinations": destinations })
     }
 
     /// Authorities followed now (tests, admin view).
@@ -175,6 +233,7 @@ impl Discovery {
                     authority.to_owned(),
                     self.own_id.clone(),
                     budget,
+                    self.metrics.clone(),
                     tx,
                 ));
                 subs.insert(
@@ -211,8 +270,30 @@ impl Discovery {
     }
 }
 
-/// Turns an update into a resolution, reusing the state of endpoints still listed.
+/// Turns an update into a resolution, reusing the state of endpoints still listed; the
+/// metric series of endpoints no longer listed are dropped.
 fn convert(
+    update: ward_proto::agent::DestinationUpdate,
+    known: &mut HashMap<SocketAddr, Arc<EndpointState>>,
+    budget: &Arc<tower::retry::budget::TpsBudget>,
+    metrics: &crate::metrics::Metrics,
+    service: &mut String,
+) -> Resolution {
+    let before: Vec<String> = known.values().map(|e| e.addr_text.clone()).collect();
+    let r = convert_inner(update, known, budget);
+    for gone in before
+        .iter()
+        .filter(|a| !known.values().any(|e| e.addr_text == **a))
+    {
+        metrics.forget_endpoint(service, gone);
+    }
+    if let Resolution::Endpoints(d) = &r {
+        service.clone_from(&d.service);
+    }
+    r
+}
+
+fn convert_inner(
     update: ward_proto::agent::DestinationUpdate,
     known: &mut HashMap<SocketAddr, Arc<EndpointState>>,
     budget: &Arc<tower::retry::budget::TpsBudget>,
@@ -310,10 +391,12 @@ async fn follow(
     authority: String,
     own_id: Option<SpiffeId>,
     budget: Arc<tower::retry::budget::TpsBudget>,
+    metrics: crate::metrics::Metrics,
     tx: watch::Sender<Option<Resolution>>,
 ) {
     let _ = own_id;
     let mut known = HashMap::new();
+    let mut service = String::new();
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut client = DestinationsClient::new(ward_net::process::unix_channel(&socket));
@@ -331,7 +414,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(u)) => {
                             backoff = Duration::from_millis(100);
-                            let r = convert(u, &mut known, &budget);
+                            let r = convert(u, &mut known, &budget, &metrics, &mut service);
                             if tx.send(Some(r)).is_err() {
                                 return;
                             }
@@ -391,6 +474,8 @@ mod tests {
     fn endpoint_state_survives_updates_and_unverifiable_endpoints_are_dropped() {
         let mut known = HashMap::new();
         let budget = Arc::new(tower::retry::budget::TpsBudget::default());
+        let m = crate::metrics::Metrics::new();
+        let mut svc = String::new();
         let Resolution::Endpoints(d1) = convert(
             update(&[
                 ("10.0.0.1:80", "spiffe://t/a", false),
@@ -398,6 +483,8 @@ mod tests {
             ]),
             &mut known,
             &budget,
+            &m,
+            &mut svc,
         ) else {
             panic!()
         };
@@ -410,6 +497,8 @@ mod tests {
             ]),
             &mut known,
             &budget,
+            &m,
+            &mut svc,
         ) else {
             panic!()
         };
@@ -418,21 +507,40 @@ mod tests {
             "same endpoint, same state"
         );
         assert!(first.draining());
+        // An endpoint gone from the list takes its metric series with it.
+        let label = crate::metrics::EndpointLabel {
+            service: "api.shop".into(),
+            endpoint: "10.0.0.1:80".into(),
+        };
+        m.endpoint_ewma.get_or_create(&label).set(0.5);
         // Another ID at the same address is another endpoint.
         let Resolution::Endpoints(d3) = convert(
             update(&[("10.0.0.1:80", "spiffe://t/b", false)]),
             &mut known,
             &budget,
+            &m,
+            &mut svc,
         ) else {
             panic!()
         };
         assert!(!Arc::ptr_eq(&first, &d3.endpoints[0]));
+        let _ = convert(update(&[]), &mut known, &budget, &m, &mut svc);
+        assert!(
+            !m.endpoint_ewma.remove(&label),
+            "the series of a removed endpoint is dropped"
+        );
         assert!(matches!(
-            convert(update(&[]), &mut known, &budget),
+            convert(update(&[]), &mut known, &budget, &m, &mut svc),
             Resolution::NoEndpoints(_)
         ));
         assert!(matches!(
-            convert(DestinationUpdate { kind: None }, &mut known, &budget),
+            convert(
+                DestinationUpdate { kind: None },
+                &mut known,
+                &budget,
+                &m,
+                &mut svc
+            ),
             Resolution::NoSuchService
         ));
     }

@@ -34,6 +34,66 @@ pub struct TlsFailureLabel {
     pub reason: String,
 }
 
+/// A mesh service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    /// Service name.
+    pub service: String,
+}
+
+/// An endpoint of a mesh service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// Service name.
+    pub service: String,
+    /// `ip:port`.
+    pub endpoint: String,
+}
+
+/// What came of a request (or connection) to an endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointOutcome {
+    /// Service name.
+    pub service: String,
+    /// `ip:port`.
+    pub endpoint: String,
+    /// `2xx`..`5xx`, `error` (no answer), `timeout`, or `connected` (TCP).
+    pub outcome: String,
+}
+
+/// A route rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// `<route>#<rule index>`.
+    pub route: String,
+}
+
+/// What came of a request a route rule decided.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcome {
+    /// `<route>#<rule index>`.
+    pub route: String,
+    /// The answer's status class, `2xx`..`5xx`.
+    pub outcome: String,
+}
+
+/// The outcomes counted per endpoint (for removing an endpoint's series).
+pub const ENDPOINT_OUTCOMES: [&str; 8] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "error",
+    "timeout",
+    "connected",
+];
+
+/// `2xx` for 204, and so on.
+pub fn status_class(status: u16) -> String {
+    format!("{}xx", (status / 100).clamp(1, 5))
+}
+
 /// Every proxy metric.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -55,10 +115,20 @@ pub struct Metrics {
     pub log_dropped: Counter,
     /// Identity updates refused.
     pub identity_errors: Counter,
-    /// Requests to mesh services sent again to another endpoint.
-    pub retries: Counter,
-    /// Endpoints ejected by failure accrual.
-    pub ejections: Counter,
+    /// Requests to mesh services sent again to another endpoint, per service.
+    pub retries: Family<ServiceLabel, Counter>,
+    /// Ejections by failure accrual, per endpoint.
+    pub ejections: Family<EndpointLabel, Counter>,
+    /// Requests and connections per endpoint, by outcome.
+    pub endpoint_requests: Family<EndpointOutcome, Counter>,
+    /// Time to response headers per endpoint.
+    pub endpoint_latency: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    /// The balancer's latency estimate (peak EWMA) per endpoint, in seconds.
+    pub endpoint_ewma: Family<EndpointLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Requests per route rule, by the answer's status class.
+    pub route_requests: Family<RouteOutcome, Counter>,
+    /// Time to response headers per route rule.
+    pub route_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -84,8 +154,13 @@ impl Metrics {
             policy_errors: Counter::default(),
             log_dropped: Counter::default(),
             identity_errors: Counter::default(),
-            retries: Counter::default(),
-            ejections: Counter::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            endpoint_requests: Family::default(),
+            endpoint_latency: Family::new_with_constructor(latency_histogram),
+            endpoint_ewma: Family::default(),
+            route_requests: Family::default(),
+            route_latency: Family::new_with_constructor(latency_histogram),
         }
     }
 
@@ -133,6 +208,31 @@ impl Metrics {
             self.ejections.clone(),
         );
         r.register(
+            "endpoint_requests",
+            "Requests (HTTP) and connections (TCP) to mesh endpoints, by outcome",
+            self.endpoint_requests.clone(),
+        );
+        r.register(
+            "endpoint_request_duration_seconds",
+            "Time to response headers from a mesh endpoint",
+            self.endpoint_latency.clone(),
+        );
+        r.register(
+            "endpoint_ewma_seconds",
+            "The balancer's peak-EWMA latency estimate of a mesh endpoint",
+            self.endpoint_ewma.clone(),
+        );
+        r.register(
+            "route_requests",
+            "Requests decided by a route rule, by answer status class",
+            self.route_requests.clone(),
+        );
+        r.register(
+            "route_request_duration_seconds",
+            "Time to response headers of requests decided by a route rule",
+            self.route_latency.clone(),
+        );
+        r.register(
             "policy_errors",
             "Policy sources refused",
             self.policy_errors.clone(),
@@ -147,6 +247,25 @@ impl Metrics {
             "SVID or bundle updates refused",
             self.identity_errors.clone(),
         );
+    }
+
+    /// Forgets the series of an endpoint no longer listed (so series follow the endpoints in
+    /// use, not every endpoint ever seen).
+    pub fn forget_endpoint(&self, service: &str, endpoint: &str) {
+        let l = EndpointLabel {
+            service: service.into(),
+            endpoint: endpoint.into(),
+        };
+        self.endpoint_latency.remove(&l);
+        self.endpoint_ewma.remove(&l);
+        self.ejections.remove(&l);
+        for o in ENDPOINT_OUTCOMES {
+            self.endpoint_requests.remove(&EndpointOutcome {
+                service: service.into(),
+                endpoint: endpoint.into(),
+                outcome: o.into(),
+            });
+        }
     }
 
     /// Counts a TLS failure.

@@ -141,6 +141,7 @@ impl Proxy {
                     path,
                     spiffe_id.clone(),
                     cfg.discovery.map(|d| d.retries).unwrap_or_default(),
+                    metrics.clone(),
                 ))
             }
             _ => None,
@@ -224,11 +225,42 @@ impl Proxy {
                 }
             }
         }));
+        let mut views: Vec<(&'static str, ward_net::health::View)> = Vec::new();
+        if shared.discovery.is_some() {
+            let sh = shared.clone();
+            views.push((
+                "/destinations",
+                Arc::new(move || {
+                    sh.discovery
+                        .as_ref()
+                        .map(|d| d.view().to_string())
+                        .unwrap_or_default()
+                }),
+            ));
+            // Destinations unused for a while are let go.
+            let sh = shared.clone();
+            let mut s = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => if let Some(d) = &sh.discovery { d.sweep() },
+                        _ = ward_net::process::until_set(&mut s) => return,
+                    }
+                }
+            }));
+        }
         let mut s = stop.clone();
         tasks.push(tokio::spawn(async move {
-            ward_net::health::serve_admin(admin, Arc::new(registry), ready_rx, async move {
-                ward_net::process::until_set(&mut s).await;
-            })
+            ward_net::health::serve_admin(
+                admin,
+                Arc::new(registry),
+                ready_rx,
+                Arc::new(views),
+                async move {
+                    ward_net::process::until_set(&mut s).await;
+                },
+            )
             .await;
         }));
         tracing::info!(admin = %admin_addr, ?listeners, "ward-proxy started");

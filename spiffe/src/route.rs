@@ -619,6 +619,11 @@ impl Routes {
         }
     }
 
+    /// The rules, in the order they were given.
+    pub fn rules(&self) -> impl Iterator<Item = &CompiledRule> {
+        self.rules.iter()
+    }
+
     /// How many rules.
     pub fn len(&self) -> usize {
         self.rules.len()

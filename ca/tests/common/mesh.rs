@@ -46,12 +46,16 @@ pub async fn app_with(
                         async move {
                             hits.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(delay).await;
+                            let (parts, body) = req.into_parts();
+                            let got = body.collect().await.map_or(0, |b| b.to_bytes().len());
+                            let req = hyper::Request::from_parts(parts, ());
                             let mut r = hyper::Response::new(Full::new(Bytes::from(name)));
                             *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
                             // What arrived, for routing tests: the target, the Host and x- headers.
                             let h = r.headers_mut();
                             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
                             h.insert("x-echo-path", pq.parse().unwrap());
+                            h.insert("x-echo-body-len", got.into());
                             let host = req.headers().get("host").cloned().or_else(|| {
                                 req.uri().authority().map(|a| a.as_str().parse().unwrap())
                             });
@@ -139,6 +143,21 @@ pub async fn send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Got {
+    send_body(client, out, method, path, headers, Bytes::new()).await
+}
+
+/// [`send`] with a body.
+pub async fn send_body(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    out: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Got {
     let mut b = hyper::Request::builder()
         .method(method)
         .uri(format!("http://{out}{path}"))
@@ -147,7 +166,7 @@ pub async fn send(
         b = b.header(*k, *v);
     }
     match client
-        .request(b.body(Full::new(Bytes::new())).unwrap())
+        .request(b.body(Full::new(body)).unwrap())
         .await
     {
         Ok(r) => {
@@ -260,4 +279,27 @@ pub async fn frontend_logged(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the frontend got no SVID");
+}
+
+/// Retries the proxy made to `api.shop`.
+pub fn retries(p: &ward_proxy::Proxy) -> u64 {
+    p.metrics
+        .retries
+        .get_or_create(&ward_proxy::metrics::ServiceLabel {
+            service: "api.shop".into(),
+        })
+        .get()
+}
+
+/// GET `path` on the proxy's admin endpoint: status and body.
+pub async fn admin_get(p: &ward_proxy::Proxy, path: &str) -> (u16, String) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let r = client
+        .get(format!("http://{}{path}", p.admin_addr).parse().unwrap())
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    (s, String::from_utf8_lossy(&b).into_owned())
 }

@@ -18,6 +18,7 @@ use crate::balance::{EndpointState, pick};
 use crate::discover::Destination;
 use crate::forward::http::{from_peer, peer_failed, refuse, to_peer};
 use crate::http::{Body, Counted, boxed};
+use crate::metrics::{EndpointLabel, EndpointOutcome, ServiceLabel};
 use crate::observe::{Outcome, Record};
 use crate::pipeline::ListenerCtx;
 use crate::plan::Refused;
@@ -75,17 +76,22 @@ fn retry_after<B>(resp: &Response<B>, max: Duration) -> Option<Duration> {
     (wait <= max).then_some(wait)
 }
 
-/// A request without a body, as it can be built again.
+/// Request bodies up to this size (declared by `Content-Length`) are buffered so the request
+/// can be sent again; larger ones stream and are not retried (Linkerd's limit).
+pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// A request as it can be built again: one without a body, or with a small buffered one.
 struct Again {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
     headers: http::HeaderMap,
+    body: bytes::Bytes,
 }
 
 impl Again {
     fn build(&self) -> Request<Body> {
-        let mut r = Request::new(crate::http::full(bytes::Bytes::new()));
+        let mut r = Request::new(crate::http::full(self.body.clone()));
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = self.version;
@@ -151,6 +157,96 @@ pub async fn http(
     }
 }
 
+/// Records a failure of `ep` (no answer, an "unavailable" answer, a timeout); logs and counts
+/// an ejection.
+fn failed(l: &ListenerCtx, dest: &Destination, ep: &EndpointState, outcome: &str) {
+    let m = &l.shared.obs.metrics;
+    count(l, dest, ep, outcome);
+    if ep.failed(Instant::now()) {
+        m.ejections
+            .get_or_create(&EndpointLabel {
+                service: dest.service.clone(),
+                endpoint: ep.addr_text.clone(),
+            })
+            .inc();
+        tracing::warn!(listener = %l.name, service = %dest.service, endpoint = %ep.addr,
+            pod = ?ep.pod, "endpoint ejected after consecutive failures");
+    }
+}
+
+/// Counts one request or connection to `ep` by outcome.
+fn count(l: &ListenerCtx, dest: &Destination, ep: &EndpointState, outcome: &str) {
+    l.shared
+        .obs
+        .metrics
+        .endpoint_requests
+        .get_or_create(&EndpointOutcome {
+            service: dest.service.clone(),
+            endpoint: ep.addr_text.clone(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+}
+
+/// Records an answer from `ep` after `rtt`: latency, the new estimate.
+fn answered(l: &ListenerCtx, dest: &Destination, ep: &EndpointState, rtt: Duration) {
+    let now = Instant::now();
+    ep.succeeded(rtt, now);
+    let m = &l.shared.obs.metrics;
+    let label = EndpointLabel {
+        service: dest.service.clone(),
+        endpoint: ep.addr_text.clone(),
+    };
+    m.endpoint_latency
+        .get_or_create(&label)
+        .observe(rtt.as_secs_f64());
+    m.endpoint_ewma
+        .get_or_create(&label)
+        .set(ep.ewma_ns(now) / 1e9);
+}
+
+/// The request's body, and what is needed to send it again: with no body, or a declared
+/// length up to [`RETRY_BODY_LIMIT`] (buffered), it can be; otherwise it streams once.
+async fn prepare(
+    req: Request<Incoming>,
+    bytes_in: &Arc<AtomicU64>,
+) -> Result<(Request<Body>, Option<Again>), Refusal> {
+    let small = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= RETRY_BODY_LIMIT);
+    let (parts, body) = req.into_parts();
+    let again = |body: bytes::Bytes| Again {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body,
+    };
+    if body.is_end_stream() {
+        let a = again(bytes::Bytes::new());
+        return Ok((
+            Request::from_parts(parts, crate::http::full(bytes::Bytes::new())),
+            Some(a),
+        ));
+    }
+    if small {
+        use http_body_util::BodyExt as _;
+        let limited = http_body_util::Limited::new(body, RETRY_BODY_LIMIT as usize);
+        let b = limited
+            .collect()
+            .await
+            .map_err(|_| Refusal::BadRequest("the request body could not be read"))?
+            .to_bytes();
+        bytes_in.store(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let a = again(b.clone());
+        return Ok((Request::from_parts(parts, crate::http::full(b)), Some(a)));
+    }
+    let streamed = boxed(Counted::new(body, bytes_in.clone(), None));
+    Ok((Request::from_parts(parts, streamed), None))
+}
+
 async fn attempts(
     l: &ListenerCtx,
     rec: &mut Record,
@@ -163,24 +259,36 @@ async fn attempts(
     let shared = &l.shared;
     let retries = shared.discovery_cfg.retries;
     dest.budget.deposit();
-    // What is needed to send the request again: only requests without a body.
-    let again = req.body().is_end_stream().then(|| Again {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        version: req.version(),
-        headers: req.headers().clone(),
-    });
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let (first, again) = match prepare(req, &bytes_in).await {
+        Ok(x) => x,
+        Err(refusal) => {
+            let r = Refused {
+                refusal,
+                outcome: Outcome::plain("error", "outbound"),
+                path: None,
+            };
+            return refuse(l, rec.clone(), r, grpc);
+        }
+    };
     let repeatable_after_answer =
         retries.on_5xx && again.as_ref().is_some_and(|a| idempotent(&a.method));
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let (parts, body) = req.into_parts();
-    let mut next = Some(Request::from_parts(
-        parts,
-        boxed(Counted::new(body, bytes_in.clone(), None)),
-    ));
+    let mut next = Some(first);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
-    let mut retried = 0u32;
+    let mut retried = 0u64;
+    let count_retries = |retried: u64| {
+        if retried > 0 {
+            shared
+                .obs
+                .metrics
+                .retries
+                .get_or_create(&ServiceLabel {
+                    service: dest.service.clone(),
+                })
+                .inc_by(retried);
+        }
+    };
     while let Some(out) = next.take() {
         let Some(ep) = choose(l, dest, &tried) else {
             break;
@@ -207,30 +315,22 @@ async fn attempts(
         };
         drop(inflight);
         let may_retry = tried.len() < MAX_TRIES && again.is_some();
-        let result = match result {
-            Ok(r) => r,
+        match result {
+            // The attempt took too long: a failure of the endpoint, retried like a 504.
             Err(_) => {
-                // The attempt took too long: a failure of the endpoint, retried like a 504.
-                if ep.failed(Instant::now()) {
-                    shared.obs.metrics.ejections.inc();
-                    tracing::warn!(listener = %l.name, service = %dest.service,
-                        endpoint = %ep.addr, "endpoint ejected after consecutive failures");
-                }
-                let t = per_attempt.unwrap_or_default();
+                failed(l, dest, &ep, "timeout");
                 last_error = format!(
                     "endpoint {} of {} did not answer within {}",
                     ep.addr,
                     dest.service,
-                    ward_net::duration::format(t)
+                    ward_net::duration::format(per_attempt.unwrap_or_default())
                 );
                 if may_retry && repeatable_after_answer && dest.budget.withdraw() {
                     next = again.as_ref().map(Again::build);
                     continue;
                 }
                 rec.observe_latency(&shared.obs);
-                if retried > 0 {
-                    shared.obs.metrics.retries.inc_by(u64::from(retried));
-                }
+                count_retries(retried);
                 return peer_failed(
                     l,
                     rec.clone(),
@@ -239,17 +339,13 @@ async fn attempts(
                     grpc,
                 );
             }
-        };
-        match result {
-            Ok(resp) => {
+            Ok(Ok(resp)) => {
+                let class = crate::metrics::status_class(resp.status().as_u16());
                 if unavailable(&resp) {
-                    if ep.failed(Instant::now()) {
-                        shared.obs.metrics.ejections.inc();
-                        tracing::warn!(listener = %l.name, service = %dest.service,
-                            endpoint = %ep.addr, "endpoint ejected after consecutive failures");
-                    }
+                    failed(l, dest, &ep, &class);
                 } else {
-                    ep.succeeded(started.elapsed(), Instant::now());
+                    count(l, dest, &ep, &class);
+                    answered(l, dest, &ep, started.elapsed());
                 }
                 if may_retry
                     && repeatable_after_answer
@@ -263,24 +359,18 @@ async fn attempts(
                     continue;
                 }
                 rec.observe_latency(&shared.obs);
-                if retried > 0 {
-                    shared.obs.metrics.retries.inc_by(u64::from(retried));
-                }
+                count_retries(retried);
                 return from_peer(l, rec.clone(), resp, "balanced", bytes_in, grpc);
             }
-            Err(e) => {
-                if ep.failed(Instant::now()) {
-                    shared.obs.metrics.ejections.inc();
-                    tracing::warn!(listener = %l.name, service = %dest.service,
-                        endpoint = %ep.addr, "endpoint ejected after consecutive failures");
-                }
+            Ok(Err(e)) => {
+                failed(l, dest, &ep, "error");
                 last_error = format!(
                     "endpoint {} of {} unavailable: {}",
                     ep.addr,
                     dest.service,
                     crate::forward::source_chain(&e)
                 );
-                // Never sent: safe to send again elsewhere, if it has no body.
+                // Never sent: safe to send again elsewhere, whatever the method.
                 if e.is_connect() && may_retry && dest.budget.withdraw() {
                     next = again.as_ref().map(Again::build);
                 }
@@ -288,9 +378,7 @@ async fn attempts(
         }
     }
     rec.observe_latency(&shared.obs);
-    if retried > 0 {
-        shared.obs.metrics.retries.inc_by(u64::from(retried));
-    }
+    count_retries(retried);
     if last_error.is_empty() {
         last_error = format!("no endpoint of {} is available", dest.service);
     }
@@ -328,7 +416,8 @@ where
         let inflight = ep.start();
         match up.connect_tcp(&l.name, &shared.obs.metrics).await {
             Ok(mut tls) => {
-                ep.succeeded(started.elapsed(), Instant::now());
+                count(l, dest, &ep, "connected");
+                answered(l, dest, &ep, started.elapsed());
                 rec.endpoint = Some(ep.addr_text.clone());
                 rec.dst = crate::tls::upstream_id(&tls).map(|i| i.to_string());
                 rec.decided(&shared.obs, Outcome::plain("allow", "outbound"), "balanced");
@@ -341,11 +430,7 @@ where
             }
             Err(e) => {
                 drop(inflight);
-                if ep.failed(Instant::now()) {
-                    shared.obs.metrics.ejections.inc();
-                    tracing::warn!(listener = %l.name, service = %dest.service,
-                        endpoint = %ep.addr, "endpoint ejected after consecutive failures");
-                }
+                failed(l, dest, &ep, "error");
                 last_error = format!("endpoint {} of {} unavailable: {e}", ep.addr, dest.service);
             }
         }

@@ -14,6 +14,7 @@ use crate::discover::{Destination, Resolution, RouteTable};
 use crate::forward::balanced::{self, Timeouts};
 use crate::forward::http::refuse;
 use crate::http::Body;
+use crate::metrics::{RouteLabel, RouteOutcome};
 use crate::observe::{Outcome, Record};
 use crate::pipeline::ListenerCtx;
 use crate::plan::{Refused, Routed};
@@ -103,13 +104,13 @@ fn limiter() -> &'static ward_net::ratelog::LogLimiter {
     L.get_or_init(ward_net::ratelog::LogLimiter::for_refusals)
 }
 
-/// Carries out the rule `routed` of `dest`'s routes for `req`.
+/// Carries out the rule `routed` of `dest`'s routes for `req`, and counts it for the rule.
 pub async fn http(
     l: &ListenerCtx,
-    mut rec: Record,
-    mut req: Request<Incoming>,
+    rec: Record,
+    req: Request<Incoming>,
     dest: &Destination,
-    mut authority: String,
+    authority: String,
     routed: Routed,
     grpc: bool,
 ) -> Response<Body> {
@@ -118,8 +119,36 @@ pub async fn http(
         return route_failed(l, rec, format!("routes of {} changed", dest.service), grpc);
     };
     let rule = routes.rule(routed.selection);
-    let prefix = routes.prefix(routed.selection);
     let name = format!("{}#{}", rule.route, rule.index);
+    let started = std::time::Instant::now();
+    let resp = run(l, rec, req, routes, authority, routed, grpc, &name).await;
+    let m = &l.shared.obs.metrics;
+    m.route_requests
+        .get_or_create(&RouteOutcome {
+            route: name.clone(),
+            outcome: crate::metrics::status_class(resp.status().as_u16()),
+        })
+        .inc();
+    m.route_latency
+        .get_or_create(&RouteLabel { route: name })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    l: &ListenerCtx,
+    mut rec: Record,
+    mut req: Request<Incoming>,
+    routes: &ward_spiffe::route::Routes,
+    mut authority: String,
+    routed: Routed,
+    grpc: bool,
+    name: &str,
+) -> Response<Body> {
+    let rule = routes.rule(routed.selection);
+    let prefix = routes.prefix(routed.selection);
+    let name = name.to_owned();
     rec.set_path(&routed.path);
     rec.route = Some(name.clone());
     let mut response_changes: Vec<&HeaderChanges> = Vec::new();
