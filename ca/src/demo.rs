@@ -1,8 +1,10 @@
 //! `ward-ca dev --demo`: two workloads behind two real `ward-proxy` processes on the local trust
-//! domain. A demo backend application sits behind the backend proxy; the frontend proxy's
-//! outbound listener carries requests to it over mutual TLS. A CA-stored policy lets the
-//! frontend `GET /api/*` and nothing else; one allowed and one denied request are made and
-//! printed with the access-log lines that record them.
+//! domain. A demo backend application sits behind the backend proxy, declared as the static
+//! mesh service `backend.demo` (what `ward-ca service apply` writes); the frontend proxy's
+//! outbound listener resolves that service through the agent and carries requests to its
+//! endpoint over mutual TLS. A CA-stored policy lets the frontend `GET /api/*` and nothing
+//! else; one allowed and one denied request are made and printed with the access-log lines
+//! that record them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,6 +35,9 @@ impl Demo {
         self.app.abort();
     }
 }
+
+/// The demo backend's mesh service.
+const SERVICE: &str = "backend.demo";
 
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -188,10 +193,22 @@ pub async fn run(
          access_log:\n  path: \"{}\"\nlog_level: warn\n",
         log.display()
     );
+    // The backend as a static mesh service: its one endpoint is the backend proxy, which
+    // must present the backend's ID.
+    let service: ward_spiffe::service::Service = serde_json::from_value(serde_json::json!({
+        "name": SERVICE, "ports": [ { "name": "http", "port": 80 } ],
+        "endpoints": [ { "address": "127.0.0.1", "ports": { "http": inbound }, "ids": [be], "pod": "demo-backend" } ],
+    }))
+    .map_err(|e| e.to_string())?;
+    core.services
+        .write(vec![crate::services::ServiceOp::Put(service)], "admin")
+        .await
+        .map_err(|e| e.to_string())?;
     let frontend_cfg = format!(
         "identity:\n  workload_api: {{ socket: \"{sock}\", spiffe_id: \"{fe}\" }}\n\
          admin_address: 127.0.0.1:{fadmin}\n\
-         listeners:\n  - {{ role: outbound, name: backend, listen: 127.0.0.1:{outbound}, upstream: \"127.0.0.1:{inbound}\", expected_ids: [\"{be}\"], protocol: http }}\n\
+         discovery: {{}}\n\
+         listeners:\n  - {{ role: outbound, name: backend, listen: 127.0.0.1:{outbound}, upstream: \"{SERVICE}:80\", expected_ids: [\"{be}\"], protocol: http }}\n\
          log_level: warn\n"
     );
     let (bpath, fpath): (PathBuf, PathBuf) = (
@@ -237,7 +254,19 @@ pub async fn run(
         use std::io::Write;
         let mut o = std::io::stdout().lock();
         let w = |o: &mut std::io::StdoutLock<'_>, s: String| writeln!(o, "{s}").map_err(|e| e.to_string());
-        w(&mut o, format!("demo: frontend proxy 127.0.0.1:{outbound} -> backend proxy 127.0.0.1:{inbound} -> backend app {app}"))?;
+        w(&mut o, format!("demo: frontend proxy 127.0.0.1:{outbound} -> service {SERVICE}:80 -> backend proxy 127.0.0.1:{inbound} -> backend app {app}"))?;
+        // What the frontend proxy resolved the service to (its admin view).
+        let view = http_get(SocketAddr::from(([127, 0, 0, 1], fadmin)), "/destinations").await?.1;
+        let v: serde_json::Value = serde_json::from_str(&view).map_err(|e| e.to_string())?;
+        for d in v["destinations"].as_array().into_iter().flatten() {
+            let eps: Vec<String> = d["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{} ({})", e["address"].as_str().unwrap_or(""), e["spiffe_ids"][0].as_str().unwrap_or("")))
+                .collect();
+            w(&mut o, format!("demo: destination {} -> {}", d["authority"].as_str().unwrap_or(""), eps.join(", ")))?;
+        }
         w(&mut o, format!("demo: GET /api/hello -> {} {}", allowed.0, allowed.1))?;
         w(&mut o, format!("demo: GET /admin -> {} {}", denied.0, denied.1))?;
         for l in lines.iter().rev().take(2).rev() {

@@ -34,6 +34,24 @@ fn demo_shows_an_allowed_and_a_denied_request() {
         "{text}"
     );
     assert!(text.contains("demo: GET /admin -> 403 forbidden"), "{text}");
+    // The frontend reached the backend as the static service backend.demo, resolved
+    // through the agent to the backend proxy's address and ID.
+    let dest = lines
+        .iter()
+        .find(|l| l.starts_with("demo: destination backend.demo:80 -> 127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no destination line:\n{text}"));
+    assert!(
+        dest.ends_with("(spiffe://example.org/demo/backend)"),
+        "{dest}"
+    );
+    let out = std::process::Command::new(common::ca_bin())
+        .args(["service", "list", "-o", "json", "--data-dir"])
+        .arg(dir.path().join("w"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["services"][0]["name"], "backend.demo", "{v}");
     let logs: Vec<serde_json::Value> = lines
         .iter()
         .filter_map(|l| l.strip_prefix("demo: log "))

@@ -165,10 +165,7 @@ pub async fn send_body(
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    match client
-        .request(b.body(Full::new(body)).unwrap())
-        .await
-    {
+    match client.request(b.body(Full::new(body)).unwrap()).await {
         Ok(r) => {
             let status = r.status().as_u16();
             let headers = r.headers().clone();
