@@ -32,6 +32,11 @@ pub(crate) struct Opts {
 }
 
 async fn app(delay: Duration) -> Result<SocketAddr> {
+    app_named(delay, "ok\n").await
+}
+
+/// An HTTP app on loopback answering `body` after `delay`.
+pub(crate) async fn app_named(delay: Duration, body: &'static str) -> Result<SocketAddr> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
@@ -43,7 +48,7 @@ async fn app(delay: Duration) -> Result<SocketAddr> {
                 let svc = hyper::service::service_fn(move |_req| async move {
                     tokio::time::sleep(delay).await;
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                        Bytes::from_static(b"ok\n"),
+                        Bytes::from_static(body.as_bytes()),
                     )))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(
@@ -57,7 +62,7 @@ async fn app(delay: Duration) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-fn spawn(cmd: &mut Command) -> Result<Child> {
+pub(crate) fn spawn(cmd: &mut Command) -> Result<Child> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -66,9 +71,16 @@ fn spawn(cmd: &mut Command) -> Result<Child> {
         .context("spawn")
 }
 
-fn proxy_yaml(socket: &Path, id: &str, admin: u16, listeners: &str, discovery: &str) -> String {
+pub(crate) fn proxy_yaml(
+    td: &str,
+    socket: &Path,
+    id: &str,
+    admin: u16,
+    listeners: &str,
+    discovery: &str,
+) -> String {
     format!(
-        "identity:\n  workload_api: {{ socket: \"unix://{}\", spiffe_id: \"spiffe://{TD}/{id}\" }}\n\
+        "identity:\n  workload_api: {{ socket: \"unix://{}\", spiffe_id: \"spiffe://{td}/{id}\" }}\n\
          admin_address: 127.0.0.1:{admin}\nlog_level: warn\n\
          authorization:\n  default: all-authenticated\n{discovery}listeners:\n{listeners}",
         socket.display()
@@ -94,25 +106,36 @@ static_resources:\n  listeners:\n  - name: out\n    address: {{ socket_address: 
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Point {
-    p50: f64,
-    p99: f64,
-    ok: f64,
+pub(crate) struct Point {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) ok: f64,
 }
 
 async fn oha(o: &Opts, port: u16) -> Result<Point> {
-    let out = Command::new(&o.oha)
+    oha_at(&o.oha, o.connections, o.rate, o.duration, port).await
+}
+
+/// oha at `rate` req/s over `connections` for `duration` against `port`.
+pub(crate) async fn oha_at(
+    oha: &Path,
+    connections: u32,
+    rate: u32,
+    duration: Duration,
+    port: u16,
+) -> Result<Point> {
+    let out = Command::new(oha)
         .args([
             "--no-tui",
             "--output-format",
             "json",
             "-c",
-            &o.connections.to_string(),
+            &connections.to_string(),
             "-q",
-            &o.rate.to_string(),
+            &rate.to_string(),
             "--latency-correction",
             "-z",
-            &format!("{}s", o.duration.as_secs()),
+            &format!("{}s", duration.as_secs()),
             &format!("http://127.0.0.1:{port}/"),
         ])
         .output()
@@ -131,7 +154,8 @@ async fn oha(o: &Opts, port: u16) -> Result<Point> {
     })
 }
 
-async fn ready(port: u16) -> Result<()> {
+/// Waits until `port` answers 200.
+pub(crate) async fn ready(port: u16) -> Result<()> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     for _ in 0..600 {
@@ -148,7 +172,7 @@ async fn ready(port: u16) -> Result<()> {
     bail!("nothing answers 200 on port {port}")
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -178,6 +202,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
         let a = app(delay).await?;
         let port = free_port()?;
         let yaml = proxy_yaml(
+            TD,
             &sock,
             "api",
             free_port()?,
@@ -226,6 +251,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
     for balancer in ["p2c", "round-robin"] {
         let port = free_port()?;
         let yaml = proxy_yaml(
+            TD,
             &sock,
             "client",
             free_port()?,

@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod capturebench;
+mod discoverybench;
 mod k8sbench;
 mod lbbench;
 mod procs;
@@ -99,6 +100,28 @@ enum Cmd {
         /// Latency of the fast endpoints in ms (the slow one takes 10x).
         #[arg(long, default_value_t = 2)]
         fast_ms: u64,
+    },
+    /// Service discovery under change: endpoint added → first request, endpoint killed under
+    /// load, balanced vs static path latency, proxy RSS in a large mesh (real processes).
+    Discovery {
+        /// The oha binary.
+        #[arg(long, default_value = "oha")]
+        oha: PathBuf,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds per latency point.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Rounds of the latency comparison (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Services in the large mesh.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Endpoints per service.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
     },
     /// Captured traffic vs explicit listeners vs direct, in network namespaces with real
     /// nftables rules (needs root, nftables, nginx, oha).
@@ -196,6 +219,24 @@ async fn main() -> Result<()> {
                 connections,
                 rounds,
                 fast: Duration::from_millis(fast_ms),
+            })
+            .await
+        }
+        Cmd::Discovery {
+            oha,
+            rate,
+            seconds,
+            rounds,
+            services,
+            endpoints,
+        } => {
+            discoverybench::run(discoverybench::Opts {
+                oha,
+                rate,
+                duration: Duration::from_secs(seconds),
+                rounds,
+                services,
+                endpoints,
             })
             .await
         }

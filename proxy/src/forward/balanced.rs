@@ -271,8 +271,10 @@ async fn attempts(
             return refuse(l, rec.clone(), r, grpc);
         }
     };
-    let repeatable_after_answer =
-        retries.on_5xx && again.as_ref().is_some_and(|a| idempotent(&a.method));
+    // An idempotent request may be sent again even if it may have reached the endpoint (the
+    // connection broke under it); after an answer, only with `on_5xx`.
+    let idempotent_again = again.as_ref().is_some_and(|a| idempotent(&a.method));
+    let repeatable_after_answer = retries.on_5xx && idempotent_again;
     let mut next = Some(first);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
@@ -370,8 +372,9 @@ async fn attempts(
                     dest.service,
                     crate::forward::source_chain(&e)
                 );
-                // Never sent: safe to send again elsewhere, whatever the method.
-                if e.is_connect() && may_retry && dest.budget.withdraw() {
+                // Never sent (connect failed): safe to send again whatever the method; the
+                // connection broke mid-request: safe for idempotent methods.
+                if (e.is_connect() || idempotent_again) && may_retry && dest.budget.withdraw() {
                     next = again.as_ref().map(Again::build);
                 }
             }

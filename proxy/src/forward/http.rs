@@ -375,6 +375,11 @@ pub(crate) fn from_peer(
 }
 
 /// A request that reached no peer: 502 with the reason, recorded.
+fn failed_limiter() -> &'static ward_net::ratelog::LogLimiter {
+    static L: std::sync::OnceLock<ward_net::ratelog::LogLimiter> = std::sync::OnceLock::new();
+    L.get_or_init(ward_net::ratelog::LogLimiter::for_refusals)
+}
+
 pub(crate) fn peer_failed(
     l: &ListenerCtx,
     mut rec: Record,
@@ -382,7 +387,10 @@ pub(crate) fn peer_failed(
     r: Refusal,
     grpc: bool,
 ) -> Response<Body> {
-    tracing::warn!(listener = %l.name, reason = %r.log_reason(), "outbound request failed");
+    if let Some(n) = failed_limiter().admit(&l.name) {
+        tracing::warn!(listener = %l.name, reason = %r.log_reason(), suppressed = n,
+            "outbound request failed");
+    }
     rec.decided(&l.shared.obs, Outcome::plain("error", "outbound"), plan);
     let (status, ..) = r.answer();
     rec.finish(&l.shared.obs, status.as_u16(), r.log_reason(), 0, 0);
