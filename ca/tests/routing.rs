@@ -251,3 +251,118 @@ async fn requests_follow_route_rules() {
     agent.shutdown().await;
     ca.shutdown().await;
 }
+
+/// A rule's retry policy: requests it selects are sent again on its codes, whatever their
+/// method, as many times as it says, with its backoff between; other rules keep the
+/// configured retries (idempotent requests, 502/503/504 only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_retry_policy_sends_requests_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, agent) = mesh(dir.path(), &["client", "flaky"]).await;
+    let sock = agent.socket_path.clone();
+    let hits = Arc::new(AtomicUsize::new(0));
+    // Every third request succeeds: 500, 500, 200, 500, 500, 200, ...
+    let status: common::mesh::StatusOf = Arc::new(|n| if n % 3 == 2 { 200 } else { 500 });
+    let flaky = backend(
+        &sock,
+        "flaky",
+        common::mesh::app_by("flaky", Duration::ZERO, status, hits.clone()).await,
+    )
+    .await;
+    let mut parent = svc("api.shop", None);
+    parent.routes = serde_yaml_ng::from_str(
+        r#"
+- name: shop/api
+  rules:
+    - matches: [ { path: { type: prefix, value: /retry } } ]
+      backends: [ { service: flaky.shop, port: 80 } ]
+      retry: { codes: [ 500 ], attempts: 2, backoff: 60 }
+    - matches: [ { path: { type: prefix, value: /once } } ]
+      backends: [ { service: flaky.shop, port: 80 } ]
+      retry: { codes: [ 500 ], attempts: 1 }
+    - matches: [ { path: { type: prefix, value: /other-code } } ]
+      backends: [ { service: flaky.shop, port: 80 } ]
+      retry: { codes: [ 503 ], attempts: 2 }
+    - matches: [ { path: { type: prefix, value: /plain } } ]
+      backends: [ { service: flaky.shop, port: 80 } ]
+    - matches: [ { path: { type: prefix, value: /nobackend } } ]
+"#,
+    )
+    .unwrap();
+    let ep = Some((flaky.inbound_addr("in").unwrap(), "flaky"));
+    ca.core
+        .services
+        .write(
+            vec![
+                ServiceOp::Put(parent),
+                ServiceOp::Put(svc("flaky.shop", ep)),
+            ],
+            "admin",
+        )
+        .await
+        .unwrap();
+    let (fp, out) = frontend_logged(&sock, DiscoveryCfg::default(), None).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut ready = false;
+    for _ in 0..100 {
+        if send(&client, out, "GET", "/nobackend", &[])
+            .await
+            .body
+            .contains("has no backend")
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the routes never arrived");
+    let post = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            common::mesh::send_body(
+                &client,
+                out,
+                "POST",
+                path,
+                &[],
+                Bytes::from_static(b"order"),
+            )
+            .await
+        }
+    };
+    let seen = || hits.load(std::sync::atomic::Ordering::Relaxed);
+
+    // Two 500s, then the answer: a POST, sent three times, with the backoff between.
+    let started = std::time::Instant::now();
+    let g = post("/retry").await;
+    assert_eq!((g.status, g.body.as_str()), (200, "flaky"));
+    assert_eq!(
+        g.headers["x-echo-body-len"], "5",
+        "the body went every time"
+    );
+    assert_eq!(seen(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(120),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // No policy: a POST's 500 is the answer; nor is a code the policy does not name retried.
+    assert_eq!(post("/plain").await.status, 500);
+    assert_eq!(seen(), 4);
+    assert_eq!(post("/other-code").await.status, 500);
+    assert_eq!(seen(), 5);
+    assert_eq!(send(&client, out, "GET", "/plain", &[]).await.status, 200);
+    assert_eq!(seen(), 6);
+
+    // One retry at most: 500, 500, and the second is the answer.
+    assert_eq!(post("/once").await.status, 500);
+    assert_eq!(seen(), 8);
+    assert_eq!(common::mesh::retries_of(&fp, "flaky.shop"), 3);
+
+    fp.shutdown().await;
+    flaky.shutdown().await;
+    agent.shutdown().await;
+    ca.shutdown().await;
+}

@@ -1,6 +1,6 @@
 //! Mesh routing, in the Gateway API's model (HTTPRoute and GRPCRoute whose parent is a
 //! Service — GAMMA): rules with matches on path, method, headers and query; weighted backends;
-//! header modifiers, redirects and URL rewrites; per-rule timeouts.
+//! header modifiers, redirects and URL rewrites; per-rule timeouts and retry policy.
 //!
 //! [`Routes::compile`] validates and compiles (regexes once); [`Routes::select`] is the pure
 //! choice of a rule for a request, with the Gateway API's precedence: an exact path over a
@@ -52,6 +52,56 @@ pub struct Rule {
         skip_serializing_if = "Option::is_none"
     )]
     pub backend_timeout: Option<Duration>,
+    /// Send matching requests again on these answers (the Gateway API's HTTPRoute `retry`);
+    /// none: the proxy's configured retries of idempotent requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+/// A rule's retry policy. Requests the rule selects are explicitly retryable whatever their
+/// method (a body still has to be small enough to keep); the destination's retry budget
+/// still bounds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// HTTP statuses (400–599) that are retried; gRPC `UNAVAILABLE` counts as 503. Requests
+    /// that could not be sent, or whose connection broke, are retried whatever the codes.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// How many times a request may be sent again (0: never).
+    pub attempts: u32,
+    /// The least time between two attempts.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff: Option<Duration>,
+}
+
+/// The most [`Retry::attempts`] a rule may ask for.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+impl Retry {
+    /// Whether an answer with `status` (and `grpc-status`, if any) is retried.
+    pub fn retries(&self, status: u16, grpc_status: Option<&[u8]>) -> bool {
+        self.codes.contains(&status) || (grpc_status == Some(b"14") && self.codes.contains(&503))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(c) = self.codes.iter().find(|c| !(400..=599).contains(*c)) {
+            return Err(format!(
+                "retry code {c} is not an HTTP status from 400 to 599"
+            ));
+        }
+        if self.attempts > MAX_RETRY_ATTEMPTS {
+            return Err(format!(
+                "retry attempts {} is more than {MAX_RETRY_ATTEMPTS}",
+                self.attempts
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a request must look like.
@@ -516,6 +566,9 @@ impl Routes {
                         check_changes(c).map_err(|e| bad(format!("rule {i}: {e}")))?;
                     }
                 }
+                if let Some(r) = &rule.retry {
+                    r.check().map_err(|e| bad(format!("rule {i}: {e}")))?;
+                }
                 for b in &rule.backends {
                     if b.service.is_empty() || b.port == 0 {
                         return Err(bad(format!(
@@ -874,6 +927,43 @@ mod tests {
             ..Default::default()
         })];
         assert!(bad(r).contains("301 or 302"));
+        let mut r = rule(vec![], "x");
+        r.retry = Some(Retry {
+            codes: vec![503, 200],
+            attempts: 1,
+            backoff: None,
+        });
+        assert!(bad(r).contains("retry code 200"));
+        let mut r = rule(vec![], "x");
+        r.retry = Some(Retry {
+            codes: vec![503],
+            attempts: 11,
+            backoff: None,
+        });
+        assert!(bad(r).contains("retry attempts 11"));
+    }
+
+    #[test]
+    fn retry_codes_cover_grpc_unavailable_as_503() {
+        let r = Retry {
+            codes: vec![500, 503],
+            attempts: 2,
+            backoff: Some(Duration::from_millis(5)),
+        };
+        assert!(r.retries(500, None));
+        assert!(!r.retries(502, None));
+        assert!(r.retries(200, Some(b"14")));
+        assert!(!r.retries(200, Some(b"13")));
+        let only500 = Retry {
+            codes: vec![500],
+            ..r.clone()
+        };
+        assert!(!only500.retries(200, Some(b"14")));
+        let y: Rule = serde_json::from_str(
+            r#"{"retry": {"codes": [500, 503], "attempts": 2, "backoff": 5}}"#,
+        )
+        .unwrap();
+        assert_eq!(y.retry, Some(r));
     }
 
     #[test]

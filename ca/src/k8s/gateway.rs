@@ -125,6 +125,24 @@ pub struct HttpRouteRule {
     /// Timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// Retry policy (GEP-1731).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// `HTTPRoute` rule retry: statuses retried, how many times, the least wait between.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    /// HTTP statuses 400–599.
+    #[serde(default)]
+    pub codes: Vec<i32>,
+    /// Retries at most; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i32>,
+    /// A GEP-2257 duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
 }
 
 /// `HTTPRoute` timeouts (GEP-2257 durations, e.g. `10s`, `1m30s`; `0s` disables).

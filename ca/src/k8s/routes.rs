@@ -20,12 +20,12 @@ use std::time::Duration;
 
 use ward_spiffe::route::{
     Backend, Filter, Header, HeaderChanges, HttpRoute, Match, PathChange, PathMatch, Redirect,
-    Rewrite, Routes, Rule, ValueMatch,
+    Retry, Rewrite, Routes, Rule, ValueMatch,
 };
 
 use super::gateway::{
     BackendRef, Condition, GRPCRouteSpec, HTTPRouteSpec, HeaderModifier, HttpRouteFilter,
-    ParentRef, PathModifier, RouteParentStatus, RouteStatus,
+    HttpRouteRetry, ParentRef, PathModifier, RouteParentStatus, RouteStatus,
 };
 
 /// The controller name in route status.
@@ -88,6 +88,36 @@ fn duration(what: &str, v: &Option<String>) -> Result<Option<Duration>, Why> {
             Err(e) => Err(unsupported(format!("{what}: {e}"))),
         },
     }
+}
+
+fn retry(r: &HttpRouteRetry) -> Result<Retry, Why> {
+    let codes = r
+        .codes
+        .iter()
+        .map(|c| {
+            u16::try_from(*c)
+                .ok()
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| unsupported(format!("retry code {c} is not from 400 to 599")))
+        })
+        .collect::<Result<_, _>>()?;
+    let attempts = match r.attempts {
+        None => 1,
+        Some(a) => u32::try_from(a)
+            .ok()
+            .filter(|a| *a <= ward_spiffe::route::MAX_RETRY_ATTEMPTS)
+            .ok_or_else(|| {
+                unsupported(format!(
+                    "retry attempts {a} is not from 0 to {}",
+                    ward_spiffe::route::MAX_RETRY_ATTEMPTS
+                ))
+            })?,
+    };
+    Ok(Retry {
+        codes,
+        attempts,
+        backoff: duration("retry.backoff", &r.backoff)?,
+    })
 }
 
 fn value_match(kind: &Option<String>, name: &str, value: &str) -> Result<ValueMatch, Why> {
@@ -293,6 +323,7 @@ pub fn translate_http(ns: &str, spec: &HTTPRouteSpec) -> Result<Translated, Why>
             filters,
             timeout: duration("timeouts.request", &timeouts.request)?,
             backend_timeout: duration("timeouts.backendRequest", &timeouts.backend_request)?,
+            retry: r.retry.as_ref().map(retry).transpose()?,
         });
     }
     Ok(t)
@@ -352,6 +383,7 @@ pub fn translate_grpc(ns: &str, spec: &GRPCRouteSpec) -> Result<Translated, Why>
             filters,
             timeout: None,
             backend_timeout: None,
+            retry: None,
         });
     }
     Ok(t)
@@ -661,7 +693,8 @@ mod tests {
                   "filters": [ { "type": "RequestHeaderModifier", "requestHeaderModifier": { "set": [ { "name": "x-a", "value": "1" } ] } },
                                { "type": "URLRewrite", "urlRewrite": { "path": { "type": "ReplacePrefixMatch", "replacePrefixMatch": "/" } } } ],
                   "backendRefs": [ { "name": "api-v2", "port": 80, "weight": 90 }, { "name": "api-v1", "port": 80, "weight": 10 } ],
-                  "timeouts": { "request": "1m30s", "backendRequest": "0s" } },
+                  "timeouts": { "request": "1m30s", "backendRequest": "0s" },
+                  "retry": { "codes": [ 500, 503 ], "attempts": 3, "backoff": "100ms" } },
                 { "filters": [ { "type": "RequestRedirect", "requestRedirect": { "scheme": "https", "statusCode": 301 } } ] }
             ]
         }));
@@ -674,6 +707,15 @@ mod tests {
         assert_eq!(r.backends[0].weight, 90);
         assert_eq!(r.timeout, Some(Duration::from_secs(90)));
         assert_eq!(r.backend_timeout, None, "0s disables");
+        assert_eq!(
+            r.retry,
+            Some(Retry {
+                codes: vec![500, 503],
+                attempts: 3,
+                backoff: Some(Duration::from_millis(100)),
+            })
+        );
+        assert_eq!(t.rules[1].retry, None);
         assert!(
             matches!(&r.filters[1], Filter::Rewrite(w) if w.path == Some(PathChange::Prefix("/".into())))
         );
@@ -691,6 +733,20 @@ mod tests {
         let e = translate_http("shop", &mirror).unwrap_err();
         assert_eq!(e.reason, "UnsupportedValue");
         assert!(e.message.contains("RequestMirror"), "{}", e.message);
+        for (retry, says) in [
+            (serde_json::json!({ "codes": [ 200 ] }), "retry code 200"),
+            (serde_json::json!({ "attempts": -1 }), "retry attempts -1"),
+            (serde_json::json!({ "backoff": "soon" }), "retry.backoff"),
+        ] {
+            let spec = http(serde_json::json!({ "rules": [ { "retry": retry } ] }));
+            let e = translate_http("shop", &spec).unwrap_err();
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        let spec = http(serde_json::json!({ "rules": [ { "retry": { "codes": [ 503 ] } } ] }));
+        let r = translate_http("shop", &spec).unwrap().rules[0]
+            .retry
+            .clone();
+        assert_eq!(r.map(|r| r.attempts), Some(1), "one retry unless told");
 
         let refs = http(serde_json::json!({ "rules": [ { "backendRefs": [
             { "name": "other", "namespace": "elsewhere", "port": 80 },

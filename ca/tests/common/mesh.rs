@@ -31,6 +31,20 @@ pub async fn app_with(
     status: u16,
     hits: Arc<AtomicUsize>,
 ) -> SocketAddr {
+    app_by(name, delay, Arc::new(move |_| status), hits).await
+}
+
+/// The status of the n-th request (from 0).
+pub type StatusOf = Arc<dyn Fn(usize) -> u16 + Send + Sync>;
+
+/// An app answering with its name, after `delay`, with the status `status` gives its n-th
+/// request, counting its requests.
+pub async fn app_by(
+    name: &'static str,
+    delay: Duration,
+    status: StatusOf,
+    hits: Arc<AtomicUsize>,
+) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -39,12 +53,14 @@ pub async fn app_with(
                 return;
             };
             let hits = hits.clone();
+            let status = status.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         let hits = hits.clone();
+                        let status = status.clone();
                         async move {
-                            hits.fetch_add(1, Ordering::Relaxed);
+                            let status = status(hits.fetch_add(1, Ordering::Relaxed));
                             tokio::time::sleep(delay).await;
                             let (parts, body) = req.into_parts();
                             let got = body.collect().await.map_or(0, |b| b.to_bytes().len());
@@ -280,10 +296,15 @@ pub async fn frontend_logged(
 
 /// Retries the proxy made to `api.shop`.
 pub fn retries(p: &ward_proxy::Proxy) -> u64 {
+    retries_of(p, "api.shop")
+}
+
+/// Retries the proxy sent to `service`.
+pub fn retries_of(p: &ward_proxy::Proxy, service: &str) -> u64 {
     p.metrics
         .retries
         .get_or_create(&ward_proxy::metrics::ServiceLabel {
-            service: "api.shop".into(),
+            service: service.into(),
         })
         .get()
 }

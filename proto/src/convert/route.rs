@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ward_spiffe::route::{
     Backend, Filter, Header, HeaderChanges, HttpRoute, Match, PathChange, PathMatch, Redirect,
-    Rewrite, Rule, ValueMatch,
+    Retry, Rewrite, Rule, ValueMatch,
 };
 
 use crate::types;
@@ -112,6 +112,11 @@ pub fn routes_to_proto(routes: &[HttpRoute]) -> Vec<types::HttpRoute> {
                         .collect(),
                     timeout_ms: ms(rule.timeout),
                     backend_timeout_ms: ms(rule.backend_timeout),
+                    retry: rule.retry.as_ref().map(|r| types::RouteRetry {
+                        codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
+                        attempts: r.attempts,
+                        backoff_ms: ms(r.backoff),
+                    }),
                 })
                 .collect(),
         })
@@ -242,6 +247,25 @@ pub fn routes_from_proto(m: &[types::HttpRoute]) -> Result<Vec<HttpRoute>, Strin
                         filters,
                         timeout: timeout(rule.timeout_ms),
                         backend_timeout: timeout(rule.backend_timeout_ms),
+                        retry: rule
+                            .retry
+                            .as_ref()
+                            .map(|r| {
+                                Ok::<_, String>(Retry {
+                                    codes: r
+                                        .codes
+                                        .iter()
+                                        .map(|c| {
+                                            u16::try_from(*c).map_err(|_| {
+                                                format!("retry code {c} is not a status")
+                                            })
+                                        })
+                                        .collect::<Result<_, _>>()?,
+                                    attempts: r.attempts,
+                                    backoff: timeout(r.backoff_ms),
+                                })
+                            })
+                            .transpose()?,
                     })
                 })
                 .collect::<Result<_, String>>()
@@ -276,7 +300,8 @@ mod tests {
                   "filters": [ { "type": "request_headers", "set": [{"name": "x-a", "value": "1"}], "add": [{"name": "x-b", "value": "2"}], "remove": ["x-c"] },
                                { "type": "response_headers", "set": [{"name": "x-d", "value": "4"}] },
                                { "type": "rewrite", "hostname": "h", "path": { "type": "prefix", "value": "/" } } ],
-                  "timeout": 1500, "backend_timeout": 500 },
+                  "timeout": 1500, "backend_timeout": 500,
+                  "retry": { "codes": [500, 503], "attempts": 3, "backoff": 25 } },
                 { "filters": [ { "type": "redirect", "scheme": "https", "port": 8443, "status": 301,
                                  "path": { "type": "full", "value": "/x" } } ] }
             ]

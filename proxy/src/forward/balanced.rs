@@ -1,8 +1,10 @@
 //! Forwarding to a mesh service: each request (HTTP) or connection (TCP) goes to the endpoint
 //! the balancer picks, over mTLS that requires that endpoint's own SPIFFE IDs. A request that
-//! could not even be sent (the endpoint refused the connection or failed the handshake) is
-//! tried once more on another endpoint when it can be repeated: no body, so nothing was
-//! consumed. Failures count against the endpoint (failure accrual ejects it).
+//! can be built again (no body, or a small buffered one) is retried on another endpoint: when
+//! it could not be sent (connection refused, handshake failed) whatever its method; when the
+//! connection broke or the answer was 502/503/504/`UNAVAILABLE`, if it is idempotent; or as
+//! its route rule's retry policy says. Every retry is drawn from the destination's budget.
+//! Failures count against the endpoint (failure accrual ejects it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,12 +65,9 @@ fn unavailable<B>(resp: &Response<B>) -> bool {
             .is_some_and(|v| v.as_bytes() == b"14")
 }
 
-/// For an [`unavailable`] answer, how long to wait before retrying (from `Retry-After`,
-/// seconds only); `None` when it must not be retried (no such answer, or a longer wait).
+/// How long to wait before sending a request again after `resp` (from `Retry-After`, seconds
+/// only); `None` when it must not be (a longer wait than `max`, or one that cannot be read).
 fn retry_after<B>(resp: &Response<B>, max: Duration) -> Option<Duration> {
-    if !unavailable(resp) {
-        return None;
-    }
     let wait = match resp.headers().get(http::header::RETRY_AFTER) {
         None => Duration::ZERO,
         Some(v) => Duration::from_secs(v.to_str().ok()?.trim().parse().ok()?),
@@ -100,23 +99,73 @@ impl Again {
     }
 }
 
-/// How long a request may take.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Timeouts {
+/// How long a request may take and when it is sent again: the listener's configuration, or a
+/// route rule's.
+#[derive(Debug, Clone, Default)]
+pub struct RequestPolicy {
     /// The whole request, retries included.
     pub request: Option<Duration>,
     /// Each attempt on an endpoint (an attempt that takes longer counts as a failure of the
     /// endpoint and may be retried like a 504).
     pub attempt: Option<Duration>,
+    /// The route rule's retry policy; none: the configured retries of idempotent requests.
+    pub retry: Option<ward_spiffe::route::Retry>,
 }
 
-impl Timeouts {
-    /// The listener's configured request timeout, no per-attempt one.
+impl RequestPolicy {
+    /// The listener's configured request timeout and retries.
     pub fn configured(l: &ListenerCtx) -> Self {
         Self {
             request: l.shared.discovery_cfg.request_timeout,
-            attempt: None,
+            ..Default::default()
         }
+    }
+}
+
+/// Whether an attempt may be followed by another, and after how long.
+struct Retrying<'a> {
+    route: Option<&'a ward_spiffe::route::Retry>,
+    cfg: crate::config::RetryCfg,
+    /// The request is idempotent and can be built again.
+    idempotent: bool,
+}
+
+impl Retrying<'_> {
+    /// How many endpoints (or, with a route policy, attempts) one request may try.
+    fn tries(&self) -> usize {
+        self.route.map_or(MAX_TRIES, |r| 1 + r.attempts as usize)
+    }
+
+    /// After the connection failed (`connect`: the request was never sent) or broke.
+    fn after_error(&self, connect: bool) -> Option<Duration> {
+        (connect || self.idempotent || self.route.is_some()).then(|| self.backoff())
+    }
+
+    /// After an attempt took longer than its timeout (like a 504).
+    fn after_timeout(&self) -> Option<Duration> {
+        match self.route {
+            Some(r) => r.retries(504, None).then(|| self.backoff()),
+            None => (self.cfg.on_5xx && self.idempotent).then_some(Duration::ZERO),
+        }
+    }
+
+    /// After an answer.
+    fn after_answer<B>(&self, resp: &Response<B>) -> Option<Duration> {
+        let retried = match self.route {
+            Some(r) => r.retries(
+                resp.status().as_u16(),
+                resp.headers().get("grpc-status").map(|v| v.as_bytes()),
+            ),
+            None => self.cfg.on_5xx && self.idempotent && unavailable(resp),
+        };
+        if !retried {
+            return None;
+        }
+        retry_after(resp, self.cfg.max_retry_after).map(|w| w.max(self.backoff()))
+    }
+
+    fn backoff(&self) -> Duration {
+        self.route.and_then(|r| r.backoff).unwrap_or_default()
     }
 }
 
@@ -128,7 +177,7 @@ pub async fn http(
     dest: &Destination,
     authority: &str,
     grpc: bool,
-    timeouts: Timeouts,
+    policy: RequestPolicy,
 ) -> Response<Body> {
     if let Err(refusal) = to_peer(&mut req, authority) {
         let r = Refused {
@@ -138,8 +187,8 @@ pub async fn http(
         };
         return refuse(l, rec, r, grpc);
     }
-    let timeout = timeouts.request;
-    let attempts = attempts(l, &mut rec, req, dest, grpc, timeouts.attempt);
+    let timeout = policy.request;
+    let attempts = attempts(l, &mut rec, req, dest, grpc, &policy);
     match timeout {
         None => attempts.await,
         Some(t) => match tokio::time::timeout(t, attempts).await {
@@ -253,11 +302,11 @@ async fn attempts(
     req: Request<Incoming>,
     dest: &Destination,
     grpc: bool,
-    per_attempt: Option<Duration>,
+    policy: &RequestPolicy,
 ) -> Response<Body> {
     use tower::retry::budget::Budget as _;
     let shared = &l.shared;
-    let retries = shared.discovery_cfg.retries;
+    let per_attempt = policy.attempt;
     dest.budget.deposit();
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (first, again) = match prepare(req, &bytes_in).await {
@@ -271,10 +320,11 @@ async fn attempts(
             return refuse(l, rec.clone(), r, grpc);
         }
     };
-    // An idempotent request may be sent again even if it may have reached the endpoint (the
-    // connection broke under it); after an answer, only with `on_5xx`.
-    let idempotent_again = again.as_ref().is_some_and(|a| idempotent(&a.method));
-    let repeatable_after_answer = retries.on_5xx && idempotent_again;
+    let retrying = Retrying {
+        route: policy.retry.as_ref(),
+        cfg: shared.discovery_cfg.retries,
+        idempotent: again.as_ref().is_some_and(|a| idempotent(&a.method)),
+    };
     let mut next = Some(first);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
@@ -292,7 +342,13 @@ async fn attempts(
         }
     };
     while let Some(out) = next.take() {
-        let Some(ep) = choose(l, dest, &tried) else {
+        // A route's retries may go back to an endpoint already tried when no other is left.
+        let ep = choose(l, dest, &tried).or_else(|| {
+            (retrying.route.is_some() && !tried.is_empty())
+                .then(|| choose(l, dest, &[]))
+                .flatten()
+        });
+        let Some(ep) = ep else {
             break;
         };
         // Counted when sent: a retry decided on may find no endpoint left to go to.
@@ -316,7 +372,9 @@ async fn attempts(
             Some(t) => tokio::time::timeout(t, sent).await,
         };
         drop(inflight);
-        let may_retry = tried.len() < MAX_TRIES && again.is_some();
+        let may_retry = tried.len() < retrying.tries() && again.is_some();
+        // Takes from the budget only when a retry is otherwise allowed.
+        let retry = |wait: Option<Duration>| wait.filter(|_| may_retry && dest.budget.withdraw());
         match result {
             // The attempt took too long: a failure of the endpoint, retried like a 504.
             Err(_) => {
@@ -327,7 +385,8 @@ async fn attempts(
                     dest.service,
                     ward_net::duration::format(per_attempt.unwrap_or_default())
                 );
-                if may_retry && repeatable_after_answer && dest.budget.withdraw() {
+                if let Some(wait) = retry(retrying.after_timeout()) {
+                    tokio::time::sleep(wait).await;
                     next = again.as_ref().map(Again::build);
                     continue;
                 }
@@ -349,11 +408,7 @@ async fn attempts(
                     count(l, dest, &ep, &class);
                     answered(l, dest, &ep, started.elapsed());
                 }
-                if may_retry
-                    && repeatable_after_answer
-                    && let Some(wait) = retry_after(&resp, retries.max_retry_after)
-                    && dest.budget.withdraw()
-                {
+                if let Some(wait) = retry(retrying.after_answer(&resp)) {
                     tracing::debug!(service = %dest.service, endpoint = %ep.addr,
                         status = resp.status().as_u16(), "retrying on another endpoint");
                     tokio::time::sleep(wait).await;
@@ -373,8 +428,9 @@ async fn attempts(
                     crate::forward::source_chain(&e)
                 );
                 // Never sent (connect failed): safe to send again whatever the method; the
-                // connection broke mid-request: safe for idempotent methods.
-                if (e.is_connect() || idempotent_again) && may_retry && dest.budget.withdraw() {
+                // connection broke mid-request: safe for idempotent or route-retried requests.
+                if let Some(wait) = retry(retrying.after_error(e.is_connect())) {
+                    tokio::time::sleep(wait).await;
                     next = again.as_ref().map(Again::build);
                 }
             }

@@ -172,7 +172,7 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
             authority,
             route: None,
         }) => {
-            let t = crate::forward::balanced::Timeouts::configured(l);
+            let t = crate::forward::balanced::RequestPolicy::configured(l);
             crate::forward::balanced::http(l, rec, req, &destination, &authority, grpc, t).await
         }
         Ok(Target::Balanced {

@@ -11,7 +11,7 @@ use rand::Rng;
 use ward_spiffe::route::{Filter, HeaderChanges, Redirect, Rewrite, change_path, pick_backend};
 
 use crate::discover::{Destination, Resolution, RouteTable};
-use crate::forward::balanced::{self, Timeouts};
+use crate::forward::balanced::{self, RequestPolicy};
 use crate::forward::http::refuse;
 use crate::http::Body;
 use crate::metrics::{RouteLabel, RouteOutcome};
@@ -238,12 +238,13 @@ async fn run(
             return refuse(l, rec, r, grpc);
         }
     };
-    let configured = Timeouts::configured(l);
-    let timeouts = Timeouts {
+    let configured = RequestPolicy::configured(l);
+    let policy = RequestPolicy {
         request: rule.rule.timeout.or(configured.request),
         attempt: rule.rule.backend_timeout,
+        retry: rule.rule.retry.clone(),
     };
-    let mut resp = balanced::http(l, rec, req, &d, &authority, grpc, timeouts).await;
+    let mut resp = balanced::http(l, rec, req, &d, &authority, grpc, policy).await;
     for c in response_changes {
         change_headers(resp.headers_mut(), c);
     }
