@@ -182,7 +182,7 @@ struct InitArgs {
     exclude_outbound_ports: Vec<u16>,
     /// Outbound destinations left alone, e.g. 169.254.169.254/32,10.96.0.1.
     #[arg(long, value_delimiter = ',')]
-    exclude_outbound_cidrs: Vec<crate::capture::cidr::Cidr>,
+    exclude_outbound_cidrs: Vec<ward_spiffe::cidr::Cidr>,
     /// Do not capture inbound connections.
     #[arg(long)]
     no_inbound: bool,

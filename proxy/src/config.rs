@@ -240,7 +240,7 @@ pub enum UnknownDestination {
 #[serde(deny_unknown_fields)]
 pub struct MeshRoute {
     /// Addresses (`10.1.0.0/16`, `10.1.2.3`, `fd00::/64`).
-    pub dst: crate::capture::cidr::Cidr,
+    pub dst: ward_spiffe::cidr::Cidr,
     /// Ports (empty: every port).
     #[serde(default)]
     pub ports: Vec<u16>,

@@ -5,7 +5,9 @@
 //! plain values so that the CA, the agent and the proxy agree by construction.
 
 pub mod bundle;
+pub mod cidr;
 pub mod clock;
+pub mod egress;
 pub mod id;
 pub mod jwk;
 pub mod jwt;

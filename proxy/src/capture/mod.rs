@@ -2,7 +2,6 @@
 //! namespace ([`rules`], installed with the `nft` binary), and the original destination of a
 //! redirected connection (`SO_ORIGINAL_DST`, read through `nix` without unsafe code).
 
-pub mod cidr;
 pub mod rules;
 
 use std::io::Write as _;

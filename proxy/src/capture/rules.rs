@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::cidr::Cidr;
+use ward_spiffe::cidr::Cidr;
 
 /// The nftables table Ward owns.
 pub const TABLE: &str = "ward";

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use serde_yaml_ng::Value;
 use ward_spiffe::SpiffeId;
 
-use crate::capture::cidr::Cidr;
 use crate::config::{MeshRoute, Outbound, Protocol};
+use ward_spiffe::cidr::Cidr;
 
 /// The value of annotation `key` of a pod template.
 pub(super) fn annotation<'a>(template: &'a Value, key: &str) -> Option<&'a str> {

@@ -293,14 +293,7 @@ fn compile_policy(p: &Policy) -> Result<CPolicy, String> {
         let mut from = Vec::new();
         for (si, s) in r.from.iter().enumerate() {
             let ctx = |e: String| format!("rules[{ri}].from[{si}]: {e}");
-            from.push(CSource {
-                principals: all(&s.principals, id_pattern).map_err(ctx)?,
-                not_principals: all(&s.not_principals, id_pattern).map_err(ctx)?,
-                trust_domains: all(&s.trust_domains, trust_domain).map_err(ctx)?,
-                not_trust_domains: all(&s.not_trust_domains, trust_domain).map_err(ctx)?,
-                namespaces: all(&s.namespaces, namespace).map_err(ctx)?,
-                not_namespaces: all(&s.not_namespaces, namespace).map_err(ctx)?,
-            });
+            from.push(SourceMatcher::compile(s).map_err(ctx)?.0);
         }
         let mut to = Vec::new();
         for (oi, o) in r.to.iter().enumerate() {
@@ -322,6 +315,31 @@ fn compile_policy(p: &Policy) -> Result<CPolicy, String> {
         targets,
         rules,
     })
+}
+
+/// A [`Source`], checked and compiled, to match callers with outside policies (egress grants
+/// use the same `from` semantics as authorization rules).
+#[derive(Debug, Clone)]
+pub struct SourceMatcher(CSource);
+
+impl SourceMatcher {
+    /// Checks `s` (patterns, trust domains, namespaces) and compiles it.
+    pub fn compile(s: &Source) -> Result<Self, String> {
+        Ok(Self(CSource {
+            principals: all(&s.principals, id_pattern)?,
+            not_principals: all(&s.not_principals, id_pattern)?,
+            trust_domains: all(&s.trust_domains, trust_domain)?,
+            not_trust_domains: all(&s.not_trust_domains, trust_domain)?,
+            namespaces: all(&s.namespaces, namespace)?,
+            not_namespaces: all(&s.not_namespaces, namespace)?,
+        }))
+    }
+
+    /// Whether `src` matches (an unidentified caller matches only a source with no positive
+    /// conditions).
+    pub fn matches(&self, src: Option<&SpiffeId>) -> bool {
+        source_matches(&self.0, src).is_ok()
+    }
 }
 
 /// The attributes of one request (or TCP connection) to authorize.
@@ -416,7 +434,8 @@ impl fmt::Display for Mismatch {
     }
 }
 
-fn namespace_of(id: &SpiffeId) -> Option<&str> {
+/// The Kubernetes namespace an ID names (`.../ns/<namespace>/...`), if any.
+pub fn namespace_of(id: &SpiffeId) -> Option<&str> {
     let mut segs = id.path().split('/').skip(1);
     while let Some(s) = segs.next() {
         if s == "ns" {

@@ -2,6 +2,8 @@
 //! ClientHello, whether its first bytes are HTTP, and replaying what was read. Pure
 //! classification over bytes ([`classify`]) plus bounded waits for the first bytes.
 
+pub mod hello;
+
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -137,6 +139,45 @@ pub async fn sniff<T: AsyncRead + Unpin>(
                 return Ok((kind, Bytes::from(buf)));
             }
             Ok(Ok(n)) => have += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// Reads the ClientHello a connection opens with (waiting at most `wait` for all of it) and
+/// its server name; returns the bytes read so they can be replayed to the destination.
+pub async fn client_hello<T: AsyncRead + Unpin>(
+    io: &mut T,
+    wait: Duration,
+) -> io::Result<(hello::Hello, Bytes)> {
+    let mut buf = Vec::with_capacity(2048);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let h = hello::server_name(&buf);
+        if h != hello::Hello::More {
+            return Ok((h, Bytes::from(buf)));
+        }
+        if buf.len() > hello::MAX_HELLO + 64 {
+            return Ok((
+                hello::Hello::Invalid("ClientHello larger than 16 KiB"),
+                Bytes::from(buf),
+            ));
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(Ok(0)) => {
+                return Ok((
+                    hello::Hello::Invalid("closed before the ClientHello ended"),
+                    Bytes::from(buf),
+                ));
+            }
+            Err(_) => {
+                return Ok((
+                    hello::Hello::Invalid("no whole ClientHello in time"),
+                    Bytes::from(buf),
+                ));
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e),
         }
     }

@@ -1,5 +1,5 @@
-//! Address ranges (`10.0.0.0/8`, `fd00::/8`, or a single address) for capture exclusions and
-//! the outbound mesh table.
+//! Address ranges (`10.0.0.0/8`, `fd00::/8`, or a single address): capture exclusions, the
+//! proxy's outbound mesh table, external services reached by address.
 
 use std::fmt;
 use std::net::IpAddr;
