@@ -53,6 +53,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         listeners: vec![],
         drain_timeout: std::time::Duration::from_secs(1),
         discovery: None,
+        egress: None,
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Entry {
     pub endpoint: Option<String>,
     /// The route rule that decided where the request went (`<route>#<rule index>`).
     pub route: Option<String>,
+    /// Egress: the name the application asked for (its TLS SNI or HTTP Host).
+    pub host: Option<String>,
     /// HTTP status returned (0 for TCP).
     pub status: u16,
     /// `allow`, `deny`, `would-deny`.
@@ -117,6 +119,9 @@ pub struct AccessFields {
     /// Route rule that applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// Egress: the name asked for (SNI or Host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Status.
     pub status: u16,
     /// Decision.
@@ -290,6 +295,7 @@ impl Writer {
                 plan: e.plan.to_owned(),
                 endpoint: e.endpoint,
                 route: e.route,
+                host: e.host,
                 status: e.status,
                 decision: e.decision.to_owned(),
                 policy: e.policy,
@@ -434,6 +440,7 @@ mod tests {
             plan: "deliver",
             endpoint: None,
             route: None,
+            host: None,
             status: 200,
             decision: "allow",
             policy: "p".into(),

@@ -232,6 +232,9 @@ pub enum UnknownDestination {
     Passthrough,
     /// Close the connection.
     Refuse,
+    /// The `egress` section decides: external services by SNI, Host or address, reached at
+    /// the proxy's own resolution of the allowed name; others as its default says.
+    Egress,
 }
 
 /// A mesh destination: connections to it go over mTLS to the peer's proxy, which must present
@@ -424,6 +427,9 @@ pub struct ProxyConfig {
     /// traffic to a mesh service is balanced across its endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<DiscoveryCfg>,
+    /// External services outbound capture may reach (with `unknown: egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::egress::EgressCfg>,
 }
 
 /// Service discovery settings.
@@ -536,6 +542,7 @@ impl ProxyConfig {
             log_level: default_log_level(),
             drain_timeout: default_drain(),
             discovery: None,
+            egress: None,
         }
     }
 
@@ -642,6 +649,12 @@ impl ProxyConfig {
                 ));
             }
             if let Listener::OutboundCapture(o) = l {
+                if o.unknown == UnknownDestination::Egress && self.egress.is_none() {
+                    return inv(format!(
+                        "outbound-capture {}: unknown: egress needs an `egress` section",
+                        o.name
+                    ));
+                }
                 for r in &o.routes {
                     if r.expected_ids.is_empty() {
                         return inv(format!(
@@ -666,6 +679,10 @@ impl ProxyConfig {
             && (a.queue == 0 || a.max_bytes < 4096)
         {
             return inv("access_log: queue must be > 0 and max_bytes >= 4096".into());
+        }
+        if let Some(e) = &self.egress {
+            ward_spiffe::egress::EgressSet::compile(e.policy.clone())
+                .map_err(|e| ConfigError::Invalid(format!("egress: {e}")))?;
         }
         if self.discovery.is_some() && !matches!(self.identity, IdentitySource::WorkloadApi { .. })
         {

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod detect;
 pub mod discover;
+pub mod egress;
 pub mod forward;
 pub mod http;
 pub mod identity;

@@ -70,6 +70,8 @@ pub struct Record {
     pub endpoint: Option<String>,
     /// The route rule that applied.
     pub route: Option<String>,
+    /// Egress: the name the application asked for (SNI or Host).
+    pub host: Option<String>,
     outcome: Outcome,
 }
 
@@ -94,6 +96,7 @@ impl Record {
             plan: "refuse",
             endpoint: None,
             route: None,
+            host: None,
             outcome: Outcome::plain("error", "none"),
         }
     }
@@ -161,6 +164,7 @@ impl Record {
             plan: self.plan,
             endpoint: self.endpoint,
             route: self.route,
+            host: self.host,
             status,
             decision: self.outcome.decision,
             policy: self.outcome.policy,

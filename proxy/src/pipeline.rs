@@ -59,6 +59,8 @@ pub struct Shared {
     pub balancer: crate::balance::Balancer,
     /// Retries and timeouts of requests to mesh services.
     pub discovery_cfg: crate::config::DiscoveryCfg,
+    /// External services and the resolver for them, when configured.
+    pub egress: Option<Arc<crate::egress::Egress>>,
 }
 
 impl Shared {
@@ -235,6 +237,7 @@ impl ListenerCtx {
             orig_dst: conn.orig_dst,
             peer: conn.peer.as_ref(),
             request,
+            hello: conn.hello.as_ref().map(Option::as_deref),
         }
     }
 }
@@ -255,6 +258,9 @@ pub struct ConnInfo {
     pub target: String,
     /// HTTP version to the application.
     pub app_protocol: AppProtocol,
+    /// Egress: the server name of the ClientHello the connection opened with (`Some(None)`:
+    /// TLS without one); `None`: not TLS, or not looked at.
+    pub hello: Option<Option<String>>,
 }
 
 /// Server TLS for inbound roles.
@@ -282,6 +288,7 @@ pub async fn connection(
         port: l.port,
         target: String::new(),
         app_protocol: AppProtocol::Auto,
+        hello: None,
     };
     match &l.role {
         RoleCfg::Inbound {
@@ -336,18 +343,56 @@ pub async fn connection(
                     own_id: own.as_ref(),
                     authz: &l.shared.authz,
                     destination: destination.as_ref(),
+                    egress: l.shared.egress.as_deref().map(crate::egress::Egress::set),
                 };
                 matches!(
                     crate::plan::plan(&l.arrived(&conn, None), &knows),
                     Ok(Plan::Mesh { .. } | Plan::Balanced { .. })
                 )
             };
+            let egress = matches!(
+                l.role,
+                RoleCfg::OutboundCapture {
+                    unknown: UnknownDestination::Egress,
+                    ..
+                }
+            );
             if meshed {
                 detect(l.clone(), tcp, conn, l.protocol, None, drain).await;
+            } else if egress {
+                egress_detect(l, tcp, conn, drain).await;
             } else {
                 crate::forward::tcp::serve(l, tcp, conn).await;
             }
         }
+    }
+}
+
+/// The detect stage for a destination outside the mesh under egress: a ClientHello is read
+/// (not terminated) for its server name and the connection planned on it; plaintext goes to
+/// the HTTP stage (each request planned on its Host) or, if it is not HTTP, to TCP (planned on
+/// the dialled address).
+async fn egress_detect(
+    l: Arc<ListenerCtx>,
+    mut tcp: TcpStream,
+    mut conn: ConnInfo,
+    drain: CancellationToken,
+) {
+    match opening(&tcp, SNIFF_WAIT).await {
+        Ok(Opening::Tls) => {
+            let Ok((hello, prefix)) = crate::detect::client_hello(&mut tcp, SNIFF_WAIT).await
+            else {
+                return;
+            };
+            conn.hello = Some(match hello {
+                crate::detect::hello::Hello::ClientHello(name) => name,
+                // Planned as TLS without a name: only an address grant or the default.
+                crate::detect::hello::Hello::More | crate::detect::hello::Hello::Invalid(_) => None,
+            });
+            crate::forward::tcp::serve(l, Prefixed::new(prefix, tcp), conn).await;
+        }
+        Ok(Opening::Plain) => detect(l, tcp, conn, Protocol::Auto, None, drain).await,
+        Ok(Opening::Closed) | Err(_) => {}
     }
 }
 

@@ -74,6 +74,9 @@ pub struct Arrived<'r, 'h> {
     pub peer: Option<&'h SpiffeId>,
     /// The request head; `None` for a TCP connection.
     pub request: Option<Head<'h>>,
+    /// The server name of the TLS ClientHello a captured connection opened with (`Some(None)`:
+    /// TLS without one); `None`: not TLS, or not looked at.
+    pub hello: Option<Option<&'h str>>,
 }
 
 /// What the proxy knows when it plans.
@@ -85,6 +88,8 @@ pub struct Knows<'a> {
     pub authz: &'a Authz,
     /// What service discovery says about the destination (outbound roles with discovery).
     pub destination: Option<&'a Resolution>,
+    /// The external services in force (outbound capture with `unknown: egress`).
+    pub egress: Option<&'a ward_spiffe::egress::EgressSet>,
 }
 
 /// Where an allowed request or connection goes.
@@ -129,6 +134,24 @@ pub enum Plan<'r, 'h> {
         /// `host:port` to dial.
         to: &'r str,
     },
+    /// Outside the mesh, allowed by egress: to the proxy's own resolution of the allowed name,
+    /// or (a service by address, the `allow` default) to the dialled address.
+    External(External),
+}
+
+/// An egress destination egress allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct External {
+    /// Where to connect.
+    pub reach: ward_spiffe::egress::Reach,
+    /// The port.
+    pub port: u16,
+    /// The name asked for (SNI or Host), as matched.
+    pub name: Option<String>,
+    /// The policy label: `egress:<service>` or `egress:default`.
+    pub policy: String,
+    /// Why it was allowed.
+    pub reason: String,
 }
 
 impl Plan<'_, '_> {
@@ -139,6 +162,7 @@ impl Plan<'_, '_> {
             Plan::Mesh { .. } => "mesh",
             Plan::Balanced { .. } => "balanced",
             Plan::Passthrough { .. } => "passthrough",
+            Plan::External(_) => "egress",
         }
     }
 }
@@ -293,12 +317,68 @@ fn plan_static<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r
             match (route, unknown) {
                 (Some(r), _) => mesh(a, dst, &r.expected_ids),
                 (None, UnknownDestination::Passthrough) => Ok(Plan::Passthrough { to: dst }),
+                (None, UnknownDestination::Egress) => egress(a, k, orig),
                 (None, UnknownDestination::Refuse) => Err(refuse(format!(
                     "{orig} is not a mesh destination and unknown destinations are refused"
                 ))),
             }
         }
     }
+}
+
+/// A destination outside the mesh, under egress: by the ClientHello's server name, the
+/// request's Host, or (anything else) the dialled address.
+fn egress<'r: 'h, 'h>(
+    a: &Arrived<'r, 'h>,
+    k: &Knows<'_>,
+    orig: SocketAddr,
+) -> Result<Plan<'r, 'h>, Refused> {
+    use ward_spiffe::egress::{Ask, Seen};
+    let path = a.request.as_ref().map(|h| h.path.to_owned());
+    let Some(set) = k.egress else {
+        return Err(Refused {
+            refusal: Refusal::EgressDenied("egress is not configured".into()),
+            outcome: Outcome::plain("deny", "egress:default"),
+            path,
+        });
+    };
+    let seen = match (&a.request, a.hello) {
+        (Some(h), _) => Seen::Http(h.authority.map(|au| {
+            http::uri::Authority::try_from(au).map_or(au, |p| {
+                // The host without its port (an IPv6 literal keeps its brackets, so it is
+                // no DNS name).
+                let host = p.host();
+                &au[..host.len().min(au.len())]
+            })
+        })),
+        (None, Some(sni)) => Seen::Tls(sni),
+        (None, None) => Seen::Tcp,
+    };
+    let d = set.decide(&Ask {
+        source: k.own_id,
+        seen,
+        dialled: orig.ip(),
+        port: orig.port(),
+    });
+    let policy = format!("egress:{}", d.service.as_deref().unwrap_or("default"));
+    if !d.allowed {
+        return Err(Refused {
+            refusal: Refusal::EgressDenied(d.reason),
+            outcome: Outcome::plain("deny", &policy),
+            path,
+        });
+    }
+    let name = match seen {
+        Seen::Tls(n) | Seen::Http(n) => n.and_then(ward_spiffe::egress::requested_name),
+        Seen::Tcp => None,
+    };
+    Ok(Plan::External(External {
+        reach: d.reach,
+        port: orig.port(),
+        name,
+        policy,
+        reason: d.reason,
+    }))
 }
 
 fn mesh<'r: 'h, 'h>(
@@ -482,11 +562,13 @@ policies:
             orig_dst: None,
             peer,
             request,
+            hello: None,
         };
         let k = Knows {
             own_id: Some(&b),
             authz: &enforce,
             destination: None,
+            egress: None,
         };
         // (arrived, knows, expected plan label or refusal, log path)
         type Want = Result<(&'static str, Option<&'static str>), Refusal>;
@@ -538,6 +620,7 @@ policies:
                     own_id: None,
                     authz: &enforce,
                     destination: None,
+                    egress: None,
                 },
                 Err(Refusal::NoIdentity),
             ),
@@ -547,6 +630,7 @@ policies:
                     own_id: Some(&b),
                     authz: &dry,
                     destination: None,
+                    egress: None,
                 },
                 Ok((app, Some("/y"))),
             ),
@@ -616,6 +700,7 @@ policies:
                 own_id: Some(&b),
                 authz: &dry,
                 destination: None,
+                egress: None,
             },
         )
         else {
@@ -639,12 +724,14 @@ policies:
             orig_dst: None,
             peer: None,
             request,
+            hello: None,
         };
         // Outbound needs no own ID to plan (the connect step needs the SVID).
         let k = Knows {
             own_id: None,
             authz: &enforce,
             destination: None,
+            egress: None,
         };
         let Ok(Plan::Mesh {
             upstream,
@@ -669,12 +756,88 @@ policies:
     }
 
     #[test]
+    fn egress_decides_by_server_name_host_or_address() {
+        let enforce = authz(AuthzMode::Enforce);
+        let set = ward_spiffe::egress::EgressSet::compile(
+            serde_json::from_str(
+                r#"{ "services": [
+                { "name": "stripe", "protocol": "tls", "hosts": ["api.stripe.com"], "ports": [443],
+                  "from": [ { "principals": ["spiffe://t/web"] } ] },
+                { "name": "status", "protocol": "http", "hosts": ["status.example.com"], "ports": [80],
+                  "from": [ { "principals": ["spiffe://t/web"] } ] } ] }"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let web = id("spiffe://t/web");
+        let k = Knows {
+            own_id: Some(&web),
+            authz: &enforce,
+            destination: None,
+            egress: Some(&set),
+        };
+        let plan_for = |dst: &str, hello: Option<Option<&str>>, host: Option<&str>| {
+            let orig: SocketAddr = dst.parse().unwrap();
+            let text = orig.to_string();
+            let a = Arrived {
+                role: Role::OutboundCapture {
+                    routes: &[],
+                    unknown: UnknownDestination::Egress,
+                    dst: &text,
+                },
+                port: orig.port(),
+                orig_dst: Some(orig),
+                peer: None,
+                request: host.map(|h| Head {
+                    method: "GET",
+                    path: "/",
+                    authority: Some(h),
+                    query: None,
+                    headers: None,
+                }),
+                hello,
+            };
+            match plan(&a, &k) {
+                Ok(Plan::External(e)) => Ok(e),
+                Ok(p) => panic!("{}", p.label()),
+                Err(r) => Err(r),
+            }
+        };
+        // The SNI decides and the name is what gets resolved, whatever address was dialled.
+        let e = plan_for("203.0.113.9:443", Some(Some("api.stripe.com")), None).unwrap();
+        assert_eq!(
+            e.reach,
+            ward_spiffe::egress::Reach::Name("api.stripe.com".into())
+        );
+        assert_eq!(e.policy, "egress:stripe");
+        // The Host (its port dropped) for HTTP.
+        let e = plan_for("203.0.113.9:80", None, Some("status.example.com:80")).unwrap();
+        assert_eq!(e.name.as_deref(), Some("status.example.com"));
+        // Refused: another name, no name, an IP literal Host, plain TCP.
+        for (dst, hello, host) in [
+            ("203.0.113.9:443", Some(Some("evil.example")), None),
+            ("203.0.113.9:443", Some(None), None),
+            ("203.0.113.9:80", None, Some("203.0.113.9")),
+            ("203.0.113.9:80", None, Some("[2001:db8::1]:80")),
+            ("203.0.113.9:5432", None, None),
+        ] {
+            let r = plan_for(dst, hello, host).unwrap_err();
+            assert!(matches!(r.refusal, Refusal::EgressDenied(_)), "{r:?}");
+            assert_eq!(
+                (r.outcome.decision, r.outcome.policy.as_str()),
+                ("deny", "egress:default")
+            );
+        }
+    }
+
+    #[test]
     fn outbound_capture_table() {
         let enforce = authz(AuthzMode::Enforce);
         let k = Knows {
             own_id: None,
             authz: &enforce,
             destination: None,
+            egress: None,
         };
         let routes = vec![
             MeshRoute {
@@ -734,6 +897,7 @@ policies:
                 orig_dst: Some(orig),
                 peer: None,
                 request: None,
+                hello: None,
             };
             let got = match plan(&a, &k) {
                 Ok(Plan::Mesh {
@@ -761,6 +925,7 @@ policies:
             orig_dst: None,
             peer: None,
             request: None,
+            hello: None,
         };
         assert!(plan(&a, &k).is_err());
     }

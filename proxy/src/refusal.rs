@@ -29,6 +29,8 @@ pub enum Refusal {
     /// The matching route rule cannot forward: no backend, zero weights, a backend that is
     /// not a mesh service, or routes that did not compile (the Gateway API's 500).
     RouteFailed(String),
+    /// Egress refused the destination (HTTP 403; TLS and TCP: closed).
+    EgressDenied(String),
 }
 
 impl Refusal {
@@ -80,6 +82,11 @@ impl Refusal {
                 GrpcCode::Internal,
                 reason.clone(),
             ),
+            Refusal::EgressDenied(reason) => (
+                StatusCode::FORBIDDEN,
+                GrpcCode::PermissionDenied,
+                format!("egress denied: {reason}"),
+            ),
         }
     }
 
@@ -94,7 +101,8 @@ impl Refusal {
             | Refusal::NoRoute(r)
             | Refusal::Timeout(r)
             | Refusal::NoMatchingRoute(r)
-            | Refusal::RouteFailed(r) => r.clone(),
+            | Refusal::RouteFailed(r)
+            | Refusal::EgressDenied(r) => r.clone(),
         }
     }
 
@@ -120,6 +128,7 @@ mod tests {
             (Refusal::Timeout("timed out".into()), 504, 4),
             (Refusal::NoMatchingRoute("no rule".into()), 404, 12),
             (Refusal::RouteFailed("no backend".into()), 500, 13),
+            (Refusal::EgressDenied("not allowed".into()), 403, 7),
             (
                 Refusal::Unavailable("upstream x unavailable".into()),
                 502,

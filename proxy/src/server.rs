@@ -146,6 +146,12 @@ impl Proxy {
             }
             _ => None,
         };
+        let egress = match &cfg.egress {
+            Some(e) => Some(Arc::new(
+                crate::egress::Egress::new(e).map_err(StartError::Config)?,
+            )),
+            None => None,
+        };
         let header = http::HeaderName::from_bytes(cfg.peer_id_header.as_bytes())
             .map_err(|e| StartError::Config(format!("peer_id_header: {e}")))?;
         let shared = Arc::new(Shared {
@@ -162,6 +168,7 @@ impl Proxy {
             discovery,
             balancer: cfg.discovery.map(|d| d.balancer).unwrap_or_default(),
             discovery_cfg: cfg.discovery.unwrap_or_default(),
+            egress,
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();

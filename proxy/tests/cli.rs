@@ -138,6 +138,7 @@ fn log_verify_reports_the_first_broken_record() {
                 plan: "deliver",
                 endpoint: None,
                 route: None,
+                host: None,
                 status: 200,
                 decision: "allow",
                 policy: "p".into(),

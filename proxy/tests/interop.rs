@@ -445,6 +445,7 @@ impl GrpcMesh {
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
+            egress: None,
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
@@ -470,6 +471,7 @@ impl GrpcMesh {
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
+            egress: None,
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

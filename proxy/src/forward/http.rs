@@ -97,6 +97,7 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
         own_id: own.as_ref(),
         authz: &l.shared.authz,
         destination: destination.as_ref(),
+        egress: l.shared.egress.as_deref().map(crate::egress::Egress::set),
     };
     // The plan borrows the request; what it takes from it (the authority) is made owned so
     // the request can move on.
@@ -134,6 +135,7 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
             authority: authority.into_owned(),
             route,
         }),
+        Plan::External(e) => Ok(Target::External(e)),
         // Passthrough is decided per connection, before any byte is read as HTTP.
         Plan::Passthrough { to } => Err(Refused {
             refusal: Refusal::NoRoute(format!("{to} is outside the mesh")),
@@ -142,7 +144,14 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
         }),
     });
     match planned {
-        Err(r) => refuse(l, rec, r, grpc),
+        Err(r) => {
+            if r.outcome.policy.starts_with("egress:") {
+                rec.host = given_authority(&req).map(ToOwned::to_owned);
+                crate::forward::external::log_refusal(l, &rec, conn, &r);
+            }
+            refuse(l, rec, r, grpc)
+        }
+        Ok(Target::External(e)) => crate::forward::external::http(l, conn, rec, req, e, grpc).await,
         Ok(Target::Deliver {
             app,
             authority,
@@ -205,6 +214,7 @@ enum Target<'r> {
         authority: String,
         route: Option<crate::plan::Routed>,
     },
+    External(crate::plan::External),
 }
 
 /// Wraps a response body so the record is written when the exchange ends.

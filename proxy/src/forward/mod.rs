@@ -2,6 +2,7 @@
 //! ([`tcp`]), through the connection pools of [`pools`].
 
 pub mod balanced;
+pub mod external;
 pub mod http;
 pub mod pools;
 pub mod routed;

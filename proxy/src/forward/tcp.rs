@@ -30,11 +30,17 @@ where
         own_id: own.as_ref(),
         authz: &shared.authz,
         destination: destination.as_ref(),
+        egress: shared.egress.as_deref().map(crate::egress::Egress::set),
     };
     match plan(&arrived, &knows) {
         Err(r) => {
+            rec.host = conn.hello.clone().flatten();
+            crate::forward::external::log_refusal(&l, &rec, &conn, &r);
             rec.decided(&shared.obs, r.outcome, "refuse");
             rec.finish(&shared.obs, 0, r.refusal.log_reason(), 0, 0);
+        }
+        Ok(Plan::External(e)) => {
+            crate::forward::external::tcp(&l, &conn, rec, &mut io, e).await;
         }
         Ok(Plan::Deliver {
             app,

@@ -173,6 +173,7 @@ pub(super) fn pod(
         drain_timeout: std::time::Duration::from_secs(5),
         // Captured pods call Services by ClusterIP or name: balanced through discovery.
         discovery: capture.then(crate::config::DiscoveryCfg::default),
+        egress: None,
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pods;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -196,6 +198,7 @@ impl Mesh {
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
+            egress: None,
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -222,6 +225,7 @@ impl Mesh {
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
+            egress: None,
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();

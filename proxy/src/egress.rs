@@ -1,0 +1,93 @@
+//! Egress at the sidecar: the external services in force (`ward_spiffe::egress`) and the
+//! proxy's own resolver. A destination egress allows by name is reached at the address this
+//! resolver gives for that name — never at the address the application dialled — so an
+//! allowed SNI or Host sent to another address, an IP literal, or a DNS answer the
+//! application got elsewhere reaches nothing it should not. Answers are cached for their TTL
+//! (hickory), so a changed record is followed once the old one expires.
+
+use std::net::SocketAddr;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use serde::{Deserialize, Serialize};
+use ward_spiffe::egress::{EgressDoc, EgressSet};
+
+/// The `egress` section of the proxy's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressCfg {
+    /// The DNS server that resolves allowed names (`10.96.0.10:53`); none: the system's
+    /// (`/etc/resolv.conf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<SocketAddr>,
+    /// The external services and the default for other destinations.
+    #[serde(default)]
+    pub policy: EgressDoc,
+}
+
+/// Egress state: the compiled services and the resolver.
+pub struct Egress {
+    set: EgressSet,
+    resolver: TokioResolver,
+    dns: String,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("set", &self.set)
+            .field("dns", &self.dns)
+            .finish()
+    }
+}
+
+impl Egress {
+    /// Checks the services and builds the resolver (must run inside the Tokio runtime).
+    pub fn new(cfg: &EgressCfg) -> Result<Self, String> {
+        let set = EgressSet::compile(cfg.policy.clone()).map_err(|e| format!("egress: {e}"))?;
+        let provider = TokioRuntimeProvider::default();
+        let (resolver, dns) = match cfg.dns {
+            Some(addr) => {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
+                let config = ResolverConfig::from_parts(None, Vec::new(), vec![ns]);
+                let r = TokioResolver::builder_with_config(config, provider)
+                    .build()
+                    .map_err(|e| format!("egress: resolver for {addr}: {e}"))?;
+                (r, addr.to_string())
+            }
+            None => {
+                let r = TokioResolver::builder(provider)
+                    .and_then(|b| b.build())
+                    .map_err(|e| format!("egress: system resolver: {e}"))?;
+                (r, "system".to_owned())
+            }
+        };
+        Ok(Self { set, resolver, dns })
+    }
+
+    /// The external services in force.
+    pub fn set(&self) -> &EgressSet {
+        &self.set
+    }
+
+    /// Where `name:port` is, by this proxy's own resolution (IPv4 answers first).
+    pub async fn resolve(&self, name: &str, port: u16) -> Result<SocketAddr, String> {
+        // Absolute: no search domains, the name as allowed.
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        let answer = self
+            .resolver
+            .lookup_ip(fqdn.as_str())
+            .await
+            .map_err(|e| format!("cannot resolve {name} (DNS {}): {e}", self.dns))?;
+        let mut ips: Vec<_> = answer.iter().collect();
+        ips.sort_by_key(std::net::IpAddr::is_ipv6);
+        ips.first()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .ok_or_else(|| format!("{name} has no address (DNS {})", self.dns))
+    }
+}
