@@ -222,6 +222,13 @@ impl Pod {
         curl(self.ns.as_user(APP_UID, "curl"), url)
     }
 
+    /// [`Pod::curl`] with more curl arguments.
+    pub fn curl_with(&self, url: &str, extra: &[&str]) -> (u16, String) {
+        let mut c = self.ns.as_user(APP_UID, "curl");
+        c.args(extra);
+        curl(c, url)
+    }
+
     pub fn log(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.join("access.jsonl"))
             .unwrap_or_default()
