@@ -138,6 +138,9 @@ pub struct Snapshot {
     pub taints: Arc<Taints>,
     /// Mesh services from the CA.
     pub services: Arc<crate::destinations::ServiceIndex>,
+    /// The mesh's egress configuration from the CA (checked when it arrived), as sent on to
+    /// local proxies.
+    pub egress: Option<Arc<ward_proto::types::EgressConfig>>,
 }
 
 impl Snapshot {

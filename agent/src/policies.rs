@@ -63,6 +63,7 @@ impl Policies for PolicyService {
                             .iter()
                             .map(|p| ward_proto::convert::policy_to_proto(p, 0))
                             .collect(),
+                        egress: snap.egress.as_deref().cloned(),
                     }))
                 },
             );

@@ -51,6 +51,18 @@ pub fn apply(s: &mut Snapshot, u: &SyncUpdate) -> Result<(), String> {
             }
         }
     }
+    if u.egress_changed
+        && let Some(m) = &u.egress
+    {
+        // The CA only stores configurations that compile; one that does not is refused.
+        let checked = ward_proto::convert::egress_from_proto(m)
+            .and_then(|d| ward_spiffe::egress::EgressSet::compile(d).map_err(|e| e.to_string()));
+        match checked {
+            Ok(_) => s.egress = Some(Arc::new(m.clone())),
+            Err(e) => tracing::error!(error = %e,
+                "egress configuration from the CA refused; keeping the previous one"),
+        }
+    }
     if u.services_full || !u.services_upserted.is_empty() || !u.services_removed.is_empty() {
         let mut upserted = Vec::with_capacity(u.services_upserted.len());
         for m in &u.services_upserted {

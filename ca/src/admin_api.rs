@@ -265,6 +265,85 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn put_egress(
+        &self,
+        req: Request<ward_proto::types::EgressConfig>,
+    ) -> Result<Response<ward_proto::types::EgressConfig>, Status> {
+        let doc = ward_proto::convert::egress_from_proto(&req.into_inner())
+            .map_err(ApiError::InvalidArgument)?;
+        let rec = self.core.egress.put(doc).await?;
+        self.audit(
+            "egress-put",
+            "egress",
+            &format!("revision {}", rec.revision),
+        )
+        .await?;
+        Ok(Response::new(ward_proto::convert::egress_to_proto(
+            &rec.doc,
+            rec.revision,
+        )))
+    }
+
+    async fn get_egress(
+        &self,
+        _req: Request<admin::GetEgressRequest>,
+    ) -> Result<Response<ward_proto::types::EgressConfig>, Status> {
+        let rec = self.core.egress.get().await?;
+        Ok(Response::new(ward_proto::convert::egress_to_proto(
+            &rec.doc,
+            rec.revision,
+        )))
+    }
+
+    async fn explain_egress(
+        &self,
+        req: Request<admin::ExplainEgressRequest>,
+    ) -> Result<Response<admin::ExplainEgressResponse>, Status> {
+        use ward_spiffe::egress::{Ask, Reach, Seen};
+        let r = req.into_inner();
+        let inv = |m: String| ApiError::InvalidArgument(m);
+        let source = if r.source.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::new(&r.source).map_err(|e| inv(format!("source: {e}")))?)
+        };
+        let port = u16::try_from(r.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| inv(format!("port {} is not a port", r.port)))?;
+        let dialled: std::net::IpAddr = if r.address.is_empty() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            r.address
+                .parse()
+                .map_err(|_| inv(format!("address {:?} is not an IP address", r.address)))?
+        };
+        let host = (!r.host.is_empty()).then_some(r.host.as_str());
+        let seen = match r.protocol.as_str() {
+            "" | "tls" => Seen::Tls(host),
+            "http" => Seen::Http(host),
+            "tcp" => Seen::Tcp,
+            other => {
+                return Err(inv(format!("protocol {other:?} is not tls, http or tcp")).into());
+            }
+        };
+        let d = self.core.egress.set().await?.decide(&Ask {
+            source: source.as_ref(),
+            seen,
+            dialled,
+            port,
+        });
+        Ok(Response::new(admin::ExplainEgressResponse {
+            allowed: d.allowed,
+            service: d.service.unwrap_or_default(),
+            reason: d.reason,
+            resolves: match d.reach {
+                Reach::Name(n) if d.allowed => n,
+                _ => String::new(),
+            },
+        }))
+    }
+
     async fn list_services(
         &self,
         _req: Request<admin::ListServicesRequest>,

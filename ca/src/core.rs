@@ -61,6 +61,8 @@ pub struct CaCore {
     pub agents: AgentRepo,
     /// Authorization policies.
     pub policies: crate::policies::PolicyRepo,
+    /// The mesh's egress configuration.
+    pub egress: crate::egress::EgressRepo,
     /// Mesh services.
     pub services: crate::services::ServiceRepo,
     /// Signing authorities and the bundle.
@@ -93,6 +95,7 @@ impl CaCore {
             entries: EntryRepo::new(store.clone(), td.clone()),
             agents: AgentRepo::new(store.clone(), td),
             policies: crate::policies::PolicyRepo::new(store.clone()),
+            egress: crate::egress::EgressRepo::new(store.clone()),
             services: crate::services::ServiceRepo::new(store.clone()),
             authorities,
             store,

@@ -16,6 +16,7 @@ pub mod csr;
 pub mod db;
 pub mod demo;
 pub mod dev;
+pub mod egress;
 pub mod entries;
 pub mod error;
 pub mod issuer;

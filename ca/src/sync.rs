@@ -116,6 +116,14 @@ async fn add_policies(core: &CaCore, update: &mut SyncUpdate) -> Result<(), ApiE
     Ok(())
 }
 
+/// Puts the mesh's egress configuration into `update`.
+async fn add_egress(core: &CaCore, update: &mut SyncUpdate) -> Result<(), ApiError> {
+    let rec = core.egress.get().await?;
+    update.egress = Some(ward_proto::convert::egress_to_proto(&rec.doc, rec.revision));
+    update.egress_changed = true;
+    Ok(())
+}
+
 /// Puts the services changed after `after` into `update` (every service when the change log
 /// does not reach back that far); returns the revision sent.
 async fn add_services(
@@ -186,6 +194,7 @@ async fn run(
     let mut stopping = core.stopping.subscribe();
     let mut policies = core.policies.watch();
     let mut services = core.services.watch();
+    let mut egress = core.egress.watch();
 
     let current = core.entries.revision().await?;
     let first = if since == 0 || since > current {
@@ -201,6 +210,7 @@ async fn run(
     let mut sent_seq = set.bundle.sequence;
     add_bundle(&set, &mut update);
     add_policies(core, &mut update).await?;
+    add_egress(core, &mut update).await?;
     let mut svc_rev = add_services(core, None, &mut update).await?;
     if tx.send(Ok(update)).await.is_err() {
         return Ok(());
@@ -209,6 +219,7 @@ async fn run(
     loop {
         let mut policies_changed = false;
         let mut services_changed = false;
+        let mut egress_changed = false;
         tokio::select! {
             ok = changes.changed() => if !ok { return Ok(()) },
             ok = policies.changed() => {
@@ -218,6 +229,10 @@ async fn run(
             ok = services.changed() => {
                 if !ok { return Ok(()) }
                 services_changed = true;
+            }
+            ok = egress.changed() => {
+                if !ok { return Ok(()) }
+                egress_changed = true;
             }
             ok = agents.changed() => {
                 if !ok { return Ok(()) }
@@ -246,6 +261,9 @@ async fn run(
         if policies_changed {
             add_policies(core, &mut update).await?;
         }
+        if egress_changed {
+            add_egress(core, &mut update).await?;
+        }
         if services_changed {
             svc_rev = add_services(core, Some(svc_rev), &mut update).await?;
         }
@@ -254,6 +272,7 @@ async fn run(
             && update.removed.is_empty()
             && update.bundle.is_none()
             && !update.policies_changed
+            && !update.egress_changed
             && !update.services_full
             && update.services_upserted.is_empty()
             && update.services_removed.is_empty();

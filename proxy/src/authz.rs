@@ -172,6 +172,7 @@ impl Authz {
 /// agent-sourced policies on every snapshot.
 pub async fn watch_agent(
     authz: Arc<Authz>,
+    egress: Option<Arc<crate::egress::Egress>>,
     socket: PathBuf,
     spiffe_id: Option<SpiffeId>,
     mut stop: watch::Receiver<bool>,
@@ -179,7 +180,7 @@ pub async fn watch_agent(
     let mut backoff = Duration::from_millis(100);
     loop {
         let r = tokio::select! {
-            r = follow_agent(&authz, &socket, spiffe_id.as_ref()) => r,
+            r = follow_agent(&authz, egress.as_deref(), &socket, spiffe_id.as_ref()) => r,
             _ = ward_net::process::until_set(&mut stop) => return,
         };
         match r {
@@ -196,6 +197,7 @@ pub async fn watch_agent(
 
 async fn follow_agent(
     authz: &Authz,
+    egress: Option<&crate::egress::Egress>,
     socket: &Path,
     spiffe_id: Option<&SpiffeId>,
 ) -> Result<(), String> {
@@ -234,6 +236,20 @@ async fn follow_agent(
             Err(e) => {
                 authz.metrics.policy_errors.inc();
                 tracing::error!(error = %e, "policies from the agent refused; keeping the last good set");
+            }
+        }
+        if let (Some(eg), Some(m)) = (egress, &snap.egress) {
+            match ward_proto::convert::egress_from_proto(m).and_then(|d| eg.replace(d)) {
+                Ok(()) => tracing::info!(
+                    revision = m.revision,
+                    services = m.services.len(),
+                    "egress configuration from the agent applied"
+                ),
+                Err(e) => {
+                    authz.metrics.policy_errors.inc();
+                    tracing::error!(error = %e,
+                        "egress configuration from the agent refused; keeping the last good one");
+                }
             }
         }
     }

@@ -684,6 +684,11 @@ impl ProxyConfig {
             ward_spiffe::egress::EgressSet::compile(e.policy.clone())
                 .map_err(|e| ConfigError::Invalid(format!("egress: {e}")))?;
         }
+        if self.egress.as_ref().is_some_and(|e| e.from_agent) && !self.authorization.from_agent {
+            return inv(
+                "egress.from_agent needs authorization.from_agent (they come on one stream)".into(),
+            );
+        }
         if self.discovery.is_some() && !matches!(self.identity, IdentitySource::WorkloadApi { .. })
         {
             return inv("discovery needs a workload_api identity (it asks the agent)".into());

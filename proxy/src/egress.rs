@@ -21,14 +21,20 @@ pub struct EgressCfg {
     /// (`/etc/resolv.conf`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<SocketAddr>,
-    /// The external services and the default for other destinations.
+    /// The external services and the default for other destinations (with `from_agent`:
+    /// only until the agent's first answer; none given: deny everything outside the mesh).
     #[serde(default)]
     pub policy: EgressDoc,
+    /// Follow the mesh's egress configuration from the agent (with the policies:
+    /// `authorization.from_agent` must be on).
+    #[serde(default)]
+    pub from_agent: bool,
 }
 
 /// Egress state: the compiled services and the resolver.
 pub struct Egress {
-    set: EgressSet,
+    set: std::sync::RwLock<std::sync::Arc<EgressSet>>,
+    from_agent: bool,
     resolver: TokioResolver,
     dns: String,
 }
@@ -67,12 +73,30 @@ impl Egress {
                 (r, "system".to_owned())
             }
         };
-        Ok(Self { set, resolver, dns })
+        Ok(Self {
+            set: std::sync::RwLock::new(std::sync::Arc::new(set)),
+            from_agent: cfg.from_agent,
+            resolver,
+            dns,
+        })
     }
 
     /// The external services in force.
-    pub fn set(&self) -> &EgressSet {
-        &self.set
+    pub fn set(&self) -> std::sync::Arc<EgressSet> {
+        self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the set follows the agent.
+    pub fn from_agent(&self) -> bool {
+        self.from_agent
+    }
+
+    /// Replaces the set (from the agent); a configuration that does not compile changes
+    /// nothing.
+    pub fn replace(&self, doc: EgressDoc) -> Result<(), String> {
+        let set = EgressSet::compile(doc).map_err(|e| e.to_string())?;
+        *self.set.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(set);
+        Ok(())
     }
 
     /// Where `name:port` is, by this proxy's own resolution (IPv4 answers first).

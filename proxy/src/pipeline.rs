@@ -339,11 +339,12 @@ pub async fn connection(
             let meshed = {
                 let own = l.shared.own_id();
                 let destination = l.destination(&conn).await;
+                let egress_set = l.shared.egress.as_ref().map(|e| e.set());
                 let knows = Knows {
                     own_id: own.as_ref(),
                     authz: &l.shared.authz,
                     destination: destination.as_ref(),
-                    egress: l.shared.egress.as_deref().map(crate::egress::Egress::set),
+                    egress: egress_set.as_deref(),
                 };
                 matches!(
                     crate::plan::plan(&l.arrived(&conn, None), &knows),

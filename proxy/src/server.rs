@@ -106,6 +106,12 @@ impl Proxy {
             )));
         }
 
+        let egress = match &cfg.egress {
+            Some(e) => Some(Arc::new(
+                crate::egress::Egress::new(e).map_err(StartError::Config)?,
+            )),
+            None => None,
+        };
         if cfg.authorization.from_agent
             && let crate::config::IdentitySource::WorkloadApi { socket, spiffe_id } = &cfg.identity
         {
@@ -116,6 +122,7 @@ impl Proxy {
             );
             tasks.push(tokio::spawn(crate::authz::watch_agent(
                 authz.clone(),
+                egress.clone().filter(|e| e.from_agent()),
                 path,
                 spiffe_id.clone(),
                 stop.clone(),
@@ -145,12 +152,6 @@ impl Proxy {
                 ))
             }
             _ => None,
-        };
-        let egress = match &cfg.egress {
-            Some(e) => Some(Arc::new(
-                crate::egress::Egress::new(e).map_err(StartError::Config)?,
-            )),
-            None => None,
         };
         let header = http::HeaderName::from_bytes(cfg.peer_id_header.as_bytes())
             .map_err(|e| StartError::Config(format!("peer_id_header: {e}")))?;
@@ -233,6 +234,13 @@ impl Proxy {
             }
         }));
         let mut views: Vec<(&'static str, ward_net::health::View)> = Vec::new();
+        if let Some(eg) = shared.egress.clone() {
+            // The egress configuration in force (from the file or, with from_agent, the CA).
+            views.push((
+                "/egress",
+                Arc::new(move || serde_json::to_string_pretty(eg.set().doc()).unwrap_or_default()),
+            ));
+        }
         if shared.discovery.is_some() {
             let sh = shared.clone();
             views.push((

@@ -161,6 +161,7 @@ fn pods_reach_only_the_external_services_named_for_them() {
         c.egress = Some(EgressCfg {
             dns: Some(format!("{A_IP}:53").parse().unwrap()),
             policy: serde_yaml_ng::from_str(POLICY).unwrap(),
+            from_agent: false,
         });
     });
 

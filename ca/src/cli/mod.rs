@@ -19,6 +19,7 @@ use ward_spiffe::TrustDomain;
 
 use crate::config::{CaConfig, LogFormat};
 
+mod egress;
 mod services;
 
 /// ward-ca: the certificate authority of a Ward trust domain.
@@ -78,6 +79,11 @@ enum Command {
     Service {
         #[command(subcommand)]
         cmd: services::ServiceCmd,
+    },
+    /// The mesh's egress: which external services workloads may reach.
+    Egress {
+        #[command(subcommand)]
+        cmd: egress::EgressCmd,
     },
     /// Print the Kubernetes CustomResourceDefinitions (IdentityPolicy, AuthorizationPolicy)
     /// as YAML, for `kubectl apply -f -`.
@@ -384,7 +390,7 @@ const EXIT_CODES: &str = "Exit codes:
   5  permission denied or not allowed in the current state
   6  CA unreachable: nothing was sent, or a read was cut off
   7  cannot listen: an address or socket is in use or not permitted
-  8  policy explain: the request would be denied
+  8  policy explain, egress explain: the request would be denied
   9  connection lost during a change: it may have been applied";
 
 /// Maps a gRPC status to the CLI's exit code.
@@ -525,6 +531,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bundle { cmd } => bundle(cmd).await,
         Command::Policy { cmd } => policy(cmd).await,
         Command::Service { cmd } => services::service(cmd).await,
+        Command::Egress { cmd } => egress::egress(cmd).await,
         Command::Authority { kind, cmd } => authority(kind, cmd).await,
         Command::Crds => {
             let yaml = crate::k8s::crd::definitions_yaml().map_err(|e| CliError::new(1, e))?;

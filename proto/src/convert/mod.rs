@@ -1,13 +1,37 @@
 //! Conversions between the shared SPIFFE types and their messages.
 
+mod egress;
 mod route;
 
+pub use egress::{egress_from_proto, egress_to_proto};
 pub use route::{routes_from_proto, routes_to_proto};
 
 use crate::types;
 use ward_spiffe::policy::{Action, Operation, Policy, Rule, Source, Target};
 use ward_spiffe::service::{Endpoint, Service, ServicePort};
 use ward_spiffe::{Bundle, JwtAuthority, SpiffeId, TrustDomain};
+
+fn source_to(s: &Source) -> types::AuthzSource {
+    types::AuthzSource {
+        principals: s.principals.clone(),
+        not_principals: s.not_principals.clone(),
+        trust_domains: s.trust_domains.clone(),
+        not_trust_domains: s.not_trust_domains.clone(),
+        namespaces: s.namespaces.clone(),
+        not_namespaces: s.not_namespaces.clone(),
+    }
+}
+
+fn source_from(s: &types::AuthzSource) -> Source {
+    Source {
+        principals: s.principals.clone(),
+        not_principals: s.not_principals.clone(),
+        trust_domains: s.trust_domains.clone(),
+        not_trust_domains: s.not_trust_domains.clone(),
+        namespaces: s.namespaces.clone(),
+        not_namespaces: s.not_namespaces.clone(),
+    }
+}
 
 /// A policy as a message.
 pub fn policy_to_proto(p: &Policy, revision: u64) -> types::AuthzPolicy {
@@ -24,18 +48,7 @@ pub fn policy_to_proto(p: &Policy, revision: u64) -> types::AuthzPolicy {
             .rules
             .iter()
             .map(|r| types::AuthzRule {
-                from: r
-                    .from
-                    .iter()
-                    .map(|s| types::AuthzSource {
-                        principals: s.principals.clone(),
-                        not_principals: s.not_principals.clone(),
-                        trust_domains: s.trust_domains.clone(),
-                        not_trust_domains: s.not_trust_domains.clone(),
-                        namespaces: s.namespaces.clone(),
-                        not_namespaces: s.not_namespaces.clone(),
-                    })
-                    .collect(),
+                from: r.from.iter().map(source_to).collect(),
                 to: r
                     .to
                     .iter()
@@ -84,18 +97,7 @@ pub fn policy_from_proto(p: &types::AuthzPolicy) -> Result<Policy, String> {
             });
         }
         rules.push(Rule {
-            from: r
-                .from
-                .iter()
-                .map(|s| Source {
-                    principals: s.principals.clone(),
-                    not_principals: s.not_principals.clone(),
-                    trust_domains: s.trust_domains.clone(),
-                    not_trust_domains: s.not_trust_domains.clone(),
-                    namespaces: s.namespaces.clone(),
-                    not_namespaces: s.not_namespaces.clone(),
-                })
-                .collect(),
+            from: r.from.iter().map(source_from).collect(),
             to,
         });
     }

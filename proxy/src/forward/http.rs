@@ -93,11 +93,12 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
         }),
     );
     let destination = l.destination(conn).await;
+    let egress_set = l.shared.egress.as_ref().map(|e| e.set());
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &l.shared.authz,
         destination: destination.as_ref(),
-        egress: l.shared.egress.as_deref().map(crate::egress::Egress::set),
+        egress: egress_set.as_deref(),
     };
     // The plan borrows the request; what it takes from it (the authority) is made owned so
     // the request can move on.

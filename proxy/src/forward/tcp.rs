@@ -26,11 +26,12 @@ where
     let mut rec = Record::start(&l.name, "tcp", src, conn.orig_dst);
     let arrived = l.arrived(&conn, None);
     let destination = l.destination(&conn).await;
+    let egress_set = shared.egress.as_ref().map(|e| e.set());
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &shared.authz,
         destination: destination.as_ref(),
-        egress: shared.egress.as_deref().map(crate::egress::Egress::set),
+        egress: egress_set.as_deref(),
     };
     match plan(&arrived, &knows) {
         Err(r) => {
