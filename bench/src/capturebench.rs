@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ward_testing::netns::{Netns, TwoPods, must};
 
-const PROXY_UID: u32 = 1337;
+pub(crate) const PROXY_UID: u32 = 1337;
 
 /// Options from the command line.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ fn proxy_config(d: &Path, name: &str, extra: &str) -> String {
     )
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -75,7 +75,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// The pid of the process `ip netns exec … setpriv … ward-proxy` ends up as: setpriv and ip
 /// exec in place, so it is the child's pid.
-fn spawn(name: &str, mut cmd: std::process::Command) -> Result<std::process::Child> {
+pub(crate) fn spawn(name: &str, mut cmd: std::process::Command) -> Result<std::process::Child> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -83,7 +83,7 @@ fn spawn(name: &str, mut cmd: std::process::Command) -> Result<std::process::Chi
         .with_context(|| format!("start {name}"))
 }
 
-struct Kill(Vec<std::process::Child>);
+pub(crate) struct Kill(pub(crate) Vec<std::process::Child>);
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -94,7 +94,7 @@ impl Drop for Kill {
     }
 }
 
-fn wait_ready(ns: &Netns, url: &str) -> Result<()> {
+pub(crate) fn wait_ready(ns: &Netns, url: &str) -> Result<()> {
     for _ in 0..400 {
         let out = ns
             .cmd("curl")
@@ -108,19 +108,36 @@ fn wait_ready(ns: &Netns, url: &str) -> Result<()> {
     bail!("{url} not ready")
 }
 
+/// One measurement: rate reached, latency percentiles (ms), success rate, proxy CPU per
+/// request (µs).
 #[derive(Debug, Clone, Copy)]
-struct Point {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    ok: f64,
-    cpu_us: f64,
+pub(crate) struct Point {
+    pub(crate) rps: f64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) ok: f64,
+    pub(crate) cpu_us: f64,
 }
 
 fn oha(o: &Opts, ns: &Netns, url: &str, rate: u32, pids: &[u32]) -> Result<Point> {
+    oha_in(&o.oha, o.duration, ns, url, rate, pids, &[])
+}
+
+/// oha in `ns` against `url` at `rate` for `duration` (16 connections, `extra` flags), with the
+/// CPU the processes `pids` spent meanwhile.
+pub(crate) fn oha_in(
+    oha: &Path,
+    duration: Duration,
+    ns: &Netns,
+    url: &str,
+    rate: u32,
+    pids: &[u32],
+    extra: &[&str],
+) -> Result<Point> {
     let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
     let out = ns
-        .cmd(o.oha.to_str().context("oha path")?)
+        .cmd(oha.to_str().context("oha path")?)
+        .args(extra)
         .args([
             "--no-tui",
             "--output-format",
@@ -131,7 +148,7 @@ fn oha(o: &Opts, ns: &Netns, url: &str, rate: u32, pids: &[u32]) -> Result<Point
             &rate.to_string(),
             "--latency-correction",
             "-z",
-            &format!("{}s", o.duration.as_secs()),
+            &format!("{}s", duration.as_secs()),
             url,
         ])
         .output()
@@ -144,7 +161,7 @@ fn oha(o: &Opts, ns: &Netns, url: &str, rate: u32, pids: &[u32]) -> Result<Point
     let p = &j["latencyPercentiles"];
     let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) * 1000.0;
     let rps = j["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0);
-    let requests = rps * o.duration.as_secs_f64();
+    let requests = rps * duration.as_secs_f64();
     // Clock ticks are 10 ms.
     let cpu_us = if requests > 0.0 {
         (after - before) as f64 * 10_000.0 / requests
@@ -160,7 +177,7 @@ fn oha(o: &Opts, ns: &Netns, url: &str, rate: u32, pids: &[u32]) -> Result<Point
     })
 }
 
-fn median(pts: &[Point]) -> Point {
+pub(crate) fn median(pts: &[Point]) -> Point {
     let m = |f: fn(&Point) -> f64| {
         let mut v: Vec<f64> = pts.iter().map(f).collect();
         v.sort_by(f64::total_cmp);

@@ -8,6 +8,7 @@
 
 mod capturebench;
 mod discoverybench;
+mod egressbench;
 mod k8sbench;
 mod lbbench;
 mod procs;
@@ -145,6 +146,28 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The sidecar's egress check on new TLS connections vs the same capture without egress
+    /// policy, in network namespaces (needs root, nftables, nginx, dnsmasq, oha).
+    Egress {
+        /// The ward-proxy binary.
+        #[arg(long)]
+        ward_proxy: PathBuf,
+        /// The nginx binary.
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        /// The oha binary.
+        #[arg(long, default_value = "oha")]
+        oha: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// New TLS connections per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The Kubernetes controller: convergence time and CA peak RSS, bytes to one agent per
     /// pod change, pod created → SVID latency (fake API server and kubelet in-process).
     K8s {
@@ -254,6 +277,24 @@ async fn main() -> Result<()> {
                 oha,
                 duration: Duration::from_secs(seconds),
                 rates,
+                rounds,
+            })
+            .await
+        }
+        Cmd::Egress {
+            ward_proxy,
+            nginx,
+            oha,
+            seconds,
+            rate,
+            rounds,
+        } => {
+            egressbench::run(egressbench::Opts {
+                ward_proxy,
+                nginx,
+                oha,
+                duration: Duration::from_secs(seconds),
+                rate,
                 rounds,
             })
             .await
