@@ -179,6 +179,7 @@ async fn egress_reaches_the_proxy_through_the_agent_and_follows_changes() {
             ..Default::default()
         },
         from_agent: true,
+        gateway: None,
     });
     c.listeners = vec![Listener::OutboundCapture(OutboundCapture {
         name: "out".into(),

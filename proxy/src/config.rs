@@ -101,6 +101,20 @@ pub enum Listener {
     /// proxy over mTLS when the mesh table names the destination, otherwise passed through or
     /// refused.
     OutboundCapture(OutboundCapture),
+    /// The egress gateway: mTLS from sidecars (`egress.gateway`), each tunnel opening with the
+    /// address its application dialled; the egress configuration decides by the caller's
+    /// SPIFFE ID, as a sidecar would.
+    EgressGateway(EgressGateway),
+}
+
+/// The egress gateway listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressGateway {
+    /// Name (metrics, logs).
+    pub name: String,
+    /// Address sidecars tunnel to (`0.0.0.0:15008`).
+    pub listen: SocketAddr,
 }
 
 impl Listener {
@@ -111,6 +125,7 @@ impl Listener {
             Listener::Outbound(l) => &l.name,
             Listener::InboundCapture(l) => &l.name,
             Listener::OutboundCapture(l) => &l.name,
+            Listener::EgressGateway(l) => &l.name,
         }
     }
 
@@ -121,6 +136,7 @@ impl Listener {
             Listener::Outbound(l) => l.listen,
             Listener::InboundCapture(l) => l.listen,
             Listener::OutboundCapture(l) => l.listen,
+            Listener::EgressGateway(l) => l.listen,
         }
     }
 
@@ -131,6 +147,7 @@ impl Listener {
             Listener::Outbound(_) => "outbound",
             Listener::InboundCapture(_) => "inbound-capture",
             Listener::OutboundCapture(_) => "outbound-capture",
+            Listener::EgressGateway(_) => "egress-gateway",
         }
     }
 }
@@ -646,6 +663,14 @@ impl ProxyConfig {
                     "outbound {}: expected_ids must name at least one SPIFFE ID (any other \
                      workload could otherwise answer for the upstream)",
                     o.name
+                ));
+            }
+            if let Listener::EgressGateway(g) = l
+                && self.egress.is_none()
+            {
+                return inv(format!(
+                    "egress-gateway {}: needs an `egress` section (the configuration it applies)",
+                    g.name
                 ));
             }
             if let Listener::OutboundCapture(o) = l {

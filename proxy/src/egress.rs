@@ -29,12 +29,36 @@ pub struct EgressCfg {
     /// `authorization.from_agent` must be on).
     #[serde(default)]
     pub from_agent: bool,
+    /// Send every destination outside the mesh through this egress gateway (over mTLS, with
+    /// this workload's identity) instead of deciding and connecting here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayRef>,
+}
+
+/// Where the egress gateway is and who it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRef {
+    /// `host:port` of the gateway's `egress-gateway` listener.
+    pub address: String,
+    /// SPIFFE IDs the gateway may present (at least one).
+    pub expected_ids: Vec<ward_spiffe::SpiffeId>,
+}
+
+/// Resolver options for connection-time lookups: A first and AAAA only when there is none
+/// (asking both in parallel waits for the slower answer), and "no such record" answers kept
+/// for a few seconds — a local DNS server often sends them without the SOA that sets their
+/// TTL, and an uncached one costs a DNS round trip on every new connection.
+fn tune(o: &mut hickory_resolver::config::ResolverOpts) {
+    o.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4thenIpv6;
+    o.negative_min_ttl = Some(std::time::Duration::from_secs(5));
 }
 
 /// Egress state: the compiled services and the resolver.
 pub struct Egress {
     set: std::sync::RwLock<std::sync::Arc<EgressSet>>,
     from_agent: bool,
+    gateway: Option<GatewayRef>,
     resolver: TokioResolver,
     dns: String,
 }
@@ -61,14 +85,19 @@ impl Egress {
                 tcp.port = addr.port();
                 let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
                 let config = ResolverConfig::from_parts(None, Vec::new(), vec![ns]);
-                let r = TokioResolver::builder_with_config(config, provider)
+                let mut b = TokioResolver::builder_with_config(config, provider);
+                tune(b.options_mut());
+                let r = b
                     .build()
                     .map_err(|e| format!("egress: resolver for {addr}: {e}"))?;
                 (r, addr.to_string())
             }
             None => {
                 let r = TokioResolver::builder(provider)
-                    .and_then(|b| b.build())
+                    .and_then(|mut b| {
+                        tune(b.options_mut());
+                        b.build()
+                    })
                     .map_err(|e| format!("egress: system resolver: {e}"))?;
                 (r, "system".to_owned())
             }
@@ -76,6 +105,7 @@ impl Egress {
         Ok(Self {
             set: std::sync::RwLock::new(std::sync::Arc::new(set)),
             from_agent: cfg.from_agent,
+            gateway: cfg.gateway.clone(),
             resolver,
             dns,
         })
@@ -84,6 +114,11 @@ impl Egress {
     /// The external services in force.
     pub fn set(&self) -> std::sync::Arc<EgressSet> {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The gateway every destination outside the mesh goes through, if any.
+    pub fn gateway(&self) -> Option<&GatewayRef> {
+        self.gateway.as_ref()
     }
 
     /// Whether the set follows the agent.

@@ -109,6 +109,8 @@ pub enum RoleCfg {
         /// Other destinations.
         unknown: UnknownDestination,
     },
+    /// See [`crate::config::EgressGateway`].
+    EgressGateway,
 }
 
 impl RoleCfg {
@@ -117,7 +119,7 @@ impl RoleCfg {
     pub fn is_inbound(&self) -> bool {
         matches!(
             self,
-            RoleCfg::Inbound { .. } | RoleCfg::InboundCapture { .. }
+            RoleCfg::Inbound { .. } | RoleCfg::InboundCapture { .. } | RoleCfg::EgressGateway
         )
     }
 }
@@ -181,6 +183,7 @@ impl ListenerCtx {
                     unknown: c.unknown,
                 },
             ),
+            Listener::EgressGateway(_) => (Protocol::Auto, RoleCfg::EgressGateway),
         };
         Self {
             name: Arc::from(l.name()),
@@ -208,6 +211,7 @@ impl ListenerCtx {
                 unknown: *unknown,
                 dst: &conn.target,
             },
+            RoleCfg::EgressGateway => Role::EgressGateway,
         }
     }
 
@@ -327,6 +331,7 @@ pub async fn connection(
             inbound(l.clone(), tcp, conn, mode.tls, mode.protocol, drain).await;
         }
         RoleCfg::Outbound { .. } => detect(l.clone(), tcp, conn, l.protocol, None, drain).await,
+        RoleCfg::EgressGateway => egress_gateway(l, tcp, conn, drain).await,
         RoleCfg::OutboundCapture { .. } => {
             let Some(orig) = redirected(&l, &tcp) else {
                 return;
@@ -358,8 +363,11 @@ pub async fn connection(
                     ..
                 }
             );
+            let gateway = l.shared.egress.as_ref().and_then(|e| e.gateway().cloned());
             if meshed {
                 detect(l.clone(), tcp, conn, l.protocol, None, drain).await;
+            } else if let (true, Some(gw)) = (egress, gateway) {
+                crate::forward::external::tunnel(&l, tcp, conn, &gw).await;
             } else if egress {
                 egress_detect(l, tcp, conn, drain).await;
             } else {
@@ -372,28 +380,75 @@ pub async fn connection(
 /// The detect stage for a destination outside the mesh under egress: a ClientHello is read
 /// (not terminated) for its server name and the connection planned on it; plaintext goes to
 /// the HTTP stage (each request planned on its Host) or, if it is not HTTP, to TCP (planned on
-/// the dialled address).
-async fn egress_detect(
+/// the dialled address). The same for a sidecar's captured connection and a tunnel arriving
+/// at the egress gateway.
+async fn egress_detect<IO>(
     l: Arc<ListenerCtx>,
-    mut tcp: TcpStream,
+    mut io: IO,
+    mut conn: ConnInfo,
+    drain: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut first = [0u8; 1];
+    let n = match tokio::time::timeout(SNIFF_WAIT, io.read(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(n)) => n,
+        // Silence: a server-speaks-first protocol, planned as TCP.
+        Err(_) => 0,
+    };
+    let read = first[..n].to_vec();
+    if read.first() == Some(&0x16) {
+        let Ok((hello, prefix)) = crate::detect::client_hello(&mut io, read, SNIFF_WAIT).await
+        else {
+            return;
+        };
+        conn.hello = Some(match hello {
+            crate::detect::hello::Hello::ClientHello(name) => name,
+            // Planned as TLS without a name: only an address grant or the default.
+            crate::detect::hello::Hello::More | crate::detect::hello::Hello::Invalid(_) => None,
+        });
+        crate::forward::tcp::serve(l, Prefixed::new(prefix, io), conn).await;
+    } else {
+        let io = Prefixed::new(bytes::Bytes::from(read), io);
+        detect(l, io, conn, Protocol::Auto, None, drain).await;
+    }
+}
+
+/// The egress gateway: mTLS from a sidecar (any trusted workload; its ID is the source egress
+/// decides for), then the PROXY v2 header naming the address its application dialled, then the
+/// application's bytes, which take the egress detect stage.
+async fn egress_gateway(
+    l: Arc<ListenerCtx>,
+    tcp: TcpStream,
     mut conn: ConnInfo,
     drain: CancellationToken,
 ) {
-    match opening(&tcp, SNIFF_WAIT).await {
-        Ok(Opening::Tls) => {
-            let Ok((hello, prefix)) = crate::detect::client_hello(&mut tcp, SNIFF_WAIT).await
-            else {
-                return;
-            };
-            conn.hello = Some(match hello {
-                crate::detect::hello::Hello::ClientHello(name) => name,
-                // Planned as TLS without a name: only an address grant or the default.
-                crate::detect::hello::Hello::More | crate::detect::hello::Hello::Invalid(_) => None,
-            });
-            crate::forward::tcp::serve(l, Prefixed::new(prefix, tcp), conn).await;
+    let remote = conn.remote;
+    let Some(cfg) = l.shared.server_tls.server() else {
+        tracing::debug!(%remote, "no SVID yet; refusing connection");
+        return;
+    };
+    let mut a = match crate::tls::accept(cfg, tcp, remote).await {
+        Ok(a) => a,
+        Err(f) => return l.shared.obs.metrics.tls_failure(&l.name, f.0),
+    };
+    match crate::detect::proxy_header(&mut a.io, SNIFF_WAIT).await {
+        Ok(Ok((addrs, rest))) => {
+            conn.peer = a.peer;
+            conn.orig_dst = Some(addrs.dst);
+            conn.port = addrs.dst.port();
+            conn.target = addrs.dst.to_string();
+            egress_detect(l, Prefixed::new(rest, a.io), conn, drain).await;
         }
-        Ok(Opening::Plain) => detect(l, tcp, conn, Protocol::Auto, None, drain).await,
-        Ok(Opening::Closed) | Err(_) => {}
+        Ok(Err(why)) => {
+            if let Some(n) = not_redirected_limiter().admit(&l.name) {
+                tracing::warn!(listener = %l.name, %remote, peer = ?a.peer.map(|p| p.to_string()),
+                    reason = why, suppressed = n, "egress gateway tunnel without a valid PROXY header; closed");
+            }
+        }
+        Err(_) => {}
     }
 }
 

@@ -33,6 +33,8 @@ pub enum Role<'a> {
         /// Accepted IDs (empty: any ID of a trusted trust domain).
         expected: &'a [SpiffeId],
     },
+    /// A tunnel at the egress gateway: the egress configuration decides, for the peer.
+    EgressGateway,
     /// A captured outbound connection to `dst`: the mesh table decides.
     OutboundCapture {
         /// Mesh destinations, first match wins.
@@ -296,6 +298,14 @@ fn plan_static<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r
     match a.role {
         Role::Inbound { app, probes } => inbound(a, k, app, probes),
         Role::Outbound { upstream, expected } => mesh(a, upstream, expected),
+        Role::EgressGateway => match a.orig_dst {
+            Some(orig) => egress(a, k, orig, a.peer),
+            None => Err(Refused {
+                refusal: Refusal::EgressDenied("the tunnel named no destination".into()),
+                outcome: Outcome::plain("deny", "egress:default"),
+                path: None,
+            }),
+        },
         Role::OutboundCapture {
             routes,
             unknown,
@@ -317,7 +327,7 @@ fn plan_static<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r
             match (route, unknown) {
                 (Some(r), _) => mesh(a, dst, &r.expected_ids),
                 (None, UnknownDestination::Passthrough) => Ok(Plan::Passthrough { to: dst }),
-                (None, UnknownDestination::Egress) => egress(a, k, orig),
+                (None, UnknownDestination::Egress) => egress(a, k, orig, k.own_id),
                 (None, UnknownDestination::Refuse) => Err(refuse(format!(
                     "{orig} is not a mesh destination and unknown destinations are refused"
                 ))),
@@ -332,6 +342,7 @@ fn egress<'r: 'h, 'h>(
     a: &Arrived<'r, 'h>,
     k: &Knows<'_>,
     orig: SocketAddr,
+    source: Option<&SpiffeId>,
 ) -> Result<Plan<'r, 'h>, Refused> {
     use ward_spiffe::egress::{Ask, Seen};
     let path = a.request.as_ref().map(|h| h.path.to_owned());
@@ -355,7 +366,7 @@ fn egress<'r: 'h, 'h>(
         (None, None) => Seen::Tcp,
     };
     let d = set.decide(&Ask {
-        source: k.own_id,
+        source,
         seen,
         dialled: orig.ip(),
         port: orig.port(),

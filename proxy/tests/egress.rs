@@ -82,10 +82,10 @@ fn require_dnsmasq() {
     );
 }
 
-#[test]
-fn pods_reach_only_the_external_services_named_for_them() {
+/// The internet in pod b: a second address, servers A and B, dnsmasq with `hosts(A_IP)`.
+/// Returns the records file and dnsmasq's pid file.
+fn internet(t: &mut Topology) -> (std::path::PathBuf, std::path::PathBuf) {
     require_dnsmasq();
-    let mut t = Topology::new();
     // The internet: a second address, two servers, DNS.
     t.b.ns
         .ip(&["addr", "add", &format!("{B_IP}/32"), "dev", "lo"]);
@@ -145,6 +145,13 @@ fn pods_reach_only_the_external_services_named_for_them() {
             .unwrap();
     t.b.procs.push(Proc(dns, "dnsmasq".into()));
 
+    (records, pid_file)
+}
+
+#[test]
+fn pods_reach_only_the_external_services_named_for_them() {
+    let mut t = Topology::new();
+    let (records, pid_file) = internet(&mut t);
     let out = t.a.init(&[]);
     assert!(
         out.status.success(),
@@ -162,6 +169,7 @@ fn pods_reach_only_the_external_services_named_for_them() {
             dns: Some(format!("{A_IP}:53").parse().unwrap()),
             policy: serde_yaml_ng::from_str(POLICY).unwrap(),
             from_agent: false,
+            gateway: None,
         });
     });
 
@@ -255,5 +263,106 @@ fn pods_reach_only_the_external_services_named_for_them() {
         "{}{}",
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+/// Gateway mode: pod a's sidecar sends every destination outside the mesh, unread, over mTLS
+/// to the egress gateway (here in the internet's namespace, on :15008), which decides by the
+/// caller's SPIFFE ID. A node rule stands in for the chart's NetworkPolicy: pod a may reach
+/// the internet only at the gateway's port.
+#[test]
+fn the_egress_gateway_decides_for_the_caller_and_nothing_skips_it() {
+    let mut t = Topology::new();
+    let _ = internet(&mut t);
+    let rules = "table inet wardtest {\n  chain pods {\n    type filter hook forward priority 0; policy accept;\n    ip saddr 10.250.1.0/24 ip daddr 10.250.2.0/24 tcp dport != 15008 drop\n  }\n}\n";
+    let rules_file = t.a.dir.join("node-rules.nft");
+    std::fs::write(&rules_file, rules).unwrap();
+    let out = run(t.node.cmd("nft").arg("-f").arg(&rules_file));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pki = ward_testing::Pki::new(TD);
+    t.b.start_proxy(&pki, "gateway", |c| {
+        c.listeners = vec![Listener::EgressGateway(ward_proxy::config::EgressGateway {
+            name: "egress-gw".into(),
+            listen: "0.0.0.0:15008".parse().unwrap(),
+        })];
+        c.egress = Some(EgressCfg {
+            dns: Some(format!("{A_IP}:53").parse().unwrap()),
+            policy: serde_yaml_ng::from_str(POLICY).unwrap(),
+            from_agent: false,
+            gateway: None,
+        });
+    });
+    let out = t.a.init(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.a.start_proxy(&pki, "a", |c| {
+        for l in &mut c.listeners {
+            if let Listener::OutboundCapture(o) = l {
+                o.unknown = UnknownDestination::Egress;
+            }
+        }
+        c.egress = Some(EgressCfg {
+            dns: None,
+            policy: Default::default(),
+            from_agent: false,
+            gateway: Some(ward_proxy::egress::GatewayRef {
+                address: format!("{A_IP}:15008"),
+                expected_ids: vec![
+                    ward_spiffe::SpiffeId::new(&format!("spiffe://{TD}/gateway")).unwrap(),
+                ],
+            }),
+        });
+    });
+
+    // Through the gateway: the name decides, wherever the application dialled.
+    let got = https(&t, "api.allowed.test", B_IP).expect("allowed name refused");
+    assert_eq!(
+        (got["server"].as_str(), got["sni"].as_str()),
+        (Some("A"), Some("api.allowed.test"))
+    );
+    // The gateway decides for the caller: a name granted only to b is refused for a.
+    assert!(https(&t, "b-only.test", A_IP).is_none());
+    let (code, body) =
+        t.a.curl_with(&format!("http://{B_IP}/p"), &["-H", "Host: evil.test"]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("egress denied"), "{body}");
+    // Skipping the gateway (as the proxy's own uid, which capture does not redirect) reaches
+    // nothing: only the gateway's port is open towards the internet.
+    let direct = run(t.a.ns.as_user(PROXY_UID, "curl").args([
+        "-sk",
+        "-m",
+        "3",
+        &format!("https://{A_IP}/"),
+    ]));
+    assert!(!direct.status.success(), "a direct connection got through");
+
+    // Evidence on both sides: the sidecar tunnelled, the gateway decided for a.
+    t.a.wait_record("tunnelled", |r| {
+        r["plan"] == "egress-gateway" && r["decision"] == "allow"
+    });
+    let ok = t.b.wait_record("allowed at the gateway", |r| {
+        r["plan"] == "egress" && r["host"] == "api.allowed.test"
+    });
+    assert_eq!(ok["src"], format!("spiffe://{TD}/a"), "{ok}");
+    assert_eq!(ok["policy"], "egress:allowed-api", "{ok}");
+    assert_eq!(ok["orig_dst"], format!("{B_IP}:443"), "{ok}");
+    let denied = t.b.wait_record("refused at the gateway", |r| {
+        r["decision"] == "deny" && r["host"] == "b-only.test"
+    });
+    assert_eq!(denied["src"], format!("spiffe://{TD}/a"), "{denied}");
+    let verify = run(Command::new(env!("CARGO_BIN_EXE_ward-proxy"))
+        .args(["log", "verify"])
+        .arg(t.b.dir.join("access.jsonl")));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
     );
 }

@@ -482,3 +482,49 @@ fn the_kubernetes_example_injects_cleanly() {
     validate(&docs);
     assert_eq!(sidecars(&docs).len(), 2, "api and web get a sidecar");
 }
+
+#[test]
+fn egress_enforce_annotation_makes_the_sidecar_follow_the_cas_egress() {
+    let pod = |egress: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{ name: web, namespace: shop }}\n\
+             spec:\n  selector: {{ matchLabels: {{ app: web }} }}\n  template:\n\
+             \x20   metadata: {{ labels: {{ app: web }}, annotations: {{ ward.dev/egress: \"{egress}\" }} }}\n\
+             \x20   spec:\n      containers: [ {{ name: web, image: example/web:1, ports: [ {{ containerPort: 8080 }} ] }} ]\n"
+        )
+    };
+    let out = ok(&inject(&[], Some(&pod("enforce"))));
+    let docs = flat_docs(&out);
+    let side = &sidecars(&docs)[0];
+    let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    let eg = cfg.egress.expect("an egress section");
+    assert!(eg.from_agent && eg.dns.is_none(), "{eg:?}");
+    assert!(cfg.authorization.from_agent);
+    let unknowns: Vec<_> = cfg
+        .listeners
+        .iter()
+        .filter_map(|l| match l {
+            Listener::OutboundCapture(o) => Some(o.unknown),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        unknowns,
+        [
+            ward_proxy::config::UnknownDestination::Egress,
+            ward_proxy::config::UnknownDestination::Egress
+        ]
+    );
+    // The default leaves destinations outside the mesh open; a wrong value is refused.
+    let out = ok(&inject(&[], Some(&pod("passthrough"))));
+    let side = &sidecars(&flat_docs(&out))[0];
+    let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    assert!(cfg.egress.is_none());
+    let bad = inject(&[], Some(&pod("strict")));
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("ward.dev/egress \"strict\": want enforce or passthrough"),
+        "{err}"
+    );
+}

@@ -3,6 +3,7 @@
 //! classification over bytes ([`classify`]) plus bounded waits for the first bytes.
 
 pub mod hello;
+pub mod proxy_header;
 
 use std::io;
 use std::pin::Pin;
@@ -144,13 +145,15 @@ pub async fn sniff<T: AsyncRead + Unpin>(
     }
 }
 
-/// Reads the ClientHello a connection opens with (waiting at most `wait` for all of it) and
-/// its server name; returns the bytes read so they can be replayed to the destination.
+/// Reads the ClientHello a connection opens with (`read` already read from it; waiting at
+/// most `wait` for all of it) and its server name; returns the bytes read so they can be
+/// replayed to the destination.
 pub async fn client_hello<T: AsyncRead + Unpin>(
     io: &mut T,
+    read: Vec<u8>,
     wait: Duration,
 ) -> io::Result<(hello::Hello, Bytes)> {
-    let mut buf = Vec::with_capacity(2048);
+    let mut buf = read;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let h = hello::server_name(&buf);
@@ -177,6 +180,35 @@ pub async fn client_hello<T: AsyncRead + Unpin>(
                     Bytes::from(buf),
                 ));
             }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// Reads the PROXY v2 header a tunnel opens with (waiting at most `wait`); returns its
+/// addresses and the bytes read after it.
+pub async fn proxy_header<T: AsyncRead + Unpin>(
+    io: &mut T,
+    wait: Duration,
+) -> io::Result<Result<(proxy_header::Addresses, Bytes), &'static str>> {
+    let mut buf = Vec::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match proxy_header::decode(&buf) {
+            proxy_header::Parsed::Header(a, used) => {
+                return Ok(Ok((a, Bytes::from(buf).slice(used..))));
+            }
+            proxy_header::Parsed::Invalid(e) => return Ok(Err(e)),
+            proxy_header::Parsed::More => {}
+        }
+        if buf.len() > 512 {
+            return Ok(Err("PROXY header too long"));
+        }
+        let mut chunk = [0u8; 256];
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(Ok(0)) => return Ok(Err("closed before the PROXY header ended")),
+            Err(_) => return Ok(Err("no PROXY header in time")),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e),
         }

@@ -156,3 +156,71 @@ pub async fn http(
         }
     }
 }
+
+/// A sidecar with an egress gateway: the connection goes, unread, over mTLS (this workload's
+/// identity; the gateway must present one of its expected IDs) to the gateway, after a PROXY
+/// v2 header naming the address the application dialled. The gateway decides and records.
+pub async fn tunnel(
+    l: &ListenerCtx,
+    mut io: tokio::net::TcpStream,
+    conn: ConnInfo,
+    gw: &crate::egress::GatewayRef,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let shared = &l.shared;
+    let obs = &shared.obs;
+    let own = shared.own_id();
+    let mut rec = Record::start(&l.name, "tcp", own.as_ref(), conn.orig_dst);
+    let Some(dst) = conn.orig_dst else {
+        return;
+    };
+    let up = shared.upstreams.get(
+        &gw.address,
+        &gw.expected_ids,
+        &shared.sink,
+        &l.name,
+        &obs.metrics,
+    );
+    rec.endpoint = Some(gw.address.clone());
+    let mut tls = match up.connect_tcp(&l.name, &obs.metrics).await {
+        Ok(t) => t,
+        Err(e) => {
+            rec.decided(
+                obs,
+                Outcome::plain("error", "egress:gateway"),
+                "egress-gateway",
+            );
+            rec.finish(
+                obs,
+                0,
+                format!("egress gateway {} unavailable: {e}", gw.address),
+                0,
+                0,
+            );
+            return;
+        }
+    };
+    rec.dst = crate::tls::upstream_id(&tls).map(|i| i.to_string());
+    let header = crate::detect::proxy_header::encode(&crate::detect::proxy_header::Addresses {
+        src: conn.remote,
+        dst,
+    });
+    if let Err(e) = tls.write_all(&header).await {
+        rec.decided(
+            obs,
+            Outcome::plain("error", "egress:gateway"),
+            "egress-gateway",
+        );
+        rec.finish(obs, 0, format!("egress gateway {}: {e}", gw.address), 0, 0);
+        return;
+    }
+    rec.decided(
+        obs,
+        Outcome::plain("allow", "egress:gateway"),
+        "egress-gateway",
+    );
+    let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut tls)
+        .await
+        .unwrap_or((0, 0));
+    rec.finish(obs, 0, "through the egress gateway".into(), i, o);
+}

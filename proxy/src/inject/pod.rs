@@ -173,7 +173,13 @@ pub(super) fn pod(
         drain_timeout: std::time::Duration::from_secs(5),
         // Captured pods call Services by ClusterIP or name: balanced through discovery.
         discovery: capture.then(crate::config::DiscoveryCfg::default),
-        egress: None,
+        // Enforced egress follows the CA's configuration; names resolve with the pod's DNS.
+        egress: (capture && egress_enforced(template)?).then(|| crate::egress::EgressCfg {
+            dns: None,
+            policy: Default::default(),
+            from_agent: true,
+            gateway: None,
+        }),
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.
@@ -378,6 +384,18 @@ fn probes(spec: &Value) -> Vec<Probe> {
     out
 }
 
+/// `ward.dev/egress: enforce`: destinations outside the mesh only as the CA's egress
+/// configuration allows (`passthrough`, the default, leaves them open).
+fn egress_enforced(template: &Value) -> Result<bool, String> {
+    match annotation(template, "ward.dev/egress") {
+        None | Some("passthrough") => Ok(false),
+        Some("enforce") => Ok(true),
+        Some(other) => Err(format!(
+            "ward.dev/egress {other:?}: want enforce or passthrough"
+        )),
+    }
+}
+
 /// The capture listeners of a pod: inbound on `[::]:15006`, outbound on loopback (IPv4 and
 /// IPv6) with the mesh routes of `ward.dev/mesh-routes`.
 fn capture_listeners(template: &Value, spec: &Value) -> Result<Vec<Listener>, String> {
@@ -397,13 +415,18 @@ fn capture_listeners(template: &Value, spec: &Value) -> Result<Vec<Listener>, St
         Some(a) => annotations::mesh_routes(a)?,
         None => Vec::new(),
     };
+    let unknown = if egress_enforced(template)? {
+        UnknownDestination::Egress
+    } else {
+        UnknownDestination::Passthrough
+    };
     let out = |name: &str, listen: SocketAddr| {
         Listener::OutboundCapture(OutboundCapture {
             name: name.into(),
             listen,
             protocol: Protocol::Auto,
             routes: routes.clone(),
-            unknown: UnknownDestination::Passthrough,
+            unknown,
         })
     };
     Ok(vec![
