@@ -227,6 +227,11 @@ fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
     assert!(ca.kubernetes.clusters[0].controller.default_policy);
     assert!(agent.k8s.as_ref().unwrap().kubelet_ca.is_some());
     assert!(!docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "NetworkPolicy" || d["kind"] == "Namespace")
+    );
     assert_eq!(
         docs.iter()
             .filter(|d| d["kind"] == "CustomResourceDefinition")
@@ -270,6 +275,45 @@ fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
         .unwrap();
     assert_eq!(s(&host["hostPath"]["path"]), "/run/spiffe");
     assert!(docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
+
+    // The egress gateway: a proxy config the proxy accepts, listening where the Service and
+    // the container say, and a NetworkPolicy in each listed namespace.
+    let cm = find(&docs, "ConfigMap", "rel-ward-egress-gateway");
+    assert_eq!(cm["metadata"]["namespace"], "ward-egress");
+    let text = s(&cm["data"]["proxy.yaml"]);
+    let cfg = ward_proxy::ProxyConfig::from_yaml(text, "chart proxy.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(cfg.listeners[0].role(), "egress-gateway");
+    let port = cfg.listeners[0].listen().port();
+    let eg = cfg.egress.as_ref().unwrap();
+    assert!(eg.from_agent && cfg.authorization.from_agent);
+    assert_eq!(eg.dns, Some("10.96.0.10:53".parse().unwrap()));
+    let svc = find(&docs, "Service", "rel-ward-egress-gateway");
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"].as_u64(),
+        Some(u64::from(port))
+    );
+    let dep = find(&docs, "Deployment", "rel-ward-egress-gateway");
+    assert_eq!(dep["spec"]["replicas"], 3);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        c["ports"][0]["containerPort"].as_u64(),
+        Some(u64::from(port))
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        s(&c["image"]),
+        "registry.example.com/sec/ward-proxy:0.1.0-rc1"
+    );
+    let policies: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .map(|d| s(&d["metadata"]["namespace"]))
+        .collect();
+    assert_eq!(policies, ["shop", "blog"]);
+    let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    assert_eq!(np["spec"]["policyTypes"][0], "Egress");
+    assert!(np["spec"]["egress"][0]["to"][0]["namespaceSelector"].is_mapping());
 }
 
 #[test]
@@ -281,6 +325,8 @@ fn wrong_values_fail_at_install_with_the_path() {
         ("ca.ttl.ca=one day", "/ca/ttl/ca"),
         ("proxy.defaultPolicy=allow-all", "/proxy/defaultPolicy"),
         ("ca.rotation.prepareAt=1.5", "/ca/rotation/prepareAt"),
+        ("egressGateway.port=0", "/egressGateway/port"),
+        ("egressGateway.dns=somewhere", "/egressGateway/dns"),
         ("unknownKey=1", "unknownKey"),
     ] {
         let (ok, _, err) = helm(&["template", "rel", chart.to_str().unwrap(), "--set", set]);

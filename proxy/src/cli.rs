@@ -93,6 +93,10 @@ enum Command {
         /// at them (a pod can also opt out with ward.dev/capture: "false").
         #[arg(long, value_enum, default_value = "capture")]
         mode: InjectMode,
+        /// Pods with ward.dev/egress: enforce send every destination outside the mesh through
+        /// this egress gateway: `<host:port>=<gateway SPIFFE ID>`.
+        #[arg(long)]
+        egress_gateway: Option<String>,
     },
     /// Install (or with --remove, remove) the rules that send every TCP connection of this
     /// network namespace through the proxy: inbound to the inbound capture port, outbound
@@ -244,6 +248,18 @@ enum LogCmd {
     },
 }
 
+/// `--egress-gateway <host:port>=<spiffe id>`.
+fn parse_gateway(s: &str) -> Result<crate::egress::GatewayRef, String> {
+    let bad = |why: &str| format!("--egress-gateway {s:?}: {why} (want <host:port>=<spiffe id>)");
+    let (addr, id) = s.split_once('=').ok_or_else(|| bad("no '='"))?;
+    crate::config::host_port(addr).map_err(|e| bad(&e))?;
+    let id = ward_spiffe::SpiffeId::new(id.trim()).map_err(|e| bad(&e.to_string()))?;
+    Ok(crate::egress::GatewayRef {
+        address: addr.trim().to_owned(),
+        expected_ids: vec![id],
+    })
+}
+
 fn read_stdin() -> String {
     let mut s = String::new();
     let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s);
@@ -300,8 +316,14 @@ pub async fn main() -> ExitCode {
             default_policy,
             socket_dir,
             mode,
+            egress_gateway,
         } => {
+            let egress_gateway = match egress_gateway.as_deref().map(parse_gateway).transpose() {
+                Ok(g) => g,
+                Err(e) => return fail(2, &e),
+            };
             let opts = crate::inject::Options {
+                egress_gateway,
                 image,
                 default_policy: default_policy.into(),
                 socket_dir,

@@ -520,6 +520,20 @@ fn egress_enforce_annotation_makes_the_sidecar_follow_the_cas_egress() {
     let side = &sidecars(&flat_docs(&out))[0];
     let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
     assert!(cfg.egress.is_none());
+    // With the chart's gateway, everything outside the mesh goes through it.
+    let gw = "rel-ward-egress-gateway.ward-egress.svc:15008=spiffe://example.org/ns/ward-egress/sa/rel-ward-egress-gateway";
+    let out = ok(&inject(&["--egress-gateway", gw], Some(&pod("enforce"))));
+    let side = &sidecars(&flat_docs(&out))[0];
+    let cfg = ProxyConfig::from_yaml(side["env"][0]["value"].as_str().unwrap(), "x").unwrap();
+    let g = cfg.egress.unwrap().gateway.expect("a gateway");
+    assert_eq!(g.address, "rel-ward-egress-gateway.ward-egress.svc:15008");
+    assert_eq!(
+        g.expected_ids[0].as_str(),
+        "spiffe://example.org/ns/ward-egress/sa/rel-ward-egress-gateway"
+    );
+    let bad = inject(&["--egress-gateway", "nope"], Some(&pod("enforce")));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--egress-gateway \"nope\""));
     let bad = inject(&[], Some(&pod("strict")));
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);

@@ -70,6 +70,8 @@ pub struct Options {
     pub socket_dir: String,
     /// Capture or explicit.
     pub mode: Mode,
+    /// The egress gateway of pods with `ward.dev/egress: enforce`, if any.
+    pub egress_gateway: Option<crate::egress::GatewayRef>,
 }
 
 /// Injects into every workload of a multi-document YAML stream. Errors name the document.

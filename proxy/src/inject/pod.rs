@@ -178,7 +178,7 @@ pub(super) fn pod(
             dns: None,
             policy: Default::default(),
             from_agent: true,
-            gateway: None,
+            gateway: o.egress_gateway.clone(),
         }),
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
