@@ -136,6 +136,9 @@ pub struct ControllerConfig {
     /// Keep mesh services from Services and EndpointSlices (service discovery).
     #[serde(default = "yes")]
     pub services: bool,
+    /// Turn `ExternalService` resources into the mesh's external services (egress).
+    #[serde(default = "yes")]
+    pub egress: bool,
 }
 
 impl Default for ControllerConfig {
@@ -146,6 +149,7 @@ impl Default for ControllerConfig {
             ignore_namespaces: default_ignore_namespaces(),
             authorization_policies: true,
             services: true,
+            egress: true,
         }
     }
 }

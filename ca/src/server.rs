@@ -334,6 +334,14 @@ impl CaServer {
             let Some(client) = cluster.client() else {
                 continue;
             };
+            if cc.controller.egress {
+                tasks.push(tokio::spawn(crate::k8s::egress::run(
+                    core.clone(),
+                    client.clone(),
+                    cluster.name().to_owned(),
+                    shutdown_rx.clone(),
+                )));
+            }
             if cc.controller.services {
                 tasks.push(tokio::spawn(crate::k8s::services::run(
                     core.clone(),

@@ -236,7 +236,7 @@ fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
         docs.iter()
             .filter(|d| d["kind"] == "CustomResourceDefinition")
             .count(),
-        2
+        3
     );
 
     // Custom values reach the configs.

@@ -85,8 +85,8 @@ enum Command {
         #[command(subcommand)]
         cmd: egress::EgressCmd,
     },
-    /// Print the Kubernetes CustomResourceDefinitions (IdentityPolicy, AuthorizationPolicy)
-    /// as YAML, for `kubectl apply -f -`.
+    /// Print the Kubernetes CustomResourceDefinitions (IdentityPolicy, AuthorizationPolicy,
+    /// ExternalService) as YAML, for `kubectl apply -f -`.
     Crds,
 }
 

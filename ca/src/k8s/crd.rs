@@ -1,5 +1,6 @@
-//! Ward's custom resources: `IdentityPolicy` (which pods get which SPIFFE ID) and
-//! `AuthorizationPolicy` (who may call whom), both cluster-scoped, group `ward.dev`.
+//! Ward's custom resources: `IdentityPolicy` (which pods get which SPIFFE ID),
+//! `AuthorizationPolicy` (who may call whom) and `ExternalService` (what outside the mesh who
+//! may reach), all cluster-scoped, group `ward.dev`.
 //! `ward-ca crds` prints their definitions (with OpenAPI v3 schemas) for the Helm chart.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -195,11 +196,90 @@ impl AuthorizationPolicy {
     }
 }
 
+/// A destination outside the mesh and who may reach it (see `ward_spiffe::egress` for the
+/// semantics); named after the resource.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "ward.dev",
+    version = "v1alpha1",
+    kind = "ExternalService",
+    status = "ExternalServiceStatus",
+    shortname = "wes",
+    printcolumn = r#"{"name":"Protocol","type":"string","jsonPath":".spec.protocol"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalServiceSpec {
+    /// `tls` (matched by SNI), `http` (by Host) or `tcp` (by address).
+    pub protocol: String,
+    /// DNS names, exact or `*.example.com` (one label), for tls and http.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Address ranges (`192.0.2.0/24`), for tcp.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Destination ports.
+    pub ports: Vec<u16>,
+    /// Who may reach it (`principals: ["*"]` for every workload).
+    pub from: Vec<CrdSource>,
+}
+
+/// What the controller did with an `ExternalService`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalServiceStatus {
+    /// `Accepted`: whether the version in force is this generation, and if not why.
+    #[serde(default)]
+    pub conditions: Vec<super::gateway::Condition>,
+}
+
+impl ExternalService {
+    /// The external service this resource describes; named after the resource.
+    pub fn to_service(&self) -> Result<ward_spiffe::egress::ExternalService, String> {
+        let name = self.metadata.name.clone().ok_or("resource has no name")?;
+        let protocol = match self.spec.protocol.as_str() {
+            "tls" => ward_spiffe::egress::Protocol::Tls,
+            "http" => ward_spiffe::egress::Protocol::Http,
+            "tcp" => ward_spiffe::egress::Protocol::Tcp,
+            other => return Err(format!("protocol {other:?} is not tls, http or tcp")),
+        };
+        Ok(ward_spiffe::egress::ExternalService {
+            name,
+            protocol,
+            hosts: self.spec.hosts.clone(),
+            addresses: self
+                .spec
+                .addresses
+                .iter()
+                .map(|a| a.parse())
+                .collect::<Result<_, String>>()?,
+            ports: self.spec.ports.clone(),
+            from: self
+                .spec
+                .from
+                .iter()
+                .map(|s| ward_spiffe::policy::Source {
+                    principals: s.principals.clone(),
+                    not_principals: s.not_principals.clone(),
+                    trust_domains: s.trust_domains.clone(),
+                    not_trust_domains: s.not_trust_domains.clone(),
+                    namespaces: s.namespaces.clone(),
+                    not_namespaces: s.not_namespaces.clone(),
+                })
+                .collect(),
+        })
+    }
+}
+
 /// The CustomResourceDefinitions as YAML documents.
 pub fn definitions_yaml() -> Result<String, String> {
     use kube::CustomResourceExt;
     let mut out = String::new();
-    for crd in [IdentityPolicy::crd(), AuthorizationPolicy::crd()] {
+    for crd in [
+        IdentityPolicy::crd(),
+        AuthorizationPolicy::crd(),
+        ExternalService::crd(),
+    ] {
         out.push_str("---\n");
         out.push_str(&serde_yaml_ng::to_string(&crd).map_err(|e| e.to_string())?);
     }

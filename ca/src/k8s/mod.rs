@@ -1,11 +1,13 @@
 //! Kubernetes: node attestation with projected service-account tokens, and (in `controller`)
 //! the identity controller that keeps one registration entry per selected pod, and (in
 //! `services`) the service controller that keeps the mesh services from Services and
-//! EndpointSlices.
+//! EndpointSlices, and (in `egress`) the controller that keeps external services from
+//! `ExternalService` resources.
 
 pub mod bundle_cm;
 pub mod controller;
 pub mod crd;
+pub mod egress;
 pub mod gateway;
 pub mod http;
 pub mod psat;
