@@ -180,6 +180,7 @@ async fn egress_reaches_the_proxy_through_the_agent_and_follows_changes() {
         },
         from_agent: true,
         gateway: None,
+        origination_roots: None,
     });
     c.listeners = vec![Listener::OutboundCapture(OutboundCapture {
         name: "out".into(),

@@ -33,6 +33,9 @@ pub struct EgressCfg {
     /// this workload's identity) instead of deciding and connecting here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayRef>,
+    /// PEM roots trusted for TLS origination besides the public ones (a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origination_roots: Option<std::path::PathBuf>,
 }
 
 /// Where the egress gateway is and who it must be.
@@ -54,11 +57,42 @@ fn tune(o: &mut hickory_resolver::config::ResolverOpts) {
     o.negative_min_ttl = Some(std::time::Duration::from_secs(5));
 }
 
+/// The client TLS of TLS origination: the public roots (webpki-roots) and `extra`.
+fn origination_tls(extra: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("egress: origination_roots {}: {e}", path.display()))?;
+        let mut n = 0;
+        use rustls_pki_types::pem::PemObject as _;
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let c = c.map_err(|e| format!("egress: origination_roots {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("egress: origination_roots {}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!(
+                "egress: origination_roots {}: no certificate",
+                path.display()
+            ));
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// Egress state: the compiled services and the resolver.
 pub struct Egress {
     set: std::sync::RwLock<std::sync::Arc<EgressSet>>,
     from_agent: bool,
     gateway: Option<GatewayRef>,
+    origination: std::sync::Arc<rustls::ClientConfig>,
     resolver: TokioResolver,
     dns: String,
 }
@@ -102,7 +136,9 @@ impl Egress {
                 (r, "system".to_owned())
             }
         };
+        let origination = std::sync::Arc::new(origination_tls(cfg.origination_roots.as_deref())?);
         Ok(Self {
+            origination,
             set: std::sync::RwLock::new(std::sync::Arc::new(set)),
             from_agent: cfg.from_agent,
             gateway: cfg.gateway.clone(),
@@ -114,6 +150,11 @@ impl Egress {
     /// The external services in force.
     pub fn set(&self) -> std::sync::Arc<EgressSet> {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The client TLS configuration of TLS origination.
+    pub fn origination(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        self.origination.clone()
     }
 
     /// The gateway every destination outside the mesh goes through, if any.

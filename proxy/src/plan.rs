@@ -154,6 +154,8 @@ pub struct External {
     pub policy: String,
     /// Why it was allowed.
     pub reason: String,
+    /// HTTP sent on as HTTPS to this port (TLS origination).
+    pub originate_tls: Option<u16>,
 }
 
 impl Plan<'_, '_> {
@@ -389,6 +391,7 @@ fn egress<'r: 'h, 'h>(
         name,
         policy,
         reason: d.reason,
+        originate_tls: d.originate_tls,
     }))
 }
 

@@ -44,12 +44,18 @@ services:
     hosts: [status.allowed.test]
     ports: [80]
     from: [ { principals: ["*"] } ]
+  - name: secure-status
+    protocol: http
+    hosts: [secure.allowed.test]
+    ports: [80]
+    originate_tls: 443
+    from: [ { principals: ["*"] } ]
 "#;
 
 /// The DNS records of the "internet" (dnsmasq `addn-hosts`).
 fn hosts(api_ip: &str) -> String {
     format!(
-        "{api_ip} api.allowed.test\n{A_IP} b-only.test\n{A_IP} status.allowed.test\n{B_IP} other.test\n"
+        "{api_ip} api.allowed.test\n{A_IP} b-only.test\n{A_IP} status.allowed.test\n{A_IP} secure.allowed.test\n{B_IP} other.test\n"
     )
 }
 
@@ -94,6 +100,7 @@ fn internet(t: &mut Topology) -> (std::path::PathBuf, std::path::PathBuf) {
         "*.wild.test".into(),
         "other.test".into(),
         "b-only.test".into(),
+        "secure.allowed.test".into(),
     ])
     .unwrap();
     let (crt, key) = (t.b.dir.join("origin.crt"), t.b.dir.join("origin.key"));
@@ -170,6 +177,7 @@ fn pods_reach_only_the_external_services_named_for_them() {
             policy: serde_yaml_ng::from_str(POLICY).unwrap(),
             from_agent: false,
             gateway: None,
+            origination_roots: None,
         });
     });
 
@@ -274,6 +282,8 @@ fn pods_reach_only_the_external_services_named_for_them() {
 fn the_egress_gateway_decides_for_the_caller_and_nothing_skips_it() {
     let mut t = Topology::new();
     let _ = internet(&mut t);
+    let origin_cert = t.b.dir.join("origin.crt");
+    std::os::unix::fs::chown(&origin_cert, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
     let rules = "table inet wardtest {\n  chain pods {\n    type filter hook forward priority 0; policy accept;\n    ip saddr 10.250.1.0/24 ip daddr 10.250.2.0/24 tcp dport != 15008 drop\n  }\n}\n";
     let rules_file = t.a.dir.join("node-rules.nft");
     std::fs::write(&rules_file, rules).unwrap();
@@ -294,6 +304,8 @@ fn the_egress_gateway_decides_for_the_caller_and_nothing_skips_it() {
             policy: serde_yaml_ng::from_str(POLICY).unwrap(),
             from_agent: false,
             gateway: None,
+            // The test servers' certificate, as a private CA would be.
+            origination_roots: Some(origin_cert.clone()),
         });
     });
     let out = t.a.init(&[]);
@@ -318,6 +330,7 @@ fn the_egress_gateway_decides_for_the_caller_and_nothing_skips_it() {
                     ward_spiffe::SpiffeId::new(&format!("spiffe://{TD}/gateway")).unwrap(),
                 ],
             }),
+            origination_roots: None,
         });
     });
 
@@ -333,6 +346,19 @@ fn the_egress_gateway_decides_for_the_caller_and_nothing_skips_it() {
         t.a.curl_with(&format!("http://{B_IP}/p"), &["-H", "Host: evil.test"]);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("egress denied"), "{body}");
+    // TLS origination at the gateway: the application speaks plain HTTP, the server gets
+    // verified HTTPS with the name as SNI.
+    let (code, body) = t.a.curl_with(
+        &format!("http://{B_IP}/o"),
+        &["-H", "Host: secure.allowed.test"],
+    );
+    assert_eq!(code, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (got["server"].as_str(), got["sni"].as_str()),
+        (Some("A"), Some("secure.allowed.test")),
+        "{got}"
+    );
     // Skipping the gateway (as the proxy's own uid, which capture does not redirect) reaches
     // nothing: only the gateway's port is open towards the internet.
     let direct = run(t.a.ns.as_user(PROXY_UID, "curl").args([

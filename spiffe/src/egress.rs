@@ -60,6 +60,10 @@ pub struct ExternalService {
     pub ports: Vec<u16>,
     /// Who may use it (at least one source; `principals: ["*"]` for every workload).
     pub from: Vec<Source>,
+    /// For `http`: send the application's plaintext requests on as HTTPS to this port,
+    /// verifying the server against public roots (TLS origination).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originate_tls: Option<u16>,
 }
 
 /// The egress configuration of a mesh: `egress: { default, namespaces, services }`.
@@ -164,6 +168,7 @@ struct Compiled {
     addresses: Vec<Cidr>,
     ports: Vec<u16>,
     from: Vec<SourceMatcher>,
+    originate_tls: Option<u16>,
 }
 
 impl Compiled {
@@ -225,6 +230,8 @@ pub struct Decision {
     pub service: Option<String>,
     /// Why, for the caller, the log and `explain`.
     pub reason: String,
+    /// Send the request on as HTTPS to this port (an `http` service with `originate_tls`).
+    pub originate_tls: Option<u16>,
 }
 
 impl EgressSet {
@@ -274,6 +281,14 @@ impl EgressSet {
                     .to_lowercase()));
                 }
             }
+            if s.originate_tls.is_some() && s.protocol != Protocol::Http {
+                return Err(bad(
+                    "originate_tls is for protocol http (the application's plaintext is sent on as HTTPS)".into(),
+                ));
+            }
+            if s.originate_tls == Some(0) {
+                return Err(bad("originate_tls must be a port, not 0".into()));
+            }
             let hosts = s
                 .hosts
                 .iter()
@@ -294,6 +309,7 @@ impl EgressSet {
                 addresses: s.addresses.clone(),
                 ports: s.ports.clone(),
                 from,
+                originate_tls: s.originate_tls,
             });
         }
         // Overlapping ranges on a shared port must grant the same: otherwise which grant
@@ -374,6 +390,7 @@ impl EgressSet {
                     reach: Reach::Name(n.clone()),
                     service: Some(s.name.clone()),
                     reason: format!("{n}:{} is external service {}", a.port, s.name),
+                    originate_tls: s.originate_tls,
                 }
             } else {
                 Decision {
@@ -381,6 +398,7 @@ impl EgressSet {
                     reach: Reach::Name(n.clone()),
                     service: Some(s.name.clone()),
                     reason: format!("{src} may not use external service {}", s.name),
+                    originate_tls: None,
                 }
             };
         }
@@ -400,6 +418,7 @@ impl EgressSet {
                 } else {
                     format!("{src} may not use external service {}", s.name)
                 },
+                originate_tls: None,
             };
         }
         let what = match (&name, a.seen) {
@@ -418,12 +437,14 @@ impl EgressSet {
                 reach: Reach::Dialled,
                 service: None,
                 reason: format!("{what} is not an external service; the default allows it"),
+                originate_tls: None,
             },
             Mode::Deny => Decision {
                 allowed: false,
                 reach: Reach::Dialled,
                 service: None,
                 reason: format!("{what} is not an allowed external service"),
+                originate_tls: None,
             },
         }
     }
@@ -565,6 +586,7 @@ mod tests {
             (format!(r#"{{ "name": "a", "protocol": "http", "addresses": ["10.0.0.0/8"], "ports": [1], {from} }}"#), "protocol http"),
             (format!(r#"{{ "name": "a", "protocol": "tls", "hosts": ["a.com"], "ports": [], {from} }}"#), "ports"),
             (r#"{ "name": "a", "protocol": "tls", "hosts": ["a.com"], "ports": [443], "from": [] }"#.into(), "from must name"),
+            (format!(r#"{{ "name": "a", "protocol": "tls", "hosts": ["a.com"], "ports": [443], "originate_tls": 443, {from} }}"#), "originate_tls is for protocol http"),
             (r#"{ "name": "a", "protocol": "tls", "hosts": ["a.com"], "ports": [443], "from": [ { "principals": ["nope"] } ] }"#.into(), "from[0]"),
         ] {
             let e = bad(&svc);

@@ -222,6 +222,9 @@ pub struct ExternalServiceSpec {
     pub ports: Vec<u16>,
     /// Who may reach it (`principals: ["*"]` for every workload).
     pub from: Vec<CrdSource>,
+    /// For http: send requests on as HTTPS to this port, verified against public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originate_tls_port: Option<u16>,
 }
 
 /// What the controller did with an `ExternalService`.
@@ -267,6 +270,7 @@ impl ExternalService {
                     not_namespaces: s.not_namespaces.clone(),
                 })
                 .collect(),
+            originate_tls: self.spec.originate_tls_port,
         })
     }
 }

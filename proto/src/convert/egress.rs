@@ -45,6 +45,7 @@ pub fn egress_to_proto(d: &EgressDoc, revision: u64) -> types::EgressConfig {
                 addresses: s.addresses.iter().map(ToString::to_string).collect(),
                 ports: s.ports.iter().map(|p| u32::from(*p)).collect(),
                 from: s.from.iter().map(source_to).collect(),
+                originate_tls_port: s.originate_tls.map_or(0, u32::from),
             })
             .collect(),
         revision,
@@ -78,6 +79,13 @@ pub fn egress_from_proto(m: &types::EgressConfig) -> Result<EgressDoc, String> {
                 .map(|p| u16::try_from(*p).map_err(|_| bad(format!("port {p} is out of range"))))
                 .collect::<Result<_, _>>()?,
             from: s.from.iter().map(source_from).collect(),
+            originate_tls: match s.originate_tls_port {
+                0 => None,
+                p => Some(
+                    u16::try_from(p)
+                        .map_err(|_| bad(format!("originate_tls port {p} is out of range")))?,
+                ),
+            },
         });
     }
     Ok(EgressDoc {
@@ -104,7 +112,9 @@ mod tests {
                 { "name": "stripe", "protocol": "tls", "hosts": ["api.stripe.com", "*.stripe.com"],
                   "ports": [443], "from": [ { "namespaces": ["shop"], "not_principals": ["spiffe://t/ns/shop/sa/x"] } ] },
                 { "name": "db", "protocol": "tcp", "addresses": ["192.0.2.0/24"], "ports": [5432],
-                  "from": [ { "principals": ["*"] } ] } ]
+                  "from": [ { "principals": ["*"] } ] },
+                { "name": "status", "protocol": "http", "hosts": ["status.example.com"], "ports": [80],
+                  "originate_tls": 443, "from": [ { "principals": ["*"] } ] } ]
         }))
         .unwrap();
         assert_eq!(egress_from_proto(&egress_to_proto(&doc, 3)).unwrap(), doc);

@@ -95,7 +95,8 @@ pub async fn http(
     let obs = &l.shared.obs;
     rec.host = e.name.clone();
     let to = match target(l, conn, &e).await {
-        Ok(a) => a,
+        // TLS origination: the same address, the service's HTTPS port.
+        Ok(a) => e.originate_tls.map_or(a, |p| SocketAddr::new(a.ip(), p)),
         Err(why) => {
             let r = Refusal::Unavailable(why);
             rec.decided(obs, Outcome::plain("error", &e.policy), "egress");
@@ -131,7 +132,17 @@ pub async fn http(
     let bytes_in = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
     let out = Request::from_parts(parts, boxed(Counted::new(body, bytes_in.clone(), None)));
-    let result = l.shared.apps.get(&to.to_string()).h1.request(out).await;
+    let result = match (e.originate_tls, &e.name, &l.shared.egress) {
+        (Some(_), Some(name), Some(eg)) => originate(eg, name, to, out).await,
+        _ => l
+            .shared
+            .apps
+            .get(&to.to_string())
+            .h1
+            .request(out)
+            .await
+            .map_err(|err| crate::forward::source_chain(&err)),
+    };
     rec.observe_latency(obs);
     match result {
         Ok(resp) => {
@@ -140,10 +151,7 @@ pub async fn http(
             Response::from_parts(parts, body)
         }
         Err(err) => {
-            let r = Refusal::Unavailable(format!(
-                "{to} unreachable: {}",
-                crate::forward::source_chain(&err)
-            ));
+            let r = Refusal::Unavailable(format!("{to} unreachable: {err}"));
             let (status, ..) = r.answer();
             rec.finish(
                 obs,
@@ -155,6 +163,46 @@ pub async fn http(
             r.respond(grpc)
         }
     }
+}
+
+/// Sends `req` as HTTPS to `name` at `to`: TLS verified for `name` against the public roots
+/// (and any configured ones), then HTTP/1.1. One connection per request.
+async fn originate(
+    eg: &crate::egress::Egress,
+    name: &str,
+    to: SocketAddr,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, String> {
+    let server = rustls_pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| format!("{name} is not a TLS server name: {e}"))?;
+    let tcp = crate::forward::pools::dial(&to.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(eg.origination()).connect(server, tcp),
+    )
+    .await
+    .map_err(|_| format!("TLS to {name} timed out"))?
+    .map_err(|e| format!("TLS to {name}: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP to {name}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    // Origin form on the wire; the Host header names the server.
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *req.uri_mut() = pq.parse().map_err(|_| "bad request target".to_owned())?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| crate::forward::source_chain(&e))
 }
 
 /// A sidecar with an egress gateway: the connection goes, unread, over mTLS (this workload's

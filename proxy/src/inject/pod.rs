@@ -179,6 +179,7 @@ pub(super) fn pod(
             policy: Default::default(),
             from_agent: true,
             gateway: o.egress_gateway.clone(),
+            origination_roots: None,
         }),
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
