@@ -371,6 +371,11 @@ pub struct Authorization {
     /// (requires a `workload_api` identity).
     #[serde(default)]
     pub from_agent: bool,
+    /// Pass `X-HTTP-Method-Override` (and `X-HTTP-Method`, `X-Method-Override`) on to the
+    /// application. Off by default: an application that honours them would run another method
+    /// than the one authorized (a GET-only policy letting a DELETE through).
+    #[serde(default)]
+    pub forward_method_override: bool,
 }
 
 impl Default for Authorization {
@@ -381,6 +386,7 @@ impl Default for Authorization {
             policy_files: Vec::new(),
             reload_interval: default_reload(),
             from_agent: false,
+            forward_method_override: false,
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct Shared {
     pub discovery_cfg: crate::config::DiscoveryCfg,
     /// External services and the resolver for them, when configured.
     pub egress: Option<Arc<crate::egress::Egress>>,
+    /// Pass method-override headers on to the application.
+    pub forward_method_override: bool,
 }
 
 impl Shared {

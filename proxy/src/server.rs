@@ -170,6 +170,7 @@ impl Proxy {
             balancer: cfg.discovery.map(|d| d.balancer).unwrap_or_default(),
             discovery_cfg: cfg.discovery.unwrap_or_default(),
             egress,
+            forward_method_override: cfg.authorization.forward_method_override,
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();

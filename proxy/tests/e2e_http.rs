@@ -141,3 +141,105 @@ async fn http1_only_applications_work_across_the_http2_hop() {
     assert_eq!(r.json()["version"], "HTTP/1.1");
     mesh.stop().await;
 }
+
+/// What reaches the application is what was authorized: no look-alike of the peer-ID header,
+/// no method override (unless configured), one Host; and a refused HEAD has no body, so an
+/// HTTP/2 client gets the status instead of a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_the_app_as_they_were_authorized() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start(dir.path()).await;
+    let out = mesh.outbound();
+    let r = request(
+        out,
+        "GET",
+        "/api/hello",
+        &[
+            ("x_ward_peer_id", "spiffe://mesh.test/admin"),
+            ("X-Ward-Peer-Id", "spiffe://mesh.test/admin2"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-kept", "1"),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(
+        j["peers"],
+        serde_json::json!(["spiffe://mesh.test/frontend"])
+    );
+    let names: Vec<&str> = j["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"x-kept"), "{names:?}");
+    for gone in [
+        "x_ward_peer_id",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        assert!(!names.contains(&gone), "{gone} reached the app: {names:?}");
+    }
+
+    // Two Host headers: 400 (RFC 9112), at the first proxy already.
+    let tcp = tokio::net::TcpStream::connect(out).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .uri("/api/hello")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    req.headers_mut().append("host", "a.local".parse().unwrap());
+    req.headers_mut().append("host", "b.local".parse().unwrap());
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // A refused HEAD over HTTP/2: the status, no body, no protocol error.
+    let r = request(out, "HEAD", "/other", &[], true).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, "");
+    let r = request(out, "HEAD", "/other", &[], false).await;
+    assert_eq!(r.status, 403);
+    mesh.stop().await;
+}
+
+/// `authorization.forward_method_override` passes the overrides on, for applications that
+/// need them and whose policies account for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_overrides_pass_only_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Http,
+        |b| b.authorization.forward_method_override = true,
+        |_| {},
+    )
+    .await;
+    let r = request(
+        mesh.outbound(),
+        "GET",
+        "/api/hello",
+        &[("x-http-method-override", "PATCH")],
+        false,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names = r.json()["names"].clone();
+    assert!(
+        names
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "x-http-method-override"),
+        "{names}"
+    );
+    mesh.stop().await;
+}

@@ -73,6 +73,20 @@ pub(crate) fn refuse(l: &ListenerCtx, mut rec: Record, r: Refused, grpc: bool) -
 }
 
 async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let head = req.method() == http::Method::HEAD;
+    let mut resp = handle_request(l, conn, req).await;
+    if head {
+        // No body to a HEAD, whoever answered (an HTTP/2 client treats one as a protocol error).
+        *resp.body_mut() = crate::http::full(bytes::Bytes::new());
+    }
+    resp
+}
+
+async fn handle_request(
+    l: &ListenerCtx,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let grpc = is_grpc(&req);
     let own = l.shared.own_id();
     let src = if l.role.is_inbound() {
@@ -82,6 +96,14 @@ async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Res
     };
     let mut rec = Record::start(&l.name, "http", src, conn.orig_dst)
         .request(req.method().as_str(), req.uri().path());
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        let r = Refused {
+            refusal: Refusal::BadRequest("more than one Host header"),
+            outcome: Outcome::plain("error", "none"),
+            path: None,
+        };
+        return refuse(l, rec, r, grpc);
+    }
     let arrived = l.arrived(
         conn,
         Some(Head {
@@ -263,7 +285,28 @@ async fn deliver(
     let shared = &l.shared;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    headers.remove(&shared.header);
+    // Every spelling stacks may read as the peer-ID header (`x_ward_peer_id` maps to the same
+    // CGI variable), and the method overrides policy never saw.
+    let peer_header = shared.header.as_str();
+    let forged: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let n = k.as_str();
+            n.len() == peer_header.len()
+                && n.bytes()
+                    .zip(peer_header.bytes())
+                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+                || (!shared.forward_method_override
+                    && matches!(
+                        n,
+                        "x-http-method-override" | "x-http-method" | "x-method-override"
+                    ))
+        })
+        .cloned()
+        .collect();
+    for k in forged {
+        headers.remove(&k);
+    }
     if let Some(p) = &conn.peer
         && let Ok(v) = HeaderValue::from_str(p.as_str())
     {

@@ -49,6 +49,11 @@ pub async fn start_app() -> SocketAddr {
                         .get("host")
                         .map(|h| h.to_str().unwrap_or("").to_owned());
                     let method = req.method().to_string();
+                    let names: Vec<String> = req
+                        .headers()
+                        .keys()
+                        .map(|k| k.as_str().to_owned())
+                        .collect();
                     let path = req
                         .uri()
                         .path_and_query()
@@ -63,7 +68,7 @@ pub async fn start_app() -> SocketAddr {
                         .unwrap_or_default();
                     let out = serde_json::json!({
                         "method": method, "path": path, "peers": peers, "version": version,
-                        "host": host, "body_len": body.len(),
+                        "host": host, "body_len": body.len(), "names": names,
                     });
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out.to_string()))))
                 });
