@@ -87,6 +87,14 @@ pub struct ClusterConfig {
     /// Offline: CA bundle for HTTPS discovery (default: the system bundle).
     #[serde(default)]
     pub jwks_ca_file: Option<PathBuf>,
+    /// Offline: a token with an unknown key makes the CA fetch the JWKS again at most this
+    /// often (so unauthenticated callers cannot multiply load on the cluster's OIDC endpoint);
+    /// keys unknown after a fetch are refused until the next one may happen.
+    #[serde(
+        default = "default_jwks_refresh",
+        with = "ward_net::duration::serde_str"
+    )]
+    pub jwks_min_refresh_interval: std::time::Duration,
     /// Node labels that become agent selectors.
     #[serde(default)]
     pub node_label_allow_list: Vec<String>,
@@ -160,6 +168,10 @@ fn yes() -> bool {
 
 fn default_ignore_namespaces() -> Vec<String> {
     vec!["kube-system".into(), "kube-public".into(), "ward".into()]
+}
+
+fn default_jwks_refresh() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 fn default_audience() -> String {

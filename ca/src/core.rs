@@ -86,11 +86,14 @@ impl CaCore {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
         let authorities = Authorities::open(&cfg, store.clone(), keys, clock.clone()).await?;
-        let clusters = crate::k8s::psat::Clusters::new(&cfg.kubernetes.clusters)
-            .await
-            .map_err(ApiError::FailedPrecondition)?;
-        let td = cfg.trust_domain.clone();
         let metrics = Metrics::new();
+        let clusters = crate::k8s::psat::Clusters::new(
+            &cfg.kubernetes.clusters,
+            &metrics.jwks_refresh_suppressed,
+        )
+        .await
+        .map_err(ApiError::FailedPrecondition)?;
+        let td = cfg.trust_domain.clone();
         let core = Self {
             entries: EntryRepo::new(store.clone(), td.clone()),
             agents: AgentRepo::new(store.clone(), td),

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub k8s_synced: Family<ClusterLabel, Gauge>,
     /// Entry writes (creates, updates, deletes) by the controller, by cluster.
     pub k8s_entry_writes: Family<ClusterLabel, Counter>,
+    /// Tokens with an unknown key answered without fetching the JWKS again (the last fetch
+    /// was too recent), by cluster.
+    pub jwks_refresh_suppressed: Family<ClusterLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,6 +107,7 @@ impl Metrics {
             k8s_render_failures: Family::default(),
             k8s_synced: Family::default(),
             k8s_entry_writes: Family::default(),
+            jwks_refresh_suppressed: Family::default(),
         }
     }
 
@@ -170,6 +174,11 @@ impl Metrics {
             "k8s_entry_writes",
             "Entry creates, updates and deletes by the identity controller",
             self.k8s_entry_writes.clone(),
+        );
+        r.register(
+            "jwks_refresh_suppressed",
+            "Tokens with an unknown key refused without fetching the cluster's JWKS again",
+            self.jwks_refresh_suppressed.clone(),
         );
     }
 

@@ -63,6 +63,7 @@ fn cluster(fake: &FakeKube, dir: &std::path::Path, mode: PsatMode) -> ClusterCon
         jwks_file: None,
         jwks_discovery: mode == PsatMode::Offline,
         jwks_ca_file: None,
+        jwks_min_refresh_interval: std::time::Duration::from_secs(10),
         node_label_allow_list: vec!["topology.kubernetes.io/zone".into()],
         pod_label_allow_list: vec![],
         // These tests manage entries themselves.
@@ -297,10 +298,45 @@ async fn offline_mode_verifies_against_the_jwks() {
     let e = c.attest(req("c1", forged)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("signature"), "{}", e.message());
-    // Another cluster's key: unknown kid, refreshed once, still unknown.
+    // Another cluster's key: unknown kid; the JWKS was fetched moments ago (for the first
+    // token), so it is refused from what is known.
     let other = FakeKube::start().await;
     let e = c.attest(req("c1", other.token(&good))).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
+    // A flood of unknown keys does not multiply the load on the cluster's OIDC endpoint: the
+    // JWKS is fetched again at most once per interval (10 s by default), the rest are refused
+    // from what is known, and counted.
+    let fetches = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.contains("openid") || r.contains("jwks"))
+            .count()
+    };
+    let before = fetches();
+    for _ in 0..20 {
+        let e = c.attest(req("c1", other.token(&good))).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(
+            e.message().contains("is not a key of cluster c1"),
+            "{}",
+            e.message()
+        );
+    }
+    assert_eq!(fetches(), before, "no JWKS fetch within the interval");
+    let suppressed = ca
+        .core
+        .metrics
+        .jwks_refresh_suppressed
+        .get_or_create(&ward_ca::metrics::ClusterLabel {
+            cluster: "c1".into(),
+        })
+        .get();
+    assert_eq!(
+        suppressed, 21,
+        "the first other-cluster token and the 20 after it"
+    );
+    // Known keys still work meanwhile.
+    c.attest(req("c1", fake.token(&good))).await.unwrap();
     // The pod behind the token was replaced: same name, another UID.
     fake.put(&agent_pod("ward-agent-abc", "pod-u9", "n1"));
     let e = c.attest(req("c1", fake.token(&good))).await.unwrap_err();

@@ -76,6 +76,7 @@ async fn workloads_are_attested_as_pods() {
         jwks_file: None,
         jwks_discovery: false,
         jwks_ca_file: None,
+        jwks_min_refresh_interval: std::time::Duration::from_secs(10),
         node_label_allow_list: vec![],
         pod_label_allow_list: vec![],
         // These tests manage entries themselves.

@@ -282,6 +282,9 @@ pub struct Cluster {
     cfg: ClusterConfig,
     client: Option<kube::Client>,
     keys: Mutex<HashMap<String, jsonwebtoken::DecodingKey>>,
+    /// When the JWKS was last fetched for an unknown key (one fetch at a time).
+    last_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
+    refresh_suppressed: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -313,7 +316,10 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
 
 impl Cluster {
     /// Connects (lazily) to the cluster `cfg` describes.
-    pub async fn new(cfg: ClusterConfig) -> Result<Self, String> {
+    pub async fn new(
+        cfg: ClusterConfig,
+        suppressed: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Self, String> {
         let client = if cfg.has_api() {
             Some(client(cfg.kubeconfig.as_deref()).await?)
         } else {
@@ -323,6 +329,8 @@ impl Cluster {
             cfg,
             client,
             keys: Mutex::new(HashMap::new()),
+            last_refresh: tokio::sync::Mutex::new(None),
+            refresh_suppressed: suppressed,
         };
         if let Some(f) = &this.cfg.jwks_file {
             let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
@@ -411,14 +419,32 @@ impl Cluster {
         let key = match lookup(&kid) {
             Some(k) => k,
             None => {
-                // Unknown key: the cluster may have rotated; refresh once.
-                self.refresh_jwks().await?;
-                lookup(&kid).ok_or_else(|| {
-                    denied(format!(
-                        "token key {kid:?} is not a key of cluster {}",
-                        self.cfg.name
-                    ))
-                })?
+                // Unknown key: the cluster may have rotated. Fetch again — one fetch at a time
+                // and at most once per interval, so a flood of made-up keys costs the
+                // cluster's OIDC endpoint one request per interval.
+                let mut last = self.last_refresh.lock().await;
+                match lookup(&kid) {
+                    Some(k) => k,
+                    None => {
+                        let now = std::time::Instant::now();
+                        let recent = last.is_some_and(|t| {
+                            now.duration_since(t) < self.cfg.jwks_min_refresh_interval
+                        });
+                        if recent {
+                            self.refresh_suppressed.inc();
+                        } else {
+                            *last = Some(now);
+                            self.refresh_jwks().await?;
+                        }
+                        drop(last);
+                        lookup(&kid).ok_or_else(|| {
+                            denied(format!(
+                                "token key {kid:?} is not a key of cluster {}",
+                                self.cfg.name
+                            ))
+                        })?
+                    }
+                }
             }
         };
         let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
@@ -556,10 +582,21 @@ pub struct Clusters {
 
 impl Clusters {
     /// Builds clients for every configured cluster.
-    pub async fn new(cfgs: &[ClusterConfig]) -> Result<Self, String> {
+    pub async fn new(
+        cfgs: &[ClusterConfig],
+        suppressed: &prometheus_client::metrics::family::Family<
+            crate::metrics::ClusterLabel,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> Result<Self, String> {
         let mut by_name = HashMap::new();
         for c in cfgs {
-            let cluster = Cluster::new(c.clone())
+            let counter = suppressed
+                .get_or_create(&crate::metrics::ClusterLabel {
+                    cluster: c.name.clone(),
+                })
+                .clone();
+            let cluster = Cluster::new(c.clone(), counter)
                 .await
                 .map_err(|e| format!("cluster {}: {e}", c.name))?;
             by_name.insert(c.name.clone(), Arc::new(cluster));

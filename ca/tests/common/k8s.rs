@@ -33,6 +33,7 @@ pub fn cluster(fake: &FakeKube, dir: &std::path::Path) -> ClusterConfig {
         jwks_file: None,
         jwks_discovery: false,
         jwks_ca_file: None,
+        jwks_min_refresh_interval: std::time::Duration::from_secs(10),
         node_label_allow_list: vec![],
         pod_label_allow_list: vec![],
         controller: ControllerConfig::default(),
