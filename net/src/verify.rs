@@ -110,6 +110,10 @@ impl PeerError {
             PeerError::Svid(SvidError::Chain(msg)) if msg.contains("UnknownIssuer") => {
                 "unknown_issuer"
             }
+            PeerError::Svid(SvidError::Chain(msg)) if msg.contains("NotValidYet") => {
+                "not_yet_valid"
+            }
+            PeerError::Svid(SvidError::Chain(msg)) if msg.contains("Eku") => "wrong_eku",
             PeerError::Svid(SvidError::Chain(_)) => "bad_chain",
             PeerError::Svid(SvidError::MultipleUriSans) => "multiple_uri_sans",
             PeerError::Svid(SvidError::LeafIsCa) => "ca_as_leaf",

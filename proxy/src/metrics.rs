@@ -30,7 +30,8 @@ pub struct ListenerLabel {
 pub struct TlsFailureLabel {
     /// Listener name.
     pub listener: String,
-    /// Short reason (`expired`, `unknown_issuer`, `no_client_cert`, ...).
+    /// Short reason: `expired`, `not_yet_valid`, `wrong_eku`, `unknown_issuer`, `bad_chain`
+    /// (a signature that does not verify, ...), `no_client_cert`, `unknown_trust_domain`, ...
     pub reason: String,
 }
 

@@ -479,6 +479,42 @@ async fn direct_client_with_expired_certificate_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_client_with_a_not_yet_valid_certificate_is_refused() {
+    let now = SystemTime::now();
+    direct_client_is_refused(
+        |pki| {
+            Some(pki.leaf(
+                "/frontend",
+                &LeafOpts {
+                    not_before: Some(now + Duration::from_secs(3600)),
+                    not_after: Some(now + Duration::from_secs(7200)),
+                    ..Default::default()
+                },
+            ))
+        },
+        "not_yet_valid",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_client_with_a_server_only_certificate_is_refused() {
+    direct_client_is_refused(
+        |pki| {
+            Some(pki.leaf(
+                "/frontend",
+                &LeafOpts {
+                    server_auth_only: true,
+                    ..Default::default()
+                },
+            ))
+        },
+        "wrong_eku",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_client_from_another_trust_domain_is_refused() {
     direct_client_is_refused(
         |_| Some(Pki::new("other.test").svid("/frontend")),

@@ -40,6 +40,8 @@ pub struct LeafOpts {
     pub not_before: Option<SystemTime>,
     /// Validity end (default: now + 1h).
     pub not_after: Option<SystemTime>,
+    /// Only the serverAuth extended key usage (no clientAuth).
+    pub server_auth_only: bool,
 }
 
 /// An issued certificate with its key.
@@ -140,10 +142,14 @@ impl Pki {
         } else {
             p.is_ca = IsCa::ExplicitNoCa;
             p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            p.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
+            p.extended_key_usages = if opts.server_auth_only {
+                vec![ExtendedKeyUsagePurpose::ServerAuth]
+            } else {
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ]
+            };
         }
         let now = SystemTime::now();
         p.not_before = opts
