@@ -331,6 +331,26 @@ fn default_log_level() -> String {
 }
 
 impl CaConfig {
+    /// What is valid but weaker than an operator may think (printed by `check-config`, logged
+    /// at start).
+    pub fn warnings(&self) -> Vec<String> {
+        self.kubernetes
+            .clusters
+            .iter()
+            .filter(|c| c.mode == PsatMode::Offline && !c.has_api())
+            .map(|c| {
+                format!(
+                    "cluster {}: offline mode without API access trusts the token's signed claims \
+                     alone — a token of a pod that no longer exists keeps attesting until it \
+                     expires; keep the agents' projected token lifetime short \
+                     (expirationSeconds: 600, the least Kubernetes allows) or give the CA a \
+                     kubeconfig",
+                    c.name
+                )
+            })
+            .collect()
+    }
+
     /// A configuration with defaults for everything but the trust domain and data directory.
     pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
         Self {

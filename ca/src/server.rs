@@ -116,6 +116,9 @@ impl CaServer {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartError> {
         use std::os::unix::fs::PermissionsExt;
+        for w in cfg.warnings() {
+            tracing::warn!("{w}");
+        }
         let dd = |source| StartError::DataDir {
             path: cfg.data_dir.display().to_string(),
             source,

@@ -568,6 +568,25 @@ fn check_config() {
     // It only checks: no data directory was created.
     assert!(!dir.path().join("data").exists());
 
+    // Valid but weaker than it looks: said on stderr, still exit 0.
+    let cfg = write_config(
+        dir.path(),
+        "[kubernetes]\n[[kubernetes.clusters]]\nname = \"edge\"\nservice_account_allow_list = [\"ward:ward-agent\"]\n\
+         mode = \"offline\"\nissuer = \"https://issuer.example\"\njwks_discovery = true\n",
+    );
+    let out = run_bin(&[
+        "check-config".into(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("ward-ca: warning: cluster edge: offline mode without API access")
+            && out.stderr.contains("expirationSeconds"),
+        "{out:#?}"
+    );
+
     // Invalid files: exit 2 with the reason.
     let cfg = write_config(dir.path(), "bogus_key = 1\n");
     let out = run_bin(&[

@@ -523,6 +523,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let cfg = CaConfig::from_file(&config).map_err(|e| CliError::new(2, e.to_string()))?;
             let text = toml::to_string_pretty(&cfg).map_err(|e| CliError::new(1, e.to_string()))?;
             print(&text);
+            for w in cfg.warnings() {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("ward-ca: warning: {w}");
+                }
+            }
             Ok(())
         }
         Command::Token { cmd } => token(cmd).await,
