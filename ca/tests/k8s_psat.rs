@@ -381,3 +381,45 @@ async fn offline_mode_without_api_access_uses_the_node_claim() {
     assert!(e.message().contains("no node claim"), "{}", e.message());
     ca.shutdown().await;
 }
+
+/// In token_review mode the node the API server says the token is bound to (Kubernetes ≥ 1.30
+/// extras) must be the agent pod's node, as in offline mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_review_checks_the_tokens_node_against_the_pods() {
+    let (_dir, fake, ca) = setup(PsatMode::TokenReview).await;
+    let mut c = common::node_client(&ca, None);
+    let bound = |node: (&str, &str)| TokenSpec {
+        node: Some((node.0.into(), node.1.into())),
+        ..TokenSpec::new(
+            "ward",
+            "ward-agent",
+            ("ward-agent-abc", "pod-u1"),
+            "ward-ca",
+        )
+    };
+    // The right node: attested.
+    let r = c
+        .attest(req("c1", fake.token(&bound(("n1", NODE_UID)))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.svid.unwrap().spiffe_id.ends_with(NODE_UID));
+    // Another node's name, or the right name with another UID: refused with the reason.
+    let e = c
+        .attest(req("c1", fake.token(&bound(("n2", "uid-2")))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("is not the agent pod's node"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .attest(req("c1", fake.token(&bound(("n1", "uid-2")))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("node UID"), "{}", e.message());
+    ca.shutdown().await;
+}

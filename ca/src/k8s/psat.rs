@@ -67,6 +67,17 @@ fn one(
     }
 }
 
+/// An optional single-valued extra: absent is `None`; empty or several values are refused.
+fn optional(
+    extra: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    key: &str,
+) -> Result<Option<String>, ApiError> {
+    match extra.and_then(|e| e.get(key)) {
+        None => Ok(None),
+        Some(_) => one(extra, key).map(Some),
+    }
+}
+
 /// Checks a TokenReview answer. Pure.
 pub fn check_review(
     status: &TokenReviewStatus,
@@ -100,12 +111,27 @@ pub fn check_review(
             "service account {ns}:{sa} is not allowed to attest agents"
         )));
     }
+    // Kubernetes ≥ 1.30 binds the node too: checked against the pod's node as in offline mode.
+    let node_name = optional(
+        user.extra.as_ref(),
+        "authentication.kubernetes.io/node-name",
+    )?;
+    let node_uid = optional(user.extra.as_ref(), "authentication.kubernetes.io/node-uid")?;
+    let node = match (node_name, node_uid) {
+        (Some(n), Some(u)) => Some((n, u)),
+        (None, None) => None,
+        _ => {
+            return Err(denied(
+                "token review names a node name without its UID, or a UID without its name",
+            ));
+        }
+    };
     Ok(TokenSubject {
         namespace: ns.into(),
         service_account: sa.into(),
         pod_name: one(user.extra.as_ref(), "authentication.kubernetes.io/pod-name")?,
         pod_uid: one(user.extra.as_ref(), "authentication.kubernetes.io/pod-uid")?,
-        node: None,
+        node,
     })
 }
 
