@@ -54,6 +54,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         drain_timeout: std::time::Duration::from_secs(1),
         discovery: None,
         egress: None,
+        http_limits: Default::default(),
     }
 }
 

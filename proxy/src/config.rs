@@ -453,6 +453,48 @@ pub struct ProxyConfig {
     /// External services outbound capture may reach (with `unknown: egress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<crate::egress::EgressCfg>,
+    /// What an HTTP client may send before the proxy gives up on it.
+    #[serde(default)]
+    pub http_limits: HttpLimits,
+}
+
+/// Limits on what one HTTP client may make the proxy hold (every listener).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpLimits {
+    /// An HTTP/1 request's headers must have arrived within this (a client sending one byte
+    /// at a time is cut off).
+    #[serde(default = "default_header_read_timeout", with = "serde_str")]
+    pub header_read_timeout: Duration,
+    /// The most header bytes of one request (HTTP/1 read buffer; HTTP/2 header list); more:
+    /// 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u32,
+    /// The most header fields of one HTTP/1 request; more: 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_header_bytes() -> u32 {
+    64 * 1024
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+        }
+    }
 }
 
 /// Service discovery settings.
@@ -566,6 +608,7 @@ impl ProxyConfig {
             drain_timeout: default_drain(),
             discovery: None,
             egress: None,
+            http_limits: HttpLimits::default(),
         }
     }
 
@@ -705,6 +748,14 @@ impl ProxyConfig {
             return inv(format!(
                 "peer_id_header {h:?} must be a lowercase HTTP header name"
             ));
+        }
+        let h = &self.http_limits;
+        if h.header_read_timeout.is_zero() || h.max_header_bytes < 8192 || h.max_headers < 16 {
+            return inv(
+                "http_limits: header_read_timeout must be > 0, max_header_bytes >= 8192 and \
+                 max_headers >= 16"
+                    .into(),
+            );
         }
         if let Some(a) = &self.access_log
             && (a.queue == 0 || a.max_bytes < 4096)

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub latency: Family<ListenerLabel, Histogram, fn() -> Histogram>,
     /// TLS handshake failures by reason.
     pub tls_failures: Family<TlsFailureLabel, Counter>,
+    /// HTTP connections closed for going over a limit (`header_size`, `header_read_timeout`).
+    pub http_limits: Family<TlsFailureLabel, Counter>,
     /// Open connections per listener.
     pub open_connections: Family<ListenerLabel, Gauge>,
     /// Expiry of the current SVID (Unix seconds).
@@ -149,6 +151,7 @@ impl Metrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             tls_failures: Family::default(),
+            http_limits: Family::default(),
             open_connections: Family::default(),
             svid_expiry: Gauge::default(),
             policies: Gauge::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshake failures",
             self.tls_failures.clone(),
+        );
+        r.register(
+            "http_limit_hits",
+            "HTTP connections closed for going over a limit, by limit (label reason)",
+            self.http_limits.clone(),
         );
         r.register(
             "open_connections",
@@ -270,6 +278,16 @@ impl Metrics {
     }
 
     /// Counts a TLS failure.
+    pub fn http_limit(&self, listener: &str, limit: &str) {
+        self.http_limits
+            .get_or_create(&TlsFailureLabel {
+                listener: listener.into(),
+                reason: limit.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one TLS handshake failure of `listener` by `reason`.
     pub fn tls_failure(&self, listener: &str, reason: &str) {
         self.tls_failures
             .get_or_create(&TlsFailureLabel {

@@ -63,6 +63,8 @@ pub struct Shared {
     pub egress: Option<Arc<crate::egress::Egress>>,
     /// Pass method-override headers on to the application.
     pub forward_method_override: bool,
+    /// What one HTTP client may send.
+    pub http_limits: crate::config::HttpLimits,
 }
 
 impl Shared {

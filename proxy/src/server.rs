@@ -171,6 +171,7 @@ impl Proxy {
             discovery_cfg: cfg.discovery.unwrap_or_default(),
             egress,
             forward_method_override: cfg.authorization.forward_method_override,
+            http_limits: cfg.http_limits,
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();

@@ -243,3 +243,78 @@ async fn method_overrides_pass_only_when_configured() {
     );
     mesh.stop().await;
 }
+
+/// A client cannot make the proxy hold large or many headers (431), nor hold a connection by
+/// trickling its headers (cut off at `header_read_timeout`, counted and logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_stay_within_the_limits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Http,
+        |_| {},
+        |f| f.http_limits.header_read_timeout = std::time::Duration::from_millis(800),
+    )
+    .await;
+    let out = mesh.outbound();
+    let raw = |text: String| async move {
+        let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+        s.write_all(text.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let got = raw(format!("GET /api/hello HTTP/1.1\r\nHost: a\r\n{many}\r\n")).await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    let big = "a".repeat(100 * 1024);
+    let got = raw(format!(
+        "GET /api/hello HTTP/1.1\r\nHost: a\r\nx-big: {big}\r\n\r\n"
+    ))
+    .await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    // Within the limits: fine.
+    let got = raw("GET /api/hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".into()).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    // One header byte every 100 ms: cut off after the timeout, not served.
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(b"GET /api/hello HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    for _ in 0..50 {
+        if s.write_all(b"x").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut b = [0u8; 512];
+        match tokio::time::timeout(std::time::Duration::from_millis(100), s.read(&mut b)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "the trickling client was never cut off");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let hits = mesh
+        .frontend
+        .metrics
+        .http_limits
+        .get_or_create(&ward_proxy::metrics::TlsFailureLabel {
+            listener: "backend".into(),
+            reason: "header_read_timeout".into(),
+        })
+        .get();
+    assert_eq!(hits, 1);
+    mesh.stop().await;
+}

@@ -446,6 +446,7 @@ impl GrpcMesh {
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
             egress: None,
+            http_limits: Default::default(),
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
@@ -472,6 +473,7 @@ impl GrpcMesh {
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
             egress: None,
+            http_limits: Default::default(),
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

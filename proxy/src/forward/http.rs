@@ -32,9 +32,18 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(&l, &conn, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // With a timer, HTTP/1 connections get hyper's header read timeout (30 s): a client
-    // trickling its headers cannot hold a connection forever.
-    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    // A client trickling its headers cannot hold a connection for long, nor make the proxy
+    // hold large or many headers (431).
+    let limits = l.shared.http_limits;
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size((limits.max_header_bytes as usize).max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .max_header_list_size(limits.max_header_bytes);
     if l.role.is_inbound() {
         builder.http2().max_concurrent_streams(1024);
     }
@@ -49,8 +58,32 @@ where
         }
     };
     if let Err(e) = r {
-        tracing::debug!(listener = %l.name, error = %e, "HTTP connection ended with an error");
+        let limit = e.downcast_ref::<hyper::Error>().and_then(|h| {
+            if h.is_parse_too_large() {
+                Some("header_size")
+            } else if h.is_timeout() {
+                Some("header_read_timeout")
+            } else {
+                None
+            }
+        });
+        match limit {
+            Some(limit) => {
+                l.shared.obs.metrics.http_limit(&l.name, limit);
+                if let Some(n) = limits_limiter().admit(&l.name) {
+                    tracing::warn!(listener = %l.name, limit, suppressed = n,
+                        "HTTP client over a limit; connection closed");
+                }
+            }
+            None => tracing::debug!(listener = %l.name, error = %e,
+                "HTTP connection ended with an error"),
+        }
     }
+}
+
+fn limits_limiter() -> &'static ward_net::ratelog::LogLimiter {
+    static L: std::sync::OnceLock<ward_net::ratelog::LogLimiter> = std::sync::OnceLock::new();
+    L.get_or_init(ward_net::ratelog::LogLimiter::for_refusals)
 }
 
 /// The request's authority as the client gave it: Host, or the URI's (HTTP/2).

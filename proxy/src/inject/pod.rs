@@ -181,6 +181,7 @@ pub(super) fn pod(
             gateway: o.egress_gateway.clone(),
             origination_roots: None,
         }),
+        http_limits: Default::default(),
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.

@@ -204,6 +204,7 @@ impl Mesh {
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
             egress: None,
+            http_limits: Default::default(),
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -231,6 +232,7 @@ impl Mesh {
             drain_timeout: std::time::Duration::from_secs(1),
             discovery: None,
             egress: None,
+            http_limits: Default::default(),
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();
