@@ -108,24 +108,9 @@ fn internet(t: &mut Topology) -> (std::path::PathBuf, std::path::PathBuf) {
     std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/origin.py");
     for (name, ip) in [("A", A_IP), ("B", B_IP)] {
-        let mut child =
-            t.b.ns
-                .cmd(SYSTEM_PYTHON)
-                .args([script, name, ip])
-                .arg(&crt)
-                .arg(&key)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready", "origin {name} did not start");
-        t.b.procs.push(Proc(child, format!("origin {name}")));
+        let mut cmd = t.b.ns.cmd(SYSTEM_PYTHON);
+        cmd.args([script, name, ip]).arg(&crt).arg(&key);
+        t.b.start_ready(cmd, &format!("origin {name}"));
     }
     let records = t.b.dir.join("hosts");
     std::fs::write(&records, hosts(A_IP)).unwrap();

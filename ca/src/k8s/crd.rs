@@ -144,6 +144,19 @@ pub struct CrdOperation {
     pub not_ports: Vec<u16>,
 }
 
+impl From<&CrdSource> for ward_spiffe::policy::Source {
+    fn from(s: &CrdSource) -> Self {
+        Self {
+            principals: s.principals.clone(),
+            not_principals: s.not_principals.clone(),
+            trust_domains: s.trust_domains.clone(),
+            not_trust_domains: s.not_trust_domains.clone(),
+            namespaces: s.namespaces.clone(),
+            not_namespaces: s.not_namespaces.clone(),
+        }
+    }
+}
+
 impl AuthorizationPolicy {
     /// The policy this resource describes; named after the resource.
     pub fn to_policy(&self) -> Result<ward_spiffe::policy::Policy, String> {
@@ -166,18 +179,7 @@ impl AuthorizationPolicy {
                 .rules
                 .iter()
                 .map(|r| Rule {
-                    from: r
-                        .from
-                        .iter()
-                        .map(|s| Source {
-                            principals: s.principals.clone(),
-                            not_principals: s.not_principals.clone(),
-                            trust_domains: s.trust_domains.clone(),
-                            not_trust_domains: s.not_trust_domains.clone(),
-                            namespaces: s.namespaces.clone(),
-                            not_namespaces: s.not_namespaces.clone(),
-                        })
-                        .collect(),
+                    from: r.from.iter().map(Source::from).collect(),
                     to: r
                         .to
                         .iter()
@@ -261,14 +263,7 @@ impl ExternalService {
                 .spec
                 .from
                 .iter()
-                .map(|s| ward_spiffe::policy::Source {
-                    principals: s.principals.clone(),
-                    not_principals: s.not_principals.clone(),
-                    trust_domains: s.trust_domains.clone(),
-                    not_trust_domains: s.not_trust_domains.clone(),
-                    namespaces: s.namespaces.clone(),
-                    not_namespaces: s.not_namespaces.clone(),
-                })
+                .map(ward_spiffe::policy::Source::from)
                 .collect(),
             originate_tls: self.spec.originate_tls_port,
         })

@@ -112,10 +112,14 @@ impl Topology {
 impl Pod {
     pub fn start_app(&mut self, name: &str) {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/app.py");
-        let mut child = self
-            .ns
-            .as_user(APP_UID, SYSTEM_PYTHON)
-            .args([script, name])
+        let mut cmd = self.ns.as_user(APP_UID, SYSTEM_PYTHON);
+        cmd.args([script, name]);
+        self.start_ready(cmd, &format!("app {name}"));
+    }
+
+    /// Starts `cmd`, which prints `ready` once it serves, and keeps it until the pod goes.
+    pub fn start_ready(&mut self, mut cmd: Command, what: &str) {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -126,8 +130,8 @@ impl Pod {
             &mut line,
         )
         .unwrap();
-        assert_eq!(line.trim(), "ready", "app did not start");
-        self.procs.push(Proc(child, format!("app {name}")));
+        assert_eq!(line.trim(), "ready", "{what} did not start");
+        self.procs.push(Proc(child, what.to_owned()));
     }
 
     /// `ward-proxy init` in this pod, with extra flags.
