@@ -198,19 +198,7 @@ async fn requests(port: u16, n: usize) -> Result<usize> {
 
 /// Runs the benchmark and prints the tables.
 pub(crate) async fn run(o: Opts) -> Result<()> {
-    let ward = Ward::start_ca(TD).await?;
-    let agent_id = ward.start_agent().await?;
-    let uid = nix::unistd::getuid().as_raw();
-    for name in ["api", "client"] {
-        ward.admin()
-            .create_entry(ward_proto::admin::EntrySpec {
-                spiffe_id: format!("spiffe://{TD}/{name}"),
-                parent_id: agent_id.clone(),
-                selectors: vec![format!("unix:uid:{uid}")],
-                ..Default::default()
-            })
-            .await?;
-    }
+    let ward = crate::lbbench::api_and_client(TD).await?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let mut procs: Vec<Child> = Vec::new();

@@ -177,22 +177,29 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs the benchmark and prints the table.
-pub(crate) async fn run(o: Opts) -> Result<()> {
-    let ward = Ward::start_ca(TD).await?;
+/// A CA of trust domain `td` and an agent with entries `api` and `client` for this process's
+/// uid (the backends and the frontends of the discovery benchmarks).
+pub(crate) async fn api_and_client(td: &str) -> Result<Ward> {
+    let ward = Ward::start_ca(td).await?;
     let agent_id = ward.start_agent().await?;
-    let sock = ward.agent_socket();
     let uid = nix::unistd::getuid().as_raw();
     for name in ["api", "client"] {
         ward.admin()
             .create_entry(ward_proto::admin::EntrySpec {
-                spiffe_id: format!("spiffe://{TD}/{name}"),
+                spiffe_id: format!("spiffe://{td}/{name}"),
                 parent_id: agent_id.clone(),
                 selectors: vec![format!("unix:uid:{uid}")],
                 ..Default::default()
             })
             .await?;
     }
+    Ok(ward)
+}
+
+/// Runs the benchmark and prints the table.
+pub(crate) async fn run(o: Opts) -> Result<()> {
+    let ward = api_and_client(TD).await?;
+    let sock = ward.agent_socket();
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let mut procs: Vec<Child> = Vec::new();
