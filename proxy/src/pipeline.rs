@@ -438,9 +438,14 @@ async fn egress_gateway(
         Ok(a) => a,
         Err(f) => return l.shared.obs.metrics.tls_failure(&l.name, f.0),
     };
+    // The caller's ID is what egress decides for: the listener requires a client certificate,
+    // and a tunnel without one is never served, whatever the TLS settings become.
+    let Some(peer) = a.peer.take() else {
+        return;
+    };
     match crate::detect::proxy_header(&mut a.io, SNIFF_WAIT).await {
         Ok(Ok((addrs, rest))) => {
-            conn.peer = a.peer;
+            conn.peer = Some(peer);
             conn.orig_dst = Some(addrs.dst);
             conn.port = addrs.dst.port();
             conn.target = addrs.dst.to_string();
@@ -448,7 +453,7 @@ async fn egress_gateway(
         }
         Ok(Err(why)) => {
             if let Some(n) = not_redirected_limiter().admit(&l.name) {
-                tracing::warn!(listener = %l.name, %remote, peer = ?a.peer.map(|p| p.to_string()),
+                tracing::warn!(listener = %l.name, %remote, peer = %peer,
                     reason = why, suppressed = n, "egress gateway tunnel without a valid PROXY header; closed");
             }
         }
