@@ -172,8 +172,10 @@ struct Compiled {
 }
 
 impl Compiled {
+    /// Grants go to identified workloads only: a source of only negative conditions
+    /// (`not_namespaces`) would otherwise match a caller with no ID at all.
     fn may_use(&self, source: Option<&SpiffeId>) -> bool {
-        self.from.iter().any(|f| f.matches(source))
+        source.is_some() && self.from.iter().any(|f| f.matches(source))
     }
 }
 
@@ -566,6 +568,22 @@ mod tests {
             port: 443,
         };
         assert!(!s.decide(&none).allowed);
+        // Nor through a grant of negative conditions only.
+        let open = set(r#"{ "services": [
+            { "name": "x", "protocol": "tls", "hosts": ["x.example"], "ports": [443],
+              "from": [ { "not_namespaces": ["blocked"] } ] } ] }"#)
+        .unwrap();
+        let anon = Ask {
+            source: None,
+            seen: Seen::Tls(Some("x.example")),
+            dialled: "198.51.100.7".parse().unwrap(),
+            port: 443,
+        };
+        assert!(!open.decide(&anon).allowed);
+        assert!(
+            open.decide(&ask(&web, Seen::Tls(Some("x.example")), 443))
+                .allowed
+        );
     }
 
     #[test]
