@@ -59,6 +59,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         discovery: None,
         egress: None,
         http_limits: Default::default(),
+        gateway: None,
     }
 }
 

@@ -45,8 +45,11 @@ pub struct Entry {
     pub endpoint: Option<String>,
     /// The route rule that decided where the request went (`<route>#<rule index>`).
     pub route: Option<String>,
-    /// Egress: the name the application asked for (its TLS SNI or HTTP Host).
+    /// The name asked for: at egress the application's TLS SNI or HTTP Host, at the gateway
+    /// the client's Host.
     pub host: Option<String>,
+    /// The ingress gateway's client: its address (`ip:port`).
+    pub client: Option<String>,
     /// HTTP status returned (0 for TCP).
     pub status: u16,
     /// `allow`, `deny`, `would-deny`.
@@ -122,6 +125,9 @@ pub struct AccessFields {
     /// Egress: the name asked for (SNI or Host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The gateway's client address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// Status.
     pub status: u16,
     /// Decision.
@@ -296,6 +302,7 @@ impl Writer {
                 endpoint: e.endpoint,
                 route: e.route,
                 host: e.host,
+                client: e.client,
                 status: e.status,
                 decision: e.decision.to_owned(),
                 policy: e.policy,
@@ -441,6 +448,7 @@ mod tests {
             endpoint: None,
             route: None,
             host: None,
+            client: None,
             status: 200,
             decision: "allow",
             policy: "p".into(),

@@ -105,6 +105,9 @@ pub enum Listener {
     /// address its application dialled; the egress configuration decides by the caller's
     /// SPIFFE ID, as a sidecar would.
     EgressGateway(EgressGateway),
+    /// The ingress gateway: HTTPS (or HTTP) from outside the mesh, routed by host and path to
+    /// mesh services (`gateway` section) over mTLS with the gateway's own SPIFFE ID.
+    Gateway(crate::gateway::config::GatewayListener),
 }
 
 /// The egress gateway listener.
@@ -126,6 +129,7 @@ impl Listener {
             Listener::InboundCapture(l) => &l.name,
             Listener::OutboundCapture(l) => &l.name,
             Listener::EgressGateway(l) => &l.name,
+            Listener::Gateway(l) => &l.name,
         }
     }
 
@@ -137,6 +141,7 @@ impl Listener {
             Listener::InboundCapture(l) => l.listen,
             Listener::OutboundCapture(l) => l.listen,
             Listener::EgressGateway(l) => l.listen,
+            Listener::Gateway(l) => l.listen,
         }
     }
 
@@ -148,6 +153,7 @@ impl Listener {
             Listener::InboundCapture(_) => "inbound-capture",
             Listener::OutboundCapture(_) => "outbound-capture",
             Listener::EgressGateway(_) => "egress-gateway",
+            Listener::Gateway(_) => "gateway",
         }
     }
 }
@@ -456,6 +462,9 @@ pub struct ProxyConfig {
     /// What an HTTP client may send before the proxy gives up on it.
     #[serde(default)]
     pub http_limits: HttpLimits,
+    /// The ingress gateway's certificates, routes and limits (gateway listeners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<crate::gateway::config::GatewayCfg>,
 }
 
 /// Limits on what one HTTP client may make the proxy hold (every listener).
@@ -609,6 +618,7 @@ impl ProxyConfig {
             discovery: None,
             egress: None,
             http_limits: HttpLimits::default(),
+            gateway: None,
         }
     }
 
@@ -739,6 +749,32 @@ impl ProxyConfig {
                     }
                 }
             }
+        }
+        let gateways: Vec<_> = self
+            .listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Gateway(g) => Some(g),
+                _ => None,
+            })
+            .collect();
+        match (&self.gateway, gateways.first()) {
+            (None, Some(g)) => {
+                return inv(format!(
+                    "gateway {}: needs a `gateway` section (its certificates and routes)",
+                    g.name
+                ));
+            }
+            (Some(gw), Some(g)) => {
+                gw.validate(&gateways).map_err(ConfigError::Invalid)?;
+                if self.discovery.is_none() && !gw.routes.is_empty() {
+                    return inv(format!(
+                        "gateway {}: routes to mesh services need `discovery`",
+                        g.name
+                    ));
+                }
+            }
+            _ => {}
         }
         let h = &self.peer_id_header;
         if h.is_empty()

@@ -49,7 +49,7 @@ pub enum RouteTable {
     #[default]
     None,
     /// HTTP requests go where the matching rule says.
-    Routes(ward_spiffe::route::Routes),
+    Routes(std::sync::Arc<ward_spiffe::route::Routes>),
     /// The routes sent could not be used; HTTP requests are refused (500) rather than sent
     /// somewhere the routes did not say.
     Invalid(String),
@@ -63,7 +63,7 @@ impl RouteTable {
         let compiled = ward_proto::convert::routes_from_proto(m)
             .and_then(|r| ward_spiffe::route::Routes::compile(&r).map_err(|e| e.to_string()));
         match compiled {
-            Ok(r) => RouteTable::Routes(r),
+            Ok(r) => RouteTable::Routes(std::sync::Arc::new(r)),
             Err(e) => {
                 tracing::warn!(%service, error = %e, "routes from the agent cannot be used; requests to the service are refused");
                 RouteTable::Invalid(format!("routes of {service} are invalid: {e}"))

@@ -94,6 +94,8 @@ pub enum GrpcCode {
     Unimplemented = 12,
     /// 13.
     Internal = 13,
+    /// 8.
+    ResourceExhausted = 8,
 }
 
 /// A response the proxy makes itself: for gRPC a trailers-only response with `grpc-status`,

@@ -15,6 +15,7 @@ pub mod detect;
 pub mod discover;
 pub mod egress;
 pub mod forward;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod inject;

@@ -78,6 +78,13 @@ pub struct RouteOutcome {
     pub outcome: String,
 }
 
+/// A certificate the gateway serves, by its first DNS name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    /// The certificate's first DNS name.
+    pub name: String,
+}
+
 /// The outcomes counted per endpoint (for removing an endpoint's series).
 pub const ENDPOINT_OUTCOMES: [&str; 8] = [
     "1xx",
@@ -132,6 +139,10 @@ pub struct Metrics {
     pub route_requests: Family<RouteOutcome, Counter>,
     /// Time to response headers per route rule.
     pub route_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Expiry of each certificate the gateway serves (Unix seconds).
+    pub gateway_cert_expiry: Family<CertLabel, Gauge>,
+    /// Certificate loads and renewals that failed (the old certificate stays), by name.
+    pub gateway_cert_errors: Family<CertLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -165,6 +176,8 @@ impl Metrics {
             endpoint_ewma: Family::default(),
             route_requests: Family::default(),
             route_latency: Family::new_with_constructor(latency_histogram),
+            gateway_cert_expiry: Family::default(),
+            gateway_cert_errors: Family::default(),
         }
     }
 
@@ -240,6 +253,16 @@ impl Metrics {
             "route_request_duration_seconds",
             "Time to response headers of requests decided by a route rule",
             self.route_latency.clone(),
+        );
+        r.register(
+            "gateway_certificate_expiry_timestamp_seconds",
+            "Expiry of a certificate the gateway serves",
+            self.gateway_cert_expiry.clone(),
+        );
+        r.register(
+            "gateway_certificate_errors",
+            "Gateway certificate loads or renewals that failed (the old certificate keeps serving)",
+            self.gateway_cert_errors.clone(),
         );
         r.register(
             "policy_errors",

@@ -72,6 +72,8 @@ pub struct Record {
     pub route: Option<String>,
     /// Egress: the name the application asked for (SNI or Host).
     pub host: Option<String>,
+    /// The gateway's client.
+    pub client: Option<SocketAddr>,
     outcome: Outcome,
 }
 
@@ -97,6 +99,7 @@ impl Record {
             endpoint: None,
             route: None,
             host: None,
+            client: None,
             outcome: Outcome::plain("error", "none"),
         }
     }
@@ -165,6 +168,7 @@ impl Record {
             endpoint: self.endpoint,
             route: self.route,
             host: self.host,
+            client: self.client.map(|c| c.to_string()),
             status,
             decision: self.outcome.decision,
             policy: self.outcome.policy,

@@ -65,6 +65,8 @@ pub struct Shared {
     pub forward_method_override: bool,
     /// What one HTTP client may send.
     pub http_limits: crate::config::HttpLimits,
+    /// The ingress gateway's routes, certificates and limits, when it has gateway listeners.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 impl Shared {
@@ -115,6 +117,13 @@ pub enum RoleCfg {
     },
     /// See [`crate::config::EgressGateway`].
     EgressGateway,
+    /// See [`crate::gateway::config::GatewayListener`].
+    Gateway {
+        /// TLS terminated here.
+        https: bool,
+        /// Only redirect to HTTPS on this port.
+        redirect_to_https: Option<u16>,
+    },
 }
 
 impl RoleCfg {
@@ -125,6 +134,11 @@ impl RoleCfg {
             self,
             RoleCfg::Inbound { .. } | RoleCfg::InboundCapture { .. } | RoleCfg::EgressGateway
         )
+    }
+
+    /// Whether the role serves callers outside the mesh (the ingress gateway).
+    pub fn is_gateway(&self) -> bool {
+        matches!(self, RoleCfg::Gateway { .. })
     }
 }
 
@@ -188,6 +202,13 @@ impl ListenerCtx {
                 },
             ),
             Listener::EgressGateway(_) => (Protocol::Auto, RoleCfg::EgressGateway),
+            Listener::Gateway(g) => (
+                Protocol::Http,
+                RoleCfg::Gateway {
+                    https: g.protocol == crate::gateway::config::GatewayProtocol::Https,
+                    redirect_to_https: g.redirect_to_https,
+                },
+            ),
         };
         Self {
             name: Arc::from(l.name()),
@@ -216,6 +237,13 @@ impl ListenerCtx {
                 dst: &conn.target,
             },
             RoleCfg::EgressGateway => Role::EgressGateway,
+            RoleCfg::Gateway {
+                https,
+                redirect_to_https,
+            } => Role::Gateway {
+                https: *https,
+                redirect_to_https: *redirect_to_https,
+            },
         }
     }
 
@@ -336,6 +364,10 @@ pub async fn connection(
         }
         RoleCfg::Outbound { .. } => detect(l.clone(), tcp, conn, l.protocol, None, drain).await,
         RoleCfg::EgressGateway => egress_gateway(l, tcp, conn, drain).await,
+        RoleCfg::Gateway { https: false, .. } => {
+            detect(l.clone(), tcp, conn, Protocol::Http, None, drain).await;
+        }
+        RoleCfg::Gateway { https: true, .. } => gateway(l, tcp, conn, drain).await,
         RoleCfg::OutboundCapture { .. } => {
             let Some(orig) = redirected(&l, &tcp) else {
                 return;
@@ -354,6 +386,7 @@ pub async fn connection(
                     authz: &l.shared.authz,
                     destination: destination.as_ref(),
                     egress: egress_set.as_deref(),
+                    gateway: None,
                 };
                 matches!(
                     crate::plan::plan(&l.arrived(&conn, None), &knows),
@@ -458,6 +491,17 @@ async fn egress_gateway(
             }
         }
         Err(_) => {}
+    }
+}
+
+/// The ingress gateway's TLS stage: the certificate the client's server name selects, no
+/// client certificate; a TLS-ALPN-01 validation ends with its handshake.
+async fn gateway(l: Arc<ListenerCtx>, tcp: TcpStream, conn: ConnInfo, drain: CancellationToken) {
+    let Some(gw) = &l.shared.gateway else { return };
+    match crate::tls::accept(gw.tls(), tcp, conn.remote).await {
+        Ok(a) if a.alpn.as_deref() == Some(crate::gateway::certs::ACME_TLS_ALPN) => {}
+        Ok(a) => detect(l.clone(), a.io, conn, Protocol::Http, a.alpn, drain).await,
+        Err(f) => l.shared.obs.metrics.tls_failure(&l.name, f.0),
     }
 }
 

@@ -31,6 +31,14 @@ pub enum Refusal {
     RouteFailed(String),
     /// Egress refused the destination (HTTP 403; TLS and TCP: closed).
     EgressDenied(String),
+    /// The client is over its rate at the gateway; it may try again after this long (429 with
+    /// `Retry-After`).
+    RateLimited(std::time::Duration),
+    /// The request body is larger than the gateway accepts (413).
+    TooLarge(String),
+    /// The request's headers are over `http_limits.max_header_bytes` (431; HTTP/1 requests
+    /// over it are answered by the HTTP server itself).
+    HeadersTooLarge,
 }
 
 impl Refusal {
@@ -87,6 +95,21 @@ impl Refusal {
                 GrpcCode::PermissionDenied,
                 format!("egress denied: {reason}"),
             ),
+            Refusal::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                GrpcCode::ResourceExhausted,
+                "too many requests".into(),
+            ),
+            Refusal::TooLarge(reason) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                GrpcCode::ResourceExhausted,
+                reason.clone(),
+            ),
+            Refusal::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                GrpcCode::ResourceExhausted,
+                "request headers too large".into(),
+            ),
         }
     }
 
@@ -102,14 +125,26 @@ impl Refusal {
             | Refusal::Timeout(r)
             | Refusal::NoMatchingRoute(r)
             | Refusal::RouteFailed(r)
-            | Refusal::EgressDenied(r) => r.clone(),
+            | Refusal::EgressDenied(r)
+            | Refusal::TooLarge(r) => r.clone(),
+            Refusal::HeadersTooLarge => "request headers over the limit".into(),
+            Refusal::RateLimited(wait) => {
+                format!("client over its rate limit; next request in {wait:?}")
+            }
         }
     }
 
     /// The response for an HTTP or gRPC caller.
     pub fn respond(&self, grpc: bool) -> Response<Body> {
         let (status, code, msg) = self.answer();
-        local_response(grpc, status, code, &msg)
+        let mut r = local_response(grpc, status, code, &msg);
+        if let Refusal::RateLimited(wait) = self {
+            // Whole seconds, rounded up (RFC 9110 §10.2.3).
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, secs.max(1).into());
+        }
+        r
     }
 }
 
@@ -130,6 +165,13 @@ mod tests {
             (Refusal::RouteFailed("no backend".into()), 500, 13),
             (Refusal::EgressDenied("not allowed".into()), 403, 7),
             (
+                Refusal::RateLimited(std::time::Duration::from_millis(1500)),
+                429,
+                8,
+            ),
+            (Refusal::TooLarge("body over 1 MiB".into()), 413, 8),
+            (Refusal::HeadersTooLarge, 431, 8),
+            (
                 Refusal::Unavailable("upstream x unavailable".into()),
                 502,
                 14,
@@ -143,6 +185,12 @@ mod tests {
             assert_eq!(grpc.headers()["grpc-status"], code.to_string().as_str());
             assert_eq!(r.respond(false).status().as_u16(), status);
         }
+        assert_eq!(
+            Refusal::RateLimited(std::time::Duration::from_millis(1500))
+                .respond(false)
+                .headers()["retry-after"],
+            "2"
+        );
         assert_eq!(
             Refusal::Forbidden("x".into()).answer().2,
             "forbidden: x",

@@ -153,6 +153,23 @@ impl Proxy {
             }
             _ => None,
         };
+        let gateway = match &cfg.gateway {
+            Some(g)
+                if cfg
+                    .listeners
+                    .iter()
+                    .any(|l| matches!(l, crate::config::Listener::Gateway(_))) =>
+            {
+                let gw = Arc::new(
+                    crate::gateway::Gateway::new(g, &metrics).map_err(StartError::Config)?,
+                );
+                tasks.push(tokio::spawn(
+                    gw.clone().watch_files(metrics.clone(), stop.clone()),
+                ));
+                Some(gw)
+            }
+            _ => None,
+        };
         let header = http::HeaderName::from_bytes(cfg.peer_id_header.as_bytes())
             .map_err(|e| StartError::Config(format!("peer_id_header: {e}")))?;
         let shared = Arc::new(Shared {
@@ -172,6 +189,7 @@ impl Proxy {
             egress,
             forward_method_override: cfg.authorization.forward_method_override,
             http_limits: cfg.http_limits,
+            gateway,
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();

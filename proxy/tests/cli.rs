@@ -139,6 +139,7 @@ fn log_verify_reports_the_first_broken_record() {
                 endpoint: None,
                 route: None,
                 host: None,
+                client: None,
                 status: 200,
                 decision: "allow",
                 policy: "p".into(),

@@ -447,6 +447,7 @@ impl GrpcMesh {
             discovery: None,
             egress: None,
             http_limits: Default::default(),
+            gateway: None,
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
@@ -474,6 +475,7 @@ impl GrpcMesh {
             discovery: None,
             egress: None,
             http_limits: Default::default(),
+            gateway: None,
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

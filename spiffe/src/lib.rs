@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod route;
 pub mod selector;
 pub mod service;
+pub mod vhost;
 pub mod x509;
 
 pub use bundle::{Bundle, JwtAuthority};

@@ -20,6 +20,11 @@ pub struct HttpRoute {
     /// The service port it applies to; none: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The hosts it serves at the ingress gateway (`shop.example.com`, `*.example.com`);
+    /// none: every host. Mesh routes ignore them, as the Gateway API says for a Service
+    /// parent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
     /// Its rules.
     pub rules: Vec<Rule>,
 }
@@ -760,6 +765,7 @@ mod tests {
 
     fn route(name: &str, rules: Vec<Rule>) -> HttpRoute {
         HttpRoute {
+            hostnames: Vec::new(),
             name: name.into(),
             port: None,
             rules,

@@ -192,6 +192,40 @@ pub fn check_leaf(der: &[u8], profile: Profile) -> Result<LeafInfo, SvidError> {
     })
 }
 
+/// What a web server certificate (a gateway's, from ACME or a file) is for: its DNS names and
+/// validity. No SPIFFE rules apply to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCertInfo {
+    /// The DNS names of the subject alternative names (wildcards as written).
+    pub dns_names: Vec<String>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// Reads a server certificate's DNS names and validity.
+pub fn server_cert_info(der: &[u8]) -> Result<ServerCertInfo, SvidError> {
+    let cert = parse(der)?;
+    let dns_names = match ext::<SubjectAltName>(&cert)? {
+        Some((_, san)) => san
+            .0
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DnsName(d) => Some(d.as_str().to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let validity = &cert.tbs_certificate.validity;
+    Ok(ServerCertInfo {
+        dns_names,
+        not_before: validity.not_before.to_system_time(),
+        not_after: validity.not_after.to_system_time(),
+    })
+}
+
 /// Checks the signing-certificate rules (CA flag, keyCertSign, ID without path) and returns
 /// its expiry.
 pub fn check_signing_cert(der: &[u8]) -> Result<SystemTime, SvidError> {

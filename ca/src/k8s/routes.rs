@@ -526,6 +526,7 @@ impl RouteSet {
                         Ok(t) => Routes::compile(&[HttpRoute {
                             name: String::new(),
                             port: None,
+                            hostnames: Vec::new(),
                             rules: t.rules.clone(),
                         }])
                         .map(|_| ())
@@ -581,6 +582,7 @@ impl RouteSet {
                         HttpRoute {
                             name: format!("{}/{}/{}", r.kind.label(), r.namespace, r.name),
                             port: p.port.and_then(|x| u16::try_from(x).ok()),
+                            hostnames: Vec::new(),
                             rules,
                         },
                         key.clone(),
@@ -723,6 +725,7 @@ mod tests {
         Routes::compile(&[HttpRoute {
             name: "x".into(),
             port: None,
+            hostnames: Vec::new(),
             rules: t.rules,
         }])
         .unwrap();

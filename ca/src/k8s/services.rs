@@ -591,6 +591,7 @@ mod tests {
         let route = ward_spiffe::route::HttpRoute {
             name: "httproute/shop/api".into(),
             port: None,
+            hostnames: vec![],
             rules: vec![],
         };
         let s = build(&svc(), &[], &ids, vec![route]).unwrap();

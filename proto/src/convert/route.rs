@@ -61,6 +61,7 @@ pub fn routes_to_proto(routes: &[HttpRoute]) -> Vec<types::HttpRoute> {
         .map(|r| types::HttpRoute {
             name: r.name.clone(),
             port: r.port.map_or(0, u32::from),
+            hostnames: r.hostnames.clone(),
             rules: r
                 .rules
                 .iter()
@@ -276,6 +277,7 @@ pub fn routes_from_proto(m: &[types::HttpRoute]) -> Result<Vec<HttpRoute>, Strin
                     0 => None,
                     p => Some(port16("port", p).map_err(bad)?),
                 },
+                hostnames: r.hostnames.clone(),
                 rules,
             })
         })

@@ -41,10 +41,13 @@ where
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size((limits.max_header_bytes as usize).max(8192))
         .max_headers(limits.max_headers);
+    // HTTP/2 decodes up to twice the limit, so a request over it is answered 431 (below, per
+    // request) rather than ending the connection; beyond that, h2 ends it (and caps the
+    // CONTINUATION frames by the same size).
     builder
         .http2()
-        .max_header_list_size(limits.max_header_bytes);
-    if l.role.is_inbound() {
+        .max_header_list_size(limits.max_header_bytes.saturating_mul(2));
+    if l.role.is_inbound() || l.role.is_gateway() {
         builder.http2().max_concurrent_streams(1024);
     }
     let served = builder.serve_connection(TokioIo::new(io), svc);
@@ -108,6 +111,14 @@ pub(crate) fn refuse(l: &ListenerCtx, mut rec: Record, r: Refused, grpc: bool) -
 async fn handle(l: &ListenerCtx, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let head = req.method() == http::Method::HEAD;
     let mut resp = handle_request(l, conn, req).await;
+    if let (crate::pipeline::RoleCfg::Gateway { https: true, .. }, Some(gw)) =
+        (&l.role, &l.shared.gateway)
+        && let Some(v) = gw.hsts()
+    {
+        resp.headers_mut()
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| v.clone());
+    }
     if head {
         // No body to a HEAD, whoever answered (an HTTP/2 client treats one as a protocol error).
         *resp.body_mut() = crate::http::full(bytes::Bytes::new());
@@ -122,13 +133,35 @@ async fn handle_request(
 ) -> Response<Body> {
     let grpc = is_grpc(&req);
     let own = l.shared.own_id();
+    let gateway = l.role.is_gateway();
     let src = if l.role.is_inbound() {
         conn.peer.as_ref()
+    } else if gateway {
+        // A client outside the mesh: its address is what is known of it.
+        None
     } else {
         own.as_ref()
     };
     let mut rec = Record::start(&l.name, "http", src, conn.orig_dst)
         .request(req.method().as_str(), req.uri().path());
+    if gateway {
+        rec.client = Some(conn.remote);
+        rec.host = given_authority(&req).map(ToOwned::to_owned);
+        if let Some(r) = crate::forward::gateway::admit(l, conn, &req) {
+            return refuse(l, rec, r, grpc);
+        }
+    }
+    if req.version() == Version::HTTP_2
+        && header_list_size(&req) > l.shared.http_limits.max_header_bytes as usize
+    {
+        l.shared.obs.metrics.http_limit(&l.name, "header_size");
+        let r = Refused {
+            refusal: Refusal::HeadersTooLarge,
+            outcome: Outcome::plain("error", "none"),
+            path: None,
+        };
+        return refuse(l, rec, r, grpc);
+    }
     if req.headers().get_all(header::HOST).iter().count() > 1 {
         let r = Refused {
             refusal: Refusal::BadRequest("more than one Host header"),
@@ -149,11 +182,13 @@ async fn handle_request(
     );
     let destination = l.destination(conn).await;
     let egress_set = l.shared.egress.as_ref().map(|e| e.set());
+    let hosts = l.shared.gateway.as_ref().map(|g| g.hosts());
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &l.shared.authz,
         destination: destination.as_ref(),
         egress: egress_set.as_deref(),
+        gateway: hosts.as_deref(),
     };
     // The plan borrows the request; what it takes from it (the authority) is made owned so
     // the request can move on.
@@ -192,6 +227,11 @@ async fn handle_request(
             route,
         }),
         Plan::External(e) => Ok(Target::External(e)),
+        Plan::Routed { authority, route } => Ok(Target::Routed {
+            authority: authority.into_owned(),
+            route,
+        }),
+        Plan::Redirect { location, status } => Ok(Target::Redirect { location, status }),
         // Passthrough is decided per connection, before any byte is read as HTTP.
         Plan::Passthrough { to } => Err(Refused {
             refusal: Refusal::NoRoute(format!("{to} is outside the mesh")),
@@ -241,13 +281,38 @@ async fn handle_request(
             crate::forward::balanced::http(l, rec, req, &destination, &authority, grpc, t).await
         }
         Ok(Target::Balanced {
-            destination,
+            destination: _,
             authority,
             route: Some(routed),
-        }) => {
-            crate::forward::routed::http(l, rec, req, &destination, authority, routed, grpc).await
+        }) => crate::forward::routed::http(l, rec, req, authority, routed, grpc).await,
+        Ok(Target::Routed { authority, route }) => {
+            let mut req = req;
+            if gateway {
+                crate::forward::gateway::forwarding_headers(l, conn, &mut req);
+            }
+            crate::forward::routed::http(l, rec, req, authority, route, grpc).await
+        }
+        Ok(Target::Redirect { location, status }) => {
+            crate::forward::routed::answer_redirect(l, rec, status, &location, &[])
         }
     }
+}
+
+/// The size of a request's header list as HTTP/2 counts it (RFC 9113 §6.5.2: name, value and
+/// 32 bytes per field, pseudo-headers included).
+fn header_list_size<B>(req: &Request<B>) -> usize {
+    let pseudo = [
+        req.method().as_str().len() + 7,
+        req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 5,
+        req.uri().authority().map_or(0, |a| a.as_str().len() + 10),
+        req.uri().scheme_str().map_or(0, |s| s.len() + 7),
+    ];
+    pseudo.iter().map(|n| n + 32).sum::<usize>()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>()
 }
 
 /// A plan with what it borrowed from the request made owned, so the request can be moved.
@@ -271,6 +336,14 @@ enum Target<'r> {
         route: Option<crate::plan::Routed>,
     },
     External(crate::plan::External),
+    Routed {
+        authority: String,
+        route: crate::plan::Routed,
+    },
+    Redirect {
+        location: String,
+        status: u16,
+    },
 }
 
 /// Wraps a response body so the record is written when the exchange ends.

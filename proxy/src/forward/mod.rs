@@ -3,6 +3,7 @@
 
 pub mod balanced;
 pub mod external;
+pub mod gateway;
 pub mod http;
 pub mod pools;
 pub mod routed;

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use rand::Rng;
 use ward_spiffe::route::{Filter, HeaderChanges, Redirect, Rewrite, change_path, pick_backend};
 
-use crate::discover::{Destination, Resolution, RouteTable};
+use crate::discover::Resolution;
 use crate::forward::balanced::{self, RequestPolicy};
 use crate::forward::http::refuse;
 use crate::http::Body;
@@ -104,24 +104,20 @@ fn limiter() -> &'static ward_net::ratelog::LogLimiter {
     L.get_or_init(ward_net::ratelog::LogLimiter::for_refusals)
 }
 
-/// Carries out the rule `routed` of `dest`'s routes for `req`, and counts it for the rule.
+/// Carries out the rule `routed` for `req`, and counts it for the rule.
 pub async fn http(
     l: &ListenerCtx,
     rec: Record,
     req: Request<Incoming>,
-    dest: &Destination,
     authority: String,
     routed: Routed,
     grpc: bool,
 ) -> Response<Body> {
-    let RouteTable::Routes(routes) = &dest.routes else {
-        // The plan chose a rule, so there were routes; refuse rather than guess.
-        return route_failed(l, rec, format!("routes of {} changed", dest.service), grpc);
-    };
+    let routes = routed.routes.clone();
     let rule = routes.rule(routed.selection);
     let name = format!("{}#{}", rule.route, rule.index);
     let started = std::time::Instant::now();
-    let resp = run(l, rec, req, routes, authority, routed, grpc, &name).await;
+    let resp = run(l, rec, req, &routes, authority, routed, grpc, &name).await;
     let m = &l.shared.obs.metrics;
     m.route_requests
         .get_or_create(&RouteOutcome {
@@ -158,7 +154,11 @@ async fn run(
             Filter::ResponseHeaders(c) => response_changes.push(c),
             Filter::Redirect(r) => {
                 let to = location(r, &authority, &routed.path, req.uri().query(), prefix);
-                return redirect(l, rec, r, &to, &response_changes);
+                let status = match r.status {
+                    Some(301) => 301,
+                    _ => 302,
+                };
+                return answer_redirect(l, rec, status, &to, &response_changes);
             }
             Filter::Rewrite(Rewrite { hostname, path }) => {
                 if let Some(h) = hostname {
@@ -251,17 +251,15 @@ async fn run(
     resp
 }
 
-fn redirect(
+/// Answers with a redirect to `to` (`status` 301, 302 or 308), recorded.
+pub fn answer_redirect(
     l: &ListenerCtx,
     mut rec: Record,
-    r: &Redirect,
+    status: u16,
     to: &str,
     response_changes: &[&HeaderChanges],
 ) -> Response<Body> {
-    let status = match r.status {
-        Some(301) => StatusCode::MOVED_PERMANENTLY,
-        _ => StatusCode::FOUND,
-    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
     rec.decided(&l.shared.obs, Outcome::plain("allow", "route"), "redirect");
     rec.finish(
         &l.shared.obs,

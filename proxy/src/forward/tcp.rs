@@ -32,6 +32,7 @@ where
         authz: &shared.authz,
         destination: destination.as_ref(),
         egress: egress_set.as_deref(),
+        gateway: None,
     };
     match plan(&arrived, &knows) {
         Err(r) => {
@@ -42,6 +43,16 @@ where
         }
         Ok(Plan::External(e)) => {
             crate::forward::external::tcp(&l, &conn, rec, &mut io, e).await;
+        }
+        // The gateway's plans are made for HTTP requests only (its listeners speak HTTP).
+        Ok(p @ (Plan::Routed { .. } | Plan::Redirect { .. })) => {
+            let why = format!("a {} plan needs an HTTP request", p.label());
+            rec.decided(
+                &shared.obs,
+                crate::observe::Outcome::plain("error", "gateway"),
+                "refuse",
+            );
+            rec.finish(&shared.obs, 0, why, 0, 0);
         }
         Ok(Plan::Deliver {
             app,

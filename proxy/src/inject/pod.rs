@@ -182,6 +182,7 @@ pub(super) fn pod(
             origination_roots: None,
         }),
         http_limits: Default::default(),
+        gateway: None,
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.

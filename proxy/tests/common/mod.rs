@@ -205,6 +205,7 @@ impl Mesh {
             discovery: None,
             egress: None,
             http_limits: Default::default(),
+            gateway: None,
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -233,6 +234,7 @@ impl Mesh {
             discovery: None,
             egress: None,
             http_limits: Default::default(),
+            gateway: None,
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();

@@ -16,6 +16,8 @@ use crate::discover::{Destination, Resolution, RouteTable};
 use crate::observe::Outcome;
 use crate::refusal::Refusal;
 
+mod gateway;
+
 /// The listener's role, as far as planning needs it.
 #[derive(Debug, Clone, Copy)]
 pub enum Role<'a> {
@@ -35,6 +37,13 @@ pub enum Role<'a> {
     },
     /// A tunnel at the egress gateway: the egress configuration decides, for the peer.
     EgressGateway,
+    /// A request from outside the mesh at the ingress gateway: its host and path decide.
+    Gateway {
+        /// Arrived over TLS.
+        https: bool,
+        /// Answer with a redirect to HTTPS on this port instead of routing.
+        redirect_to_https: Option<u16>,
+    },
     /// A captured outbound connection to `dst`: the mesh table decides.
     OutboundCapture {
         /// Mesh destinations, first match wins.
@@ -92,6 +101,8 @@ pub struct Knows<'a> {
     pub destination: Option<&'a Resolution>,
     /// The external services in force (outbound capture with `unknown: egress`).
     pub egress: Option<&'a ward_spiffe::egress::EgressSet>,
+    /// The ingress gateway's routes (gateway listeners).
+    pub gateway: Option<&'a ward_spiffe::vhost::VirtualHosts>,
 }
 
 /// Where an allowed request or connection goes.
@@ -139,6 +150,20 @@ pub enum Plan<'r, 'h> {
     /// Outside the mesh, allowed by egress: to the proxy's own resolution of the allowed name,
     /// or (a service by address, the `allow` default) to the dialled address.
     External(External),
+    /// Where a route rule that is not a service's own says (the ingress gateway's routes).
+    Routed {
+        /// The authority the request keeps.
+        authority: Cow<'h, str>,
+        /// The rule.
+        route: Routed,
+    },
+    /// Answered by the proxy with a redirect (HTTP to HTTPS at the gateway).
+    Redirect {
+        /// The `Location`.
+        location: String,
+        /// 301, or 308 for a method a 301 would turn into GET.
+        status: u16,
+    },
 }
 
 /// An egress destination egress allowed.
@@ -167,13 +192,17 @@ impl Plan<'_, '_> {
             Plan::Balanced { .. } => "balanced",
             Plan::Passthrough { .. } => "passthrough",
             Plan::External(_) => "egress",
+            Plan::Routed { .. } => "routed",
+            Plan::Redirect { .. } => "redirect",
         }
     }
 }
 
 /// The route rule a request matched, and the normalized path it matched on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Routed {
+    /// The routes the rule is one of.
+    pub routes: std::sync::Arc<Routes>,
     /// Which rule.
     pub selection: Selection,
     /// The normalized path.
@@ -262,28 +291,14 @@ fn no_endpoints(service: &str) -> Refusal {
 }
 
 /// The rule of `routes` for request `h`; matching sees the normalized path.
-fn route(h: &Head<'_>, routes: &Routes, service: &str) -> Result<Routed, Refused> {
-    let path = normalize(h.path).map_err(|_| Refused {
-        refusal: Refusal::BadRequest("ambiguous request path"),
-        outcome: Outcome::plain("error", "outbound"),
-        path: Some(h.path.to_owned()),
-    })?;
-    let empty = http::HeaderMap::new();
-    let headers = h.headers.unwrap_or(&empty);
-    let header = |name: &str, ok: &dyn Fn(&str) -> bool| {
-        headers
-            .get_all(name)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(ok))
-    };
-    let facts = RequestFacts {
-        method: h.method,
-        path: &path,
-        query: h.query,
-        header: &header,
-    };
-    match routes.select(&facts) {
-        Some(selection) => Ok(Routed { selection, path }),
+fn route(h: &Head<'_>, routes: &std::sync::Arc<Routes>, service: &str) -> Result<Routed, Refused> {
+    let path = normalized(h, "outbound")?;
+    match with_facts(h, &path, |f| routes.select(f)) {
+        Some(selection) => Ok(Routed {
+            routes: routes.clone(),
+            selection,
+            path,
+        }),
         None => Err(Refused {
             refusal: Refusal::NoMatchingRoute(format!(
                 "no route rule of {service} matches {} {path}",
@@ -295,11 +310,42 @@ fn route(h: &Head<'_>, routes: &Routes, service: &str) -> Result<Routed, Refused
     }
 }
 
+/// The request's path, normalized as routes and policies see it; an ambiguous one is refused.
+fn normalized(h: &Head<'_>, policy: &str) -> Result<String, Refused> {
+    normalize(h.path).map_err(|_| Refused {
+        refusal: Refusal::BadRequest("ambiguous request path"),
+        outcome: Outcome::plain("error", policy),
+        path: Some(h.path.to_owned()),
+    })
+}
+
+/// Runs `f` on what route matching sees of request `h` with normalized `path`.
+fn with_facts<T>(h: &Head<'_>, path: &str, f: impl FnOnce(&RequestFacts<'_>) -> T) -> T {
+    let empty = http::HeaderMap::new();
+    let headers = h.headers.unwrap_or(&empty);
+    let header = |name: &str, ok: &dyn Fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(ok))
+    };
+    f(&RequestFacts {
+        method: h.method,
+        path,
+        query: h.query,
+        header: &header,
+    })
+}
+
 /// Plans without discovery: fixed upstreams, the static mesh table, inbound authorization.
 fn plan_static<'r: 'h, 'h>(a: &Arrived<'r, 'h>, k: &Knows<'_>) -> Result<Plan<'r, 'h>, Refused> {
     match a.role {
         Role::Inbound { app, probes } => inbound(a, k, app, probes),
         Role::Outbound { upstream, expected } => mesh(a, upstream, expected),
+        Role::Gateway {
+            https,
+            redirect_to_https,
+        } => gateway::plan(a, k, https, redirect_to_https),
         Role::EgressGateway => match a.orig_dst {
             Some(orig) => egress(a, k, orig, a.peer),
             None => Err(Refused {
@@ -583,6 +629,7 @@ policies:
             authz: &enforce,
             destination: None,
             egress: None,
+            gateway: None,
         };
         // (arrived, knows, expected plan label or refusal, log path)
         type Want = Result<(&'static str, Option<&'static str>), Refusal>;
@@ -635,6 +682,7 @@ policies:
                     authz: &enforce,
                     destination: None,
                     egress: None,
+                    gateway: None,
                 },
                 Err(Refusal::NoIdentity),
             ),
@@ -645,6 +693,7 @@ policies:
                     authz: &dry,
                     destination: None,
                     egress: None,
+                    gateway: None,
                 },
                 Ok((app, Some("/y"))),
             ),
@@ -715,6 +764,7 @@ policies:
                 authz: &dry,
                 destination: None,
                 egress: None,
+                gateway: None,
             },
         )
         else {
@@ -746,6 +796,7 @@ policies:
             authz: &enforce,
             destination: None,
             egress: None,
+            gateway: None,
         };
         let Ok(Plan::Mesh {
             upstream,
@@ -789,6 +840,7 @@ policies:
             authz: &enforce,
             destination: None,
             egress: Some(&set),
+            gateway: None,
         };
         let plan_for = |dst: &str, hello: Option<Option<&str>>, host: Option<&str>| {
             let orig: SocketAddr = dst.parse().unwrap();
@@ -852,6 +904,7 @@ policies:
             authz: &enforce,
             destination: None,
             egress: None,
+            gateway: None,
         };
         let routes = vec![
             MeshRoute {

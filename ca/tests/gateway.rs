@@ -1,0 +1,437 @@
+//! The ingress gateway end to end: a real CA and agent, two mesh services behind real proxies,
+//! and a gateway proxy with HTTPS certificates, host and path routes, HSTS, a redirecting HTTP
+//! listener and limits — driven by curl, a client that is not ours.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use common::mesh::{TD, app, backend, cfg, mesh};
+use ward_ca::services::ServiceOp;
+use ward_proxy::config::{AccessLog, Authorization, DiscoveryCfg, Listener, Outbound, Protocol};
+use ward_proxy::gateway::config::{GatewayCfg, GatewayListener, GatewayProtocol};
+use ward_spiffe::SpiffeId;
+use ward_spiffe::service::Service;
+
+/// A root and a leaf for `names` signed by it: (leaf chain file, key file, root file).
+fn web_pki(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "Gateway Test Root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let root = p.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(p, root_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+    let (c, k, r) = (
+        dir.join("web.pem"),
+        dir.join("web.key"),
+        dir.join("root.pem"),
+    );
+    std::fs::write(&c, leaf.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&r, root.pem()).unwrap();
+    (c, k, r)
+}
+
+fn svc(name: &str, endpoint: std::net::SocketAddr, id: &str) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "ports": [ { "name": "http", "port": 80 } ],
+        "endpoints": [ {
+            "address": endpoint.ip().to_string(), "ports": { "http": endpoint.port() },
+            "ids": [format!("spiffe://{TD}/{id}")],
+        } ],
+    }))
+    .unwrap()
+}
+
+/// What curl got: status, headers (lowercase names), body.
+#[derive(Debug)]
+struct Curl {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Curl {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Runs curl with `args`, printing the response headers and the body.
+fn curl(args: &[&str]) -> Curl {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-D", "-"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Curl {
+        status,
+        headers,
+        body: body.to_owned() + &String::from_utf8_lossy(&out.stderr),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_routes_by_host_and_path_to_mesh_services_as_its_own_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, agent) = mesh(dir.path(), &["gateway", "shop", "api", "client"]).await;
+    let sock = agent.socket_path.clone();
+    let hits = || Arc::new(AtomicUsize::new(0));
+
+    // The storefront's proxy allows the gateway only; the API's any mesh workload.
+    let policy = dir.path().join("shop-policies.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+policies:
+  - name: only-the-gateway
+    target: {{ spiffe_ids: ["spiffe://{TD}/shop"] }}
+    action: ALLOW
+    rules: [ {{ from: [ {{ principals: ["spiffe://{TD}/gateway"] }} ] }} ]
+"#
+        ),
+    )
+    .unwrap();
+    let shop_app = app("shop", Duration::ZERO, hits()).await;
+    let shop = {
+        let mut c = cfg(&sock, "shop");
+        c.authorization = Authorization {
+            default: ward_spiffe::policy::DefaultPolicy::Deny,
+            policy_files: vec![policy],
+            ..Default::default()
+        };
+        c.listeners = vec![Listener::Inbound(ward_proxy::config::Inbound {
+            name: "in".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            forward_to: shop_app.to_string(),
+            protocol: Protocol::Http,
+            tls: ward_proxy::config::TlsMode::Strict,
+            app_protocol: Default::default(),
+        })];
+        let p = ward_proxy::Proxy::start(c).await.unwrap();
+        while p.sink.current().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    };
+    let api = backend(&sock, "api", app("api", Duration::ZERO, hits()).await).await;
+    ca.core
+        .services
+        .write(
+            vec![
+                ServiceOp::Put(svc("shop.web", shop.inbound_addr("in").unwrap(), "shop")),
+                ServiceOp::Put(svc("api.web", api.inbound_addr("in").unwrap(), "api")),
+            ],
+            "admin",
+        )
+        .await
+        .unwrap();
+
+    let (cert, key, root) = web_pki(dir.path(), &["shop.example.com", "*.example.com"]);
+    let log = dir.path().join("gateway.log");
+    let mut g = cfg(&sock, "gateway");
+    g.discovery = Some(DiscoveryCfg::default());
+    g.http_limits.max_header_bytes = 32 * 1024;
+    g.access_log = Some(AccessLog {
+        path: log.clone(),
+        max_bytes: 1 << 30,
+        queue: 4096,
+    });
+    g.listeners = vec![
+        Listener::Gateway(GatewayListener {
+            name: "https".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            protocol: GatewayProtocol::Https,
+            redirect_to_https: None,
+        }),
+        Listener::Gateway(GatewayListener {
+            name: "http".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            protocol: GatewayProtocol::Http,
+            redirect_to_https: Some(8443),
+        }),
+    ];
+    g.gateway = Some(
+        serde_yaml_ng::from_str::<GatewayCfg>(&format!(
+            r#"
+certificates: [ {{ cert: {}, key: {} }} ]
+hsts: {{ max_age: 1d, include_subdomains: true }}
+rate_limit: {{ requests_per_second: 1, burst: 40 }}
+max_request_body_bytes: 1024
+routes:
+  - name: shop
+    hostnames: [shop.example.com]
+    rules: [ {{ backends: [ {{ service: shop.web, port: 80 }} ] }} ]
+  - name: api
+    hostnames: ["*.example.com"]
+    rules:
+      - matches: [ {{ path: {{ type: prefix, value: /v1 }} }} ]
+        backends: [ {{ service: api.web, port: 80 }} ]
+"#,
+            cert.display(),
+            key.display()
+        ))
+        .unwrap(),
+    );
+    g.validate().unwrap();
+    let gw = ward_proxy::Proxy::start(g).await.unwrap();
+    while gw.sink.current().is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = |name: &str| {
+        gw.listeners
+            .iter()
+            .find(|(n, ..)| n == name)
+            .unwrap()
+            .2
+            .port()
+    };
+    let (https, http) = (port("https"), port("http"));
+    let root_s = root.display().to_string();
+    let resolve = |host: &str| format!("{host}:{https}:127.0.0.1");
+    let url = |host: &str, path: &str| format!("https://{host}:{https}{path}");
+    let get = |host: &str, path: &str, extra: &[&str]| {
+        let r = resolve(host);
+        let u = url(host, path);
+        let mut a = vec!["--cacert", &root_s, "--resolve", &r];
+        a.extend_from_slice(extra);
+        a.push(&u);
+        curl(&a)
+    };
+    let get = &get;
+
+    // Host and path choose the service, over HTTP/2 and HTTP/1.1; the backend sees the
+    // gateway's SPIFFE ID, the client's Host, and the forwarding headers the gateway set — not
+    // the ones the client sent.
+    let r = get(
+        "shop.example.com",
+        "/cart?x=1",
+        &[
+            "-H",
+            "X-Forwarded-For: 6.6.6.6",
+            "-H",
+            "Forwarded: for=6.6.6.6",
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.starts_with("shop"), "{r:?}");
+    assert_eq!(
+        r.header("x-echo-x-ward-peer-id"),
+        Some(format!("spiffe://{TD}/gateway").as_str())
+    );
+    assert_eq!(
+        r.header("x-echo-host"),
+        Some("shop.example.com:".to_owned() + &https.to_string()).as_deref()
+    );
+    assert_eq!(r.header("x-echo-x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(r.header("x-echo-x-forwarded-proto"), Some("https"));
+    assert_eq!(r.header("x-echo-path"), Some("/cart?x=1"));
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=86400; includeSubDomains")
+    );
+    let r = get("api.example.com", "/v1/items", &["--http1.1"]);
+    assert_eq!((r.status, r.body.starts_with("api")), (200, true), "{r:?}");
+    // The wildcard certificate serves the API's host; curl checked it against the root.
+    let r = get("api.example.com", "/v2", &[]);
+    assert_eq!(r.status, 404, "no rule for the path: {r:?}");
+    let r = get("evil.example.com", "/v1/x", &[]);
+    assert_eq!(
+        (r.status, r.body.starts_with("api")),
+        (200, true),
+        "*.example.com: {r:?}"
+    );
+    // A host no route serves: 404, and the name in the log.
+    let other = format!("other.test:{https}:127.0.0.1");
+    let r = curl(&[
+        "-k",
+        "--resolve",
+        &other,
+        &format!("https://other.test:{https}/"),
+    ]);
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // The storefront refuses every mesh caller but the gateway.
+    let mut oc = cfg(&sock, "client");
+    oc.discovery = Some(DiscoveryCfg::default());
+    oc.listeners = vec![Listener::Outbound(Outbound {
+        name: "shop".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: "shop.web:80".into(),
+        expected_ids: vec![SpiffeId::new(&format!("spiffe://{TD}/shop")).unwrap()],
+        protocol: Protocol::Http,
+    })];
+    let client = ward_proxy::Proxy::start(oc).await.unwrap();
+    while client.sink.current().is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let direct = format!("http://{}/cart", client.outbound_addr("shop").unwrap());
+    let r = curl(&[&direct]);
+    assert_eq!(
+        r.status, 403,
+        "a mesh client that is not the gateway: {r:?}"
+    );
+
+    // The HTTP listener only redirects, keeping path and query; a POST keeps its method.
+    let plain = format!("http://127.0.0.1:{http}/cart?x=1");
+    let r = curl(&["-H", "Host: shop.example.com", &plain]);
+    assert_eq!(r.status, 301, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some("https://shop.example.com:8443/cart?x=1")
+    );
+    let r = curl(&["-X", "POST", "-H", "Host: shop.example.com", &plain]);
+    assert_eq!(r.status, 308, "{r:?}");
+
+    // Limits: headers over the limit (431) on either protocol; a body over 1 KiB (413).
+    // Six fields of 7 KiB, over the 32 KiB limit (curl's nghttp2 sends no header block over
+    // 64 KiB).
+    let big: Vec<String> = (0..6)
+        .map(|i| format!("x-big-{i}: {}", "a".repeat(7 * 1024)))
+        .collect();
+    for proto in ["--http1.1", "--http2"] {
+        let mut a = vec![proto];
+        for h in &big {
+            a.extend(["-H", h.as_str()]);
+        }
+        let r = get("shop.example.com", "/", &a);
+        assert_eq!(
+            r.status,
+            431,
+            "{proto}: {:?}",
+            (&r.headers, &r.body[r.body.len().saturating_sub(300)..])
+        );
+    }
+    let body = "b".repeat(2048);
+    let r = get("shop.example.com", "/", &["--data-binary", &body]);
+    assert_eq!(r.status, 413, "{r:?}");
+
+    // A client over its rate gets 429 with Retry-After; another client is not affected.
+    let urls: Vec<String> = (0..60).map(|_| url("shop.example.com", "/")).collect();
+    let r9 = resolve("shop.example.com");
+    let mut a = vec![
+        "-sS",
+        "--cacert",
+        &root_s,
+        "--resolve",
+        &r9,
+        "--interface",
+        "127.0.0.9",
+        "-w",
+        "%{http_code}\n",
+    ];
+    for u in &urls {
+        a.extend(["-o", "/dev/null", u.as_str()]);
+    }
+    let out = Command::new("curl").args(&a).output().unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let ok = codes.lines().filter(|c| *c == "200").count();
+    let limited = codes.lines().filter(|c| *c == "429").count();
+    assert!(
+        (40..=44).contains(&ok) && ok + limited == 60,
+        "burst 40 at 1/s: {ok} ok, {limited} limited: {codes}"
+    );
+    let r = get("shop.example.com", "/", &["--interface", "127.0.0.9"]);
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    assert_eq!(get("shop.example.com", "/", &[]).status, 200);
+
+    // Every request is in the hash-chained log: client, host, route, backend identity, status.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cart = lines
+        .iter()
+        .filter_map(|l| l.get("access"))
+        .find(|a| a["path"] == "/cart" && a["status"] == 200)
+        .expect("the request to /cart is logged");
+    assert_eq!(
+        cart["client"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(cart["host"], format!("shop.example.com:{https}"));
+    assert_eq!(cart["route"], "shop#0");
+    assert_eq!(cart["dst"], format!("spiffe://{TD}/shop"));
+    assert!(cart["src"].is_null(), "a client outside the mesh has no ID");
+    let refused: Vec<_> = lines
+        .iter()
+        .filter_map(|l| l.get("access"))
+        .filter(|a| a["status"] == 429)
+        .collect();
+    assert!(!refused.is_empty());
+    assert_eq!(refused[0]["policy"], "gateway:rate_limit");
+    let st = Command::new(common::proxy_bin())
+        .args(["log", "verify"])
+        .arg(&log)
+        .status()
+        .unwrap();
+    assert!(st.success(), "the chain verifies");
+
+    // New certificate files (a renewed Secret) serve the next handshake; a broken pair is
+    // refused and the certificate in force keeps serving.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(get("shop.example.com", "/", &[]).status, 200);
+    let errors = || {
+        gw.metrics
+            .gateway_cert_errors
+            .get_or_create(&ward_proxy::metrics::CertLabel {
+                name: cert.display().to_string(),
+            })
+            .get()
+    };
+    assert_eq!(errors(), 1);
+    let renewed = dir.path().join("renewed");
+    std::fs::create_dir(&renewed).unwrap();
+    let (c2, k2, root2) = web_pki(&renewed, &["shop.example.com"]);
+    std::fs::copy(&k2, &key).unwrap();
+    std::fs::copy(&c2, &cert).unwrap();
+    let root2 = root2.display().to_string();
+    let mut served_new = false;
+    for _ in 0..40 {
+        let r = get("shop.example.com", "/", &["--cacert", &root2]);
+        if r.status == 200 {
+            served_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(served_new, "the renewed certificate is served");
+    drop((ca, agent));
+}
