@@ -6,48 +6,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use common::mesh::{TD, app, backend, cfg, mesh};
+use common::web::web_pki;
 use ward_ca::services::ServiceOp;
 use ward_proxy::config::{AccessLog, Authorization, DiscoveryCfg, Listener, Outbound, Protocol};
 use ward_proxy::gateway::config::{GatewayCfg, GatewayListener, GatewayProtocol};
 use ward_spiffe::SpiffeId;
 use ward_spiffe::service::Service;
-
-/// A root and a leaf for `names` signed by it: (leaf chain file, key file, root file).
-fn web_pki(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "Gateway Test Root");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let root_key = rcgen::KeyPair::generate().unwrap();
-    let root = p.self_signed(&root_key).unwrap();
-    let issuer = rcgen::Issuer::new(p, root_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf =
-        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-    let (c, k, r) = (
-        dir.join("web.pem"),
-        dir.join("web.key"),
-        dir.join("root.pem"),
-    );
-    std::fs::write(&c, leaf.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    std::fs::write(&r, root.pem()).unwrap();
-    (c, k, r)
-}
 
 fn svc(name: &str, endpoint: std::net::SocketAddr, id: &str) -> Service {
     serde_json::from_value(serde_json::json!({

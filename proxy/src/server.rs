@@ -166,6 +166,13 @@ impl Proxy {
                 tasks.push(tokio::spawn(
                     gw.clone().watch_files(metrics.clone(), stop.clone()),
                 ));
+                if let Some(a) = &gw.acme {
+                    tasks.push(tokio::spawn(a.clone().run(
+                        gw.certs.clone(),
+                        metrics.clone(),
+                        stop.clone(),
+                    )));
+                }
                 Some(gw)
             }
             _ => None,
@@ -259,6 +266,12 @@ impl Proxy {
             views.push((
                 "/egress",
                 Arc::new(move || serde_json::to_string_pretty(eg.set().doc()).unwrap_or_default()),
+            ));
+        }
+        if let Some(gw) = shared.gateway.clone() {
+            views.push((
+                "/gateway",
+                Arc::new(move || serde_json::to_string_pretty(&gw.view()).unwrap_or_default()),
             ));
         }
         if shared.discovery.is_some() {

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod k8s;
 pub mod mesh;
+pub mod web;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

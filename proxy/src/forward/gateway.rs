@@ -64,3 +64,43 @@ pub fn forwarding_headers(l: &ListenerCtx, conn: &ConnInfo, req: &mut Request<In
         .map(ToOwned::to_owned);
     crate::gateway::forwarded::set(req.headers_mut(), conn.remote.ip(), proto, host.as_deref());
 }
+
+/// Answers an ACME HTTP-01 validation: the key authorization of `token` while its order is
+/// being validated, 404 otherwise.
+pub fn acme_answer(
+    l: &ListenerCtx,
+    mut rec: crate::observe::Record,
+    token: &str,
+) -> http::Response<crate::http::Body> {
+    let answer = l
+        .shared
+        .gateway
+        .as_ref()
+        .and_then(|g| g.http01_answer(token));
+    let Some(answer) = answer else {
+        let r = Refused {
+            refusal: Refusal::NoMatchingRoute("no ACME challenge with this token".into()),
+            outcome: Outcome::plain("deny", "gateway:acme"),
+            path: None,
+        };
+        return crate::forward::http::refuse(l, rec, r, false);
+    };
+    rec.decided(
+        &l.shared.obs,
+        Outcome::plain("allow", "gateway:acme"),
+        "acme",
+    );
+    rec.finish(
+        &l.shared.obs,
+        200,
+        "ACME HTTP-01 challenge answered".into(),
+        0,
+        answer.len() as u64,
+    );
+    let mut r = http::Response::new(crate::http::full(answer));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}

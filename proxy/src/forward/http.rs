@@ -232,6 +232,7 @@ async fn handle_request(
             route,
         }),
         Plan::Redirect { location, status } => Ok(Target::Redirect { location, status }),
+        Plan::AcmeChallenge { token } => Ok(Target::AcmeChallenge(token.to_owned())),
         // Passthrough is decided per connection, before any byte is read as HTTP.
         Plan::Passthrough { to } => Err(Refused {
             refusal: Refusal::NoRoute(format!("{to} is outside the mesh")),
@@ -295,6 +296,7 @@ async fn handle_request(
         Ok(Target::Redirect { location, status }) => {
             crate::forward::routed::answer_redirect(l, rec, status, &location, &[])
         }
+        Ok(Target::AcmeChallenge(token)) => crate::forward::gateway::acme_answer(l, rec, &token),
     }
 }
 
@@ -344,6 +346,7 @@ enum Target<'r> {
         location: String,
         status: u16,
     },
+    AcmeChallenge(String),
 }
 
 /// Wraps a response body so the record is written when the exchange ends.

@@ -45,7 +45,7 @@ where
             crate::forward::external::tcp(&l, &conn, rec, &mut io, e).await;
         }
         // The gateway's plans are made for HTTP requests only (its listeners speak HTTP).
-        Ok(p @ (Plan::Routed { .. } | Plan::Redirect { .. })) => {
+        Ok(p @ (Plan::Routed { .. } | Plan::Redirect { .. } | Plan::AcmeChallenge { .. })) => {
             let why = format!("a {} plan needs an HTTP request", p.label());
             rec.decided(
                 &shared.obs,

@@ -46,6 +46,9 @@ pub struct GatewayCfg {
     /// client's server name selects one; without a match, the first is served).
     #[serde(default)]
     pub certificates: Vec<CertFiles>,
+    /// Certificates ordered from an ACME server (Let's Encrypt) for the gateway's hostnames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<super::acme::AcmeCfg>,
     /// Routes by host and path to mesh services (the Gateway API's HTTPRoute model, with
     /// `hostnames`).
     #[serde(default)]
@@ -118,7 +121,11 @@ pub struct RateLimit {
 impl GatewayCfg {
     /// Checks what can be checked without reading files.
     pub fn validate(&self, listeners: &[&GatewayListener]) -> Result<(), String> {
-        ward_spiffe::vhost::VirtualHosts::compile(&self.routes).map_err(|e| e.to_string())?;
+        let hosts =
+            ward_spiffe::vhost::VirtualHosts::compile(&self.routes).map_err(|e| e.to_string())?;
+        if let Some(a) = &self.acme {
+            a.validate(hosts.exact_hostnames())?;
+        }
         for l in listeners {
             match (l.protocol, l.redirect_to_https) {
                 (GatewayProtocol::Https, Some(_)) => {
@@ -127,9 +134,11 @@ impl GatewayCfg {
                         l.name
                     ));
                 }
-                (GatewayProtocol::Https, None) if self.certificates.is_empty() => {
+                (GatewayProtocol::Https, None)
+                    if self.certificates.is_empty() && self.acme.is_none() =>
+                {
                     return Err(format!(
-                        "gateway {}: an https listener needs gateway.certificates",
+                        "gateway {}: an https listener needs gateway.certificates or gateway.acme",
                         l.name
                     ));
                 }

@@ -5,6 +5,7 @@
 //! name ([`certs`]), the forwarding headers ([`forwarded`]), per-client rate limits ([`limit`]),
 //! and the shared settings ([`config`]).
 
+pub mod acme;
 pub mod certs;
 pub mod config;
 pub mod forwarded;
@@ -38,6 +39,8 @@ pub struct Gateway {
     /// The largest request body a client may declare.
     pub max_body: Option<u64>,
     files: Vec<CertFiles>,
+    /// Certificates from ACME, when configured.
+    pub acme: Option<Arc<acme::Acme>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -63,7 +66,12 @@ impl Gateway {
             .map(|h| HeaderValue::from_str(&h.header()))
             .transpose()
             .map_err(|e| format!("gateway.hsts: {e}"))?;
+        let acme = cfg
+            .acme
+            .as_ref()
+            .map(|a| Arc::new(acme::Acme::new(a, hosts.exact_hostnames())));
         Ok(Self {
+            acme,
             hosts: RwLock::new(Arc::new(hosts)),
             tls: certs::server_config(store.clone()),
             certs: store,
@@ -82,6 +90,34 @@ impl Gateway {
     /// The server config of HTTPS listeners (its certificates change under it).
     pub fn tls(&self) -> Arc<rustls::ServerConfig> {
         self.tls.clone()
+    }
+
+    /// The answer to an ACME HTTP-01 challenge for `token`, while its validation runs.
+    pub fn http01_answer(&self, token: &str) -> Option<String> {
+        self.acme.as_ref().and_then(|a| a.tokens.get(token))
+    }
+
+    /// What `/gateway` on the admin endpoint shows: the certificates served and, with ACME,
+    /// each hostname's state.
+    pub fn view(&self) -> serde_json::Value {
+        let certs: Vec<serde_json::Value> = self
+            .certs
+            .all()
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "origin": s.origin,
+                    "names": s.names,
+                    "not_after": ward_net::process::rfc3339_millis(s.not_after),
+                })
+            })
+            .collect();
+        let hosts = self.hosts();
+        serde_json::json!({
+            "certificates": certs,
+            "route_hostnames": hosts.exact_hostnames().collect::<Vec<_>>(),
+            "acme": self.acme.as_ref().map(|a| a.status()),
+        })
     }
 
     /// The `Strict-Transport-Security` value HTTPS responses carry, when configured.

@@ -9,6 +9,9 @@ use super::{Arrived, Knows, Plan, Refused, Routed, normalized, with_facts};
 use crate::observe::Outcome;
 use crate::refusal::Refusal;
 
+/// Where ACME HTTP-01 challenges are fetched (RFC 8555 §8.3).
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
 pub(super) fn plan<'r: 'h, 'h>(
     a: &Arrived<'r, 'h>,
     k: &Knows<'_>,
@@ -44,6 +47,9 @@ pub(super) fn plan<'r: 'h, 'h>(
             ));
         }
     };
+    if !https && let Some(token) = h.path.strip_prefix(ACME_CHALLENGE_PREFIX) {
+        return Ok(Plan::AcmeChallenge { token });
+    }
     let host = request_host(authority);
     if let Some(port) = redirect_to_https.filter(|_| !https) {
         let Some(host) = host else {

@@ -157,6 +157,12 @@ pub enum Plan<'r, 'h> {
         /// The rule.
         route: Routed,
     },
+    /// Answered by the proxy: the ACME HTTP-01 challenge with this token (gateway HTTP
+    /// listeners).
+    AcmeChallenge {
+        /// The token asked for.
+        token: &'h str,
+    },
     /// Answered by the proxy with a redirect (HTTP to HTTPS at the gateway).
     Redirect {
         /// The `Location`.
@@ -194,6 +200,7 @@ impl Plan<'_, '_> {
             Plan::External(_) => "egress",
             Plan::Routed { .. } => "routed",
             Plan::Redirect { .. } => "redirect",
+            Plan::AcmeChallenge { .. } => "acme",
         }
     }
 }
