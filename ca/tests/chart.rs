@@ -311,6 +311,46 @@ fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
         .map(|d| s(&d["metadata"]["namespace"]))
         .collect();
     assert_eq!(policies, ["shop", "blog"]);
+    // The ingress gateway: a proxy config the proxy accepts (certificates from the mounted
+    // Secret and ACME, the routes), the Secret and ACME state mounted where it says, and a
+    // LoadBalancer Service keeping the client's address.
+    let cm = find(&docs, "ConfigMap", "rel-ward-ingress-gateway");
+    assert_eq!(cm["metadata"]["namespace"], "ward-gateway");
+    let text = s(&cm["data"]["proxy.yaml"]);
+    let cfg = ward_proxy::ProxyConfig::from_yaml(text, "chart gateway proxy.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let roles: Vec<&str> = cfg.listeners.iter().map(|l| l.role()).collect();
+    assert_eq!(roles, ["gateway", "gateway"]);
+    let gw = cfg.gateway.as_ref().unwrap();
+    assert_eq!(
+        gw.certificates[0].cert,
+        PathBuf::from("/etc/ward/tls/shop-tls/tls.crt")
+    );
+    let acme = gw.acme.as_ref().unwrap();
+    assert_eq!(acme.state_dir, PathBuf::from("/var/lib/ward/acme"));
+    assert_eq!(gw.routes[0].hostnames, ["shop.example.org"]);
+    assert_eq!(gw.rate_limit.unwrap().requests_per_second, 50);
+    assert_eq!(gw.max_request_body_bytes, Some(1_048_576));
+    let dep = find(&docs, "Deployment", "rel-ward-ingress-gateway");
+    let pod = &dep["spec"]["template"]["spec"];
+    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| s(&m["mountPath"]))
+        .collect();
+    assert!(mounts.contains(&"/etc/ward/tls/shop-tls") && mounts.contains(&"/var/lib/ward/acme"));
+    let acme_vol = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "acme")
+        .unwrap();
+    assert_eq!(acme_vol["persistentVolumeClaim"]["claimName"], "ward-acme");
+    let svc = find(&docs, "Service", "rel-ward-ingress-gateway");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 443);
     let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
     assert_eq!(np["spec"]["policyTypes"][0], "Egress");
     assert!(np["spec"]["egress"][0]["to"][0]["namespaceSelector"].is_mapping());
@@ -327,6 +367,8 @@ fn wrong_values_fail_at_install_with_the_path() {
         ("ca.rotation.prepareAt=1.5", "/ca/rotation/prepareAt"),
         ("egressGateway.port=0", "/egressGateway/port"),
         ("egressGateway.dns=somewhere", "/egressGateway/dns"),
+        ("ingressGateway.acme.challenge=dns-01", "/ingressGateway/acme/challenge"),
+        ("ingressGateway.service.type=Ingress", "/ingressGateway/service/type"),
         ("unknownKey=1", "unknownKey"),
     ] {
         let (ok, _, err) = helm(&["template", "rel", chart.to_str().unwrap(), "--set", set]);
