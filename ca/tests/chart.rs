@@ -367,8 +367,14 @@ fn wrong_values_fail_at_install_with_the_path() {
         ("ca.rotation.prepareAt=1.5", "/ca/rotation/prepareAt"),
         ("egressGateway.port=0", "/egressGateway/port"),
         ("egressGateway.dns=somewhere", "/egressGateway/dns"),
-        ("ingressGateway.acme.challenge=dns-01", "/ingressGateway/acme/challenge"),
-        ("ingressGateway.service.type=Ingress", "/ingressGateway/service/type"),
+        (
+            "ingressGateway.acme.challenge=dns-01",
+            "/ingressGateway/acme/challenge",
+        ),
+        (
+            "ingressGateway.service.type=Ingress",
+            "/ingressGateway/service/type",
+        ),
         ("unknownKey=1", "unknownKey"),
     ] {
         let (ok, _, err) = helm(&["template", "rel", chart.to_str().unwrap(), "--set", set]);

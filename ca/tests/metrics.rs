@@ -62,7 +62,16 @@ async fn health_and_metrics_endpoints() {
         )
         .await
         .unwrap();
-    // Ready once the agent holds an SVID for every entry.
+    // Ready once the agent holds an SVID for every entry — once it has heard of the entry (an
+    // agent that knows no entry is ready at once).
+    let mut svids = agent.cache.subscribe();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        svids.wait_for(|s| s.svids.len() == 1),
+    )
+    .await
+    .expect("the agent got the entry's SVID")
+    .unwrap();
     let mut ready = false;
     for _ in 0..100 {
         if get(agent.health_addr, "/readyz").await.0 == 200 {

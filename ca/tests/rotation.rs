@@ -60,6 +60,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         egress: None,
         http_limits: Default::default(),
         gateway: None,
+        connection_limits: Default::default(),
     }
 }
 

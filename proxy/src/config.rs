@@ -465,6 +465,46 @@ pub struct ProxyConfig {
     /// The ingress gateway's certificates, routes and limits (gateway listeners).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<crate::gateway::config::GatewayCfg>,
+    /// How many connections a listener holds open.
+    #[serde(default, skip_serializing_if = "ConnectionLimits::is_default")]
+    pub connection_limits: ConnectionLimits,
+}
+
+/// The open connections each listener may hold; more are closed as they arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Per listener.
+    #[serde(default = "default_max_connections")]
+    pub per_listener: usize,
+    /// Per client address (IPv6: per /64), on listeners serving callers from outside the pod
+    /// (inbound, inbound capture, the gateways); outbound listeners serve only the local
+    /// application.
+    #[serde(default = "default_max_client_connections")]
+    pub per_client: usize,
+}
+
+fn default_max_connections() -> usize {
+    20_000
+}
+
+fn default_max_client_connections() -> usize {
+    1_024
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            per_listener: default_max_connections(),
+            per_client: default_max_client_connections(),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Limits on what one HTTP client may make the proxy hold (every listener).
@@ -619,6 +659,7 @@ impl ProxyConfig {
             egress: None,
             http_limits: HttpLimits::default(),
             gateway: None,
+            connection_limits: ConnectionLimits::default(),
         }
     }
 
@@ -784,6 +825,10 @@ impl ProxyConfig {
             return inv(format!(
                 "peer_id_header {h:?} must be a lowercase HTTP header name"
             ));
+        }
+        let c = &self.connection_limits;
+        if c.per_listener == 0 || c.per_client == 0 {
+            return inv("connection_limits: per_listener and per_client must be > 0".into());
         }
         let h = &self.http_limits;
         if h.header_read_timeout.is_zero() || h.max_header_bytes < 8192 || h.max_headers < 16 {

@@ -1,10 +1,14 @@
-//! The listen stage: the one accept loop of every listener, and the tracking of connection
-//! tasks so shutdown can drain them — stop accepting, let HTTP connections finish what is in
-//! flight (graceful close), then cut whatever is left at the deadline.
+//! The listen stage: the one accept loop of every listener, the connection caps it enforces
+//! (per listener, and per client address where callers come from outside the pod), and the
+//! tracking of connection tasks so shutdown can drain them — stop accepting, let HTTP
+//! connections finish what is in flight (graceful close), then cut whatever is left at the
+//! deadline.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -69,11 +73,135 @@ impl Conns {
     }
 }
 
-/// Accepts on `listener` until `stop`, running `on_conn` for each connection as a tracked task.
+/// The key connections are counted by: IPv4 as is, IPv6 by /64 (the smallest block one
+/// subscriber usually holds: by full address, one client could take a fresh key at will), an
+/// IPv4-mapped address as IPv4.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+    }
+}
+
+/// The open connections a listener may hold: in all, and (for listeners serving callers from
+/// outside the pod) per client address.
+#[derive(Debug)]
+pub struct ConnLimits {
+    max: usize,
+    per_client: Option<usize>,
+    open: AtomicUsize,
+    clients: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Which cap a connection hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    /// The listener's.
+    Listener,
+    /// Its client's.
+    Client,
+}
+
+impl LimitHit {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitHit::Listener => "listener_connections",
+            LimitHit::Client => "client_connections",
+        }
+    }
+}
+
+/// One admitted connection; dropping it frees its place.
+#[derive(Debug)]
+pub struct ConnPermit {
+    limits: Arc<ConnLimits>,
+    client: Option<IpAddr>,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.limits.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.client {
+            let mut m = self
+                .limits
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl ConnLimits {
+    /// At most `max` open connections, and `per_client` per client address if given.
+    pub fn new(max: usize, per_client: Option<usize>) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            per_client,
+            open: AtomicUsize::new(0),
+            clients: Mutex::default(),
+        })
+    }
+
+    /// Admits a connection from `remote`, or says which cap it is over.
+    pub fn admit(self: &Arc<Self>, remote: IpAddr) -> Result<ConnPermit, LimitHit> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitHit::Listener);
+        }
+        let client = match self.per_client {
+            None => None,
+            Some(cap) => {
+                let key = client_key(remote);
+                let mut m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+                let n = m.entry(key).or_insert(0);
+                if *n >= cap {
+                    drop(m);
+                    self.open.fetch_sub(1, Ordering::AcqRel);
+                    return Err(LimitHit::Client);
+                }
+                *n += 1;
+                Some(key)
+            }
+        };
+        Ok(ConnPermit {
+            limits: self.clone(),
+            client,
+        })
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+fn limit_log() -> &'static ward_net::ratelog::LogLimiter {
+    static L: std::sync::OnceLock<ward_net::ratelog::LogLimiter> = std::sync::OnceLock::new();
+    L.get_or_init(ward_net::ratelog::LogLimiter::for_refusals)
+}
+
+/// Accepts on `listener` until `stop`, running `on_conn` for each connection as a tracked task;
+/// a connection over `limits` is closed at once, counted and logged (rate-limited).
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: Arc<str>,
     conns: Arc<Conns>,
+    limits: Arc<ConnLimits>,
+    metrics: crate::metrics::Metrics,
     mut stop: watch::Receiver<bool>,
     on_conn: F,
 ) where
@@ -92,7 +220,23 @@ pub async fn accept_loop<F, Fut>(
             },
             _ = ward_net::process::until_set(&mut stop) => return,
         };
-        conns.spawn(on_conn(tcp, remote));
+        match limits.admit(remote.ip()) {
+            Ok(permit) => {
+                let fut = on_conn(tcp, remote);
+                conns.spawn(async move {
+                    let _permit = permit;
+                    fut.await;
+                });
+            }
+            Err(hit) => {
+                drop(tcp);
+                metrics.http_limit(&name, hit.label());
+                if let Some(n) = limit_log().admit(&name) {
+                    tracing::warn!(listener = %name, %remote, limit = hit.label(), suppressed = n,
+                        "connection over the listener's connection limit; closed");
+                }
+            }
+        }
     }
 }
 
@@ -100,6 +244,35 @@ pub async fn accept_loop<F, Fut>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn connection_caps_per_listener_and_per_client_free_their_place_on_drop() {
+        let l = ConnLimits::new(3, Some(2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a1 = l.admit(a).unwrap();
+        let _a2 = l.admit(a).unwrap();
+        assert_eq!(l.admit(a).unwrap_err(), LimitHit::Client);
+        let _b1 = l.admit(b).unwrap();
+        assert_eq!(l.admit(b).unwrap_err(), LimitHit::Listener);
+        assert_eq!(l.open(), 3);
+        drop(a1);
+        assert_eq!(l.open(), 2);
+        let _a3 = l.admit(a).unwrap();
+        // IPv6 clients share their /64.
+        let v6 = ConnLimits::new(10, Some(1));
+        let _x = v6.admit("2001:db8::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            v6.admit("2001:db8::2".parse().unwrap()).unwrap_err(),
+            LimitHit::Client
+        );
+        v6.admit("2001:db8:0:1::1".parse().unwrap()).unwrap();
+        // Without a per-client cap only the listener's counts.
+        let open = ConnLimits::new(2, None);
+        let _p = open.admit(a).unwrap();
+        let _q = open.admit(a).unwrap();
+        assert_eq!(open.admit(b).unwrap_err(), LimitHit::Listener);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn drain_waits_for_finishing_tasks_and_cuts_the_rest() {

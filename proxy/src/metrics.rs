@@ -201,7 +201,7 @@ impl Metrics {
         );
         r.register(
             "http_limit_hits",
-            "HTTP connections closed for going over a limit, by limit (label reason)",
+            "Connections closed and requests refused for going over a limit, by limit (label reason)",
             self.http_limits.clone(),
         );
         r.register(

@@ -225,10 +225,15 @@ impl Proxy {
             })?;
             let ctx = Arc::new(ListenerCtx::new(l, addr.port(), shared.clone()));
             let drain = conns.draining();
+            let caps = cfg.connection_limits;
+            let per_client =
+                (ctx.role.is_inbound() || ctx.role.is_gateway()).then_some(caps.per_client);
             tasks.push(tokio::spawn(crate::listen::accept_loop(
                 listener,
                 ctx.name.clone(),
                 conns.clone(),
+                crate::listen::ConnLimits::new(caps.per_listener, per_client),
+                metrics.clone(),
                 stop.clone(),
                 move |tcp, remote| {
                     crate::pipeline::connection(ctx.clone(), tcp, remote, drain.clone())

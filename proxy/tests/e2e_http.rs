@@ -318,3 +318,65 @@ async fn http_clients_stay_within_the_limits() {
     assert_eq!(hits, 1);
     mesh.stop().await;
 }
+
+/// A listener holds at most `connection_limits.per_listener` connections, and one serving
+/// callers from outside the pod at most `per_client` from one address: more are closed as they
+/// arrive, counted and logged; a closed one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_caps_are_closed_on_arrival() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Http,
+        |b| b.connection_limits.per_client = 2,
+        |f| f.connection_limits.per_listener = 2,
+    )
+    .await;
+    // Closed at once: the read ends (0 bytes or a reset) well before any timeout.
+    let closed_at_once = |addr: std::net::SocketAddr| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    };
+    let hits = |p: &ward_proxy::Proxy, listener: &str, reason: &str| {
+        p.metrics
+            .http_limits
+            .get_or_create(&ward_proxy::metrics::TlsFailureLabel {
+                listener: listener.into(),
+                reason: reason.into(),
+            })
+            .get()
+    };
+    for (proxy, addr, listener, reason) in [
+        (
+            &mesh.frontend,
+            mesh.outbound(),
+            "backend",
+            "listener_connections",
+        ),
+        (
+            &mesh.backend,
+            mesh.backend.inbound_addr("public").unwrap(),
+            "public",
+            "client_connections",
+        ),
+    ] {
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The accept loop has taken both before the third arrives.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(closed_at_once(addr).await, "{listener}: a third is refused");
+        assert_eq!(hits(proxy, listener, reason), 1, "{listener}");
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !closed_at_once(addr).await,
+            "{listener}: a freed place is taken"
+        );
+    }
+    mesh.stop().await;
+}

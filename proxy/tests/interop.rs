@@ -448,6 +448,7 @@ impl GrpcMesh {
             egress: None,
             http_limits: Default::default(),
             gateway: None,
+            connection_limits: Default::default(),
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
@@ -476,6 +477,7 @@ impl GrpcMesh {
             egress: None,
             http_limits: Default::default(),
             gateway: None,
+            connection_limits: Default::default(),
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

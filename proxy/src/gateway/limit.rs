@@ -10,6 +10,7 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::config::RateLimit;
+use crate::listen::client_key;
 
 /// Past this many tracked clients, the state of those back at a full allowance is dropped.
 const PRUNE_ABOVE: usize = 10_000;
@@ -19,21 +20,6 @@ const PRUNE_ABOVE: usize = 10_000;
 pub struct ClientLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
-}
-
-/// The key of a client: IPv4 as is, IPv6 by /64 (an IPv4-mapped one as IPv4).
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
-    }
 }
 
 impl ClientLimiter {
@@ -98,7 +84,7 @@ mod tests {
         assert!(l.check("2001:db8::ffff:1".parse().unwrap()).is_err());
         l.check("2001:db8:0:1::1".parse().unwrap()).unwrap();
         assert_eq!(
-            client_key("::ffff:192.0.2.1".parse().unwrap()),
+            crate::listen::client_key("::ffff:192.0.2.1".parse().unwrap()),
             "192.0.2.1".parse::<IpAddr>().unwrap()
         );
         assert_eq!(l.tracked(), 2);

@@ -206,6 +206,7 @@ impl Mesh {
             egress: None,
             http_limits: Default::default(),
             gateway: None,
+            connection_limits: Default::default(),
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -235,6 +236,7 @@ impl Mesh {
             egress: None,
             http_limits: Default::default(),
             gateway: None,
+            connection_limits: Default::default(),
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();
