@@ -403,5 +403,45 @@ routes:
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(served_new, "the renewed certificate is served");
+
+    // HTTP/2 abuse from outside: a burst of streams reset as soon as opened (CVE-2023-44487)
+    // and a header block that never ends (CONTINUATION flood) each end their connection with
+    // GOAWAY; the gateway goes on serving (from another address: this one spent its rate).
+    let python = std::env::var("WARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/h2_abuse.py");
+    let abuse = |attack: &str, source: &str| {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args([
+                "127.0.0.1",
+                &https.to_string(),
+                "shop.example.com",
+                &root2,
+                attack,
+                source,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{attack}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+    };
+    let r = abuse("rapid-reset", "127.0.0.20");
+    assert_eq!(r["goaway"], 11, "ENHANCE_YOUR_CALM: {r}");
+    let r = abuse("continuation", "127.0.0.21");
+    assert!(
+        r["goaway"].as_u64().is_some_and(|c| c != 0) || r["closed"] == true,
+        "the flood ends the connection: {r}"
+    );
+    assert!(
+        r["sent"].as_u64().unwrap() < 20000 * 80,
+        "cut off before the whole flood was taken: {r}"
+    );
+    let r = abuse("normal", "127.0.0.22");
+    assert_eq!(r["status"], "200", "{r}");
     drop((ca, agent));
 }

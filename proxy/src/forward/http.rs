@@ -48,7 +48,15 @@ where
         .http2()
         .max_header_list_size(limits.max_header_bytes.saturating_mul(2));
     if l.role.is_inbound() || l.role.is_gateway() {
-        builder.http2().max_concurrent_streams(1024);
+        // Streams a client may open at once, and (CVE-2023-44487, "rapid reset") streams it
+        // may reset before they are served: past 20 pending, the connection ends with GOAWAY
+        // ENHANCE_YOUR_CALM. A header block is capped by max_header_list_size, CONTINUATION
+        // frames with it.
+        builder
+            .http2()
+            .max_concurrent_streams(1024)
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024);
     }
     let served = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(served);
