@@ -306,7 +306,13 @@ routes:
         );
     }
     let body = "b".repeat(2048);
-    let r = get("shop.example.com", "/", &["--data-binary", &body]);
+    // (Over HTTP/1.1: curl's HTTP/2 sometimes reports the early answer's RST_STREAM NO_ERROR,
+    // which cuts off the rest of its body, as a framing error.)
+    let r = get(
+        "shop.example.com",
+        "/",
+        &["--http1.1", "--data-binary", &body],
+    );
     assert_eq!(r.status, 413, "{r:?}");
 
     // A client over its rate gets 429 with Retry-After; another client is not affected.
