@@ -316,6 +316,40 @@ pub struct CaConfig {
     /// Log format.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// What one agent may ask of the node API.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Per-agent limits on the node API (SPIRE caps signing per caller too): an agent over them
+/// gets `RESOURCE_EXHAUSTED` and tries again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sustained SVID signings (X.509 CSRs and JWT-SVIDs) per second, per agent.
+    #[serde(default = "default_signing_rate")]
+    pub signing_per_second: u32,
+    /// Signings allowed at once above the rate (a node starting many workloads; a batch
+    /// larger than this is refused whole).
+    #[serde(default = "default_signing_burst")]
+    pub signing_burst: u32,
+}
+
+fn default_signing_rate() -> u32 {
+    500
+}
+
+fn default_signing_burst() -> u32 {
+    5_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            signing_per_second: default_signing_rate(),
+            signing_burst: default_signing_burst(),
+        }
+    }
 }
 
 fn default_bind() -> SocketAddr {
@@ -366,6 +400,7 @@ impl CaConfig {
             kubernetes: KubernetesConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
+            limits: Limits::default(),
         }
     }
 

@@ -75,6 +75,8 @@ pub struct CaCore {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Kubernetes clusters whose agents attest with service-account tokens.
     pub clusters: crate::k8s::psat::Clusters,
+    /// Signings per agent.
+    pub signing: crate::limits::SigningLimiter,
 }
 
 impl CaCore {
@@ -100,6 +102,7 @@ impl CaCore {
             policies: crate::policies::PolicyRepo::new(store.clone()),
             egress: crate::egress::EgressRepo::new(store.clone()),
             services: crate::services::ServiceRepo::new(store.clone()),
+            signing: crate::limits::SigningLimiter::new(cfg.limits),
             authorities,
             store,
             clock,

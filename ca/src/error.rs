@@ -35,6 +35,9 @@ pub enum ApiError {
     /// A bug or a storage failure; the detail is logged, not returned.
     #[error("internal: {0}")]
     Internal(String),
+    /// The caller is over a rate limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl ApiError {
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
         }
     }
 
@@ -68,7 +72,8 @@ impl ApiError {
             | ApiError::Unauthenticated(m)
             | ApiError::Aborted(m)
             | ApiError::FailedPrecondition(m)
-            | ApiError::Unavailable(m) => m,
+            | ApiError::Unavailable(m)
+            | ApiError::ResourceExhausted(m) => m,
         };
         Status::new(code, msg)
     }

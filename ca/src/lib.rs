@@ -22,6 +22,7 @@ pub mod error;
 pub mod issuer;
 pub mod k8s;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod node_api;
 pub mod oidc;

@@ -82,6 +82,8 @@ pub struct Metrics {
     /// Tokens with an unknown key answered without fetching the JWKS again (the last fetch
     /// was too recent), by cluster.
     pub jwks_refresh_suppressed: Family<ClusterLabel, Counter>,
+    /// Signing requests refused for going over the per-agent rate, by kind.
+    pub rate_limited: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -108,6 +110,7 @@ impl Metrics {
             k8s_synced: Family::default(),
             k8s_entry_writes: Family::default(),
             jwks_refresh_suppressed: Family::default(),
+            rate_limited: Family::default(),
         }
     }
 
@@ -179,6 +182,11 @@ impl Metrics {
             "jwks_refresh_suppressed",
             "Tokens with an unknown key refused without fetching the cluster's JWKS again",
             self.jwks_refresh_suppressed.clone(),
+        );
+        r.register(
+            "signing_rate_limited",
+            "Signing requests refused for going over the per-agent rate (limits.signing_*)",
+            self.rate_limited.clone(),
         );
     }
 

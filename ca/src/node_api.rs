@@ -36,6 +36,27 @@ fn svid_msg(i: &Issued) -> ward_proto::types::X509Svid {
     svid_to_proto(i.id.as_str(), i.chain.clone(), unix(i.not_after))
 }
 
+impl NodeService {
+    /// Counts `n` signings of `kind` against the agent's rate; refused ones are counted too.
+    fn admit_signing(
+        &self,
+        agent: &crate::agents::AgentRecord,
+        kind: &str,
+        n: usize,
+    ) -> Result<(), ApiError> {
+        self.core
+            .signing
+            .admit(agent.id.as_str(), n)
+            .inspect_err(|_| {
+                self.core
+                    .metrics
+                    .rate_limited
+                    .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+                    .inc();
+            })
+    }
+}
+
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn attest(
@@ -108,6 +129,8 @@ impl Node for NodeService {
         req: Request<node::BatchNewX509SvidRequest>,
     ) -> Result<Response<node::BatchNewX509SvidResponse>, Status> {
         let agent = self.core.authorize_agent(peer(&req).as_ref()).await?;
+        let n = req.get_ref().params.len();
+        self.admit_signing(&agent, "x509", n)?;
         let params: Vec<(String, Vec<u8>)> = req
             .into_inner()
             .params
@@ -145,6 +168,7 @@ impl Node for NodeService {
         req: Request<node::NewJwtSvidRequest>,
     ) -> Result<Response<node::NewJwtSvidResponse>, Status> {
         let agent = self.core.authorize_agent(peer(&req).as_ref()).await?;
+        self.admit_signing(&agent, "jwt", 1)?;
         let r = req.into_inner();
         let (id, token, exp) = self.core.mint_jwt(&agent, &r.entry_id, &r.audience).await?;
         Ok(Response::new(node::NewJwtSvidResponse {

@@ -495,3 +495,76 @@ async fn sync_streams_full_then_incremental_and_resumes() {
     assert_eq!(removed, vec!["ea".to_owned(), "eb".to_owned()]);
     ca.shutdown().await;
 }
+
+/// An agent over its signing rate (`limits.signing_*`) gets RESOURCE_EXHAUSTED with the wait,
+/// counted; a batch larger than the burst is refused whole; other agents are not affected.
+#[tokio::test]
+async fn signing_is_rate_limited_per_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "td.test");
+    cfg.limits = ward_ca::config::Limits {
+        signing_per_second: 1,
+        signing_burst: 3,
+    };
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    let mut clients = Vec::new();
+    for name in ["a", "b"] {
+        let agent = common::attest_agent(&ca).await;
+        let e = ca
+            .core
+            .entries
+            .create(
+                &EntrySpec {
+                    spiffe_id: format!("spiffe://td.test/{name}"),
+                    parent_id: agent.id.to_string(),
+                    selectors: vec!["unix:uid:1000".into()],
+                    ..Default::default()
+                },
+                "admin",
+                format!("e-{name}"),
+                ca.core.clock.now(),
+            )
+            .await
+            .unwrap();
+        clients.push((common::node_client(&ca, Some(agent)), e.id));
+    }
+    let batch = |entry: &str, n: usize| BatchNewX509SvidRequest {
+        params: (0..n)
+            .map(|_| NewX509SvidParams {
+                entry_id: entry.to_owned(),
+                csr: common::key_and_csr(None).1,
+            })
+            .collect(),
+    };
+    let (a, a_entry) = &mut clients[0];
+    let e = a.batch_new_x509_svid(batch(a_entry, 4)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("larger than the burst of 3"), "{e:?}");
+    let ok = a.batch_new_x509_svid(batch(a_entry, 3)).await.unwrap();
+    assert!(ok.into_inner().results.iter().all(|r| r.svid.is_some()));
+    let e = a.batch_new_x509_svid(batch(a_entry, 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("over its signing rate"), "{e:?}");
+    let e = a
+        .new_jwt_svid(NewJwtSvidRequest {
+            entry_id: a_entry.clone(),
+            audience: vec!["x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    let (b, b_entry) = &mut clients[1];
+    b.batch_new_x509_svid(batch(b_entry, 3)).await.unwrap();
+    let refused = |kind: &str| {
+        ca.core
+            .metrics
+            .rate_limited
+            .get_or_create(&ward_ca::metrics::KindLabel { kind: kind.into() })
+            .get()
+    };
+    assert_eq!((refused("x509"), refused("jwt")), (2, 1));
+    // The rate refills: a second later one more signing is allowed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (a, a_entry) = &mut clients[0];
+    a.batch_new_x509_svid(batch(a_entry, 1)).await.unwrap();
+}
