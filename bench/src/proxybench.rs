@@ -28,18 +28,18 @@ fn port() -> Result<u16> {
         .port())
 }
 
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
 }
 
-async fn stop(p: &mut Proc) {
+pub(crate) async fn stop(p: &mut Proc) {
     if let Some(pid) = p.child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -54,7 +54,7 @@ async fn stop(p: &mut Proc) {
     }
 }
 
-fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+pub(crate) fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -78,7 +78,7 @@ async fn wait_port(addr: SocketAddr) -> Result<()> {
     bail!("nothing listening on {addr}")
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -114,12 +114,12 @@ struct Topology {
 
 /// Results of one oha run.
 #[derive(Debug, Clone, Copy, Default)]
-struct Latency {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    ok: f64,
+pub(crate) struct Latency {
+    pub(crate) rps: f64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) ok: f64,
 }
 
 async fn oha(url: &str, rate: Option<u32>, conns: u32, dur: Duration) -> Result<Latency> {
