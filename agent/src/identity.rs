@@ -82,6 +82,7 @@ impl Identity {
                 client_auth: ClientAuth::Required,
                 accept_servers: PeerPolicy::OneOf(vec![server_id(cfg)]),
                 alpn: vec![b"h2".to_vec()],
+                tls12: false,
             },
         ));
         let bundle = match files

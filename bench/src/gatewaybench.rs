@@ -244,6 +244,8 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
+          # Ward's mesh hops speak TLS 1.3 only; Envoy's upstream default stops at 1.2.
+          tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
           alpn_protocols: ["h2"]
           tls_certificates: [ {{ certificate_chain: {{ filename: "{s}/svid.pem" }}, private_key: {{ filename: "{s}/svid_key.pem" }} }} ]
           validation_context:

@@ -128,6 +128,7 @@ impl Ward {
                 client_auth: ClientAuth::Required,
                 accept_servers: PeerPolicy::OneOf(vec![server]),
                 alpn: vec![b"h2".to_vec()],
+                tls12: false,
             },
         ));
         let pem = std::fs::read(self.dir.path().join("ca/bundle.pem"))?;

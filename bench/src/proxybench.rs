@@ -770,6 +770,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
             client_auth: ward_net::ClientAuth::Required,
             accept_servers: ward_net::PeerPolicy::AnyTrusted,
             alpn: vec![b"http/1.1".to_vec()],
+            tls12: false,
         },
     );
     let mut b = ward_spiffe::Bundle::new(ward_spiffe::TrustDomain::new("bench.test")?);

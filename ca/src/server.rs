@@ -155,6 +155,7 @@ impl CaServer {
                 client_auth: ClientAuth::Optional,
                 accept_servers: PeerPolicy::TrustDomain(cfg.trust_domain.clone()),
                 alpn: vec![b"h2".to_vec()],
+                tls12: false,
             },
         ));
         sink.update_bundle((*core.bundle()).clone())

@@ -57,6 +57,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         http_limits: Default::default(),
         gateway: None,
         connection_limits: Default::default(),
+        mesh_tls12: false,
     }
 }
 

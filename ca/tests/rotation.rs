@@ -61,6 +61,7 @@ fn proxy_cfg(socket: &std::path::Path, id: &str) -> ProxyConfig {
         http_limits: Default::default(),
         gateway: None,
         connection_limits: Default::default(),
+        mesh_tls12: false,
     }
 }
 
@@ -193,6 +194,7 @@ async fn handshake(
         PeerPolicy::AnyTrusted,
         Some(svid),
         vec![b"h2".to_vec()],
+        false,
     )
     .unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();

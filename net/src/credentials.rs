@@ -83,6 +83,17 @@ pub struct TlsSettings {
     pub accept_servers: PeerPolicy,
     /// ALPN protocols offered on both sides (e.g. `h2` for gRPC).
     pub alpn: Vec<Vec<u8>>,
+    /// Also speak TLS 1.2 (for a non-Ward peer that cannot speak 1.3; under TLS 1.2 the client
+    /// certificate, the caller's identity, crosses the wire in the clear). Default: 1.3 only.
+    pub tls12: bool,
+}
+
+/// The protocol versions of Ward's TLS: 1.3, and 1.2 only where a setting allows it.
+fn versions(tls12: bool) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    if tls12 { &BOTH } else { &TLS13_ONLY }
 }
 
 /// The configs built from one SVID.
@@ -204,7 +215,13 @@ impl CredentialSink {
             self.settings.client_auth,
             svid,
             self.settings.alpn.clone(),
+            self.settings.tls12,
         )
+    }
+
+    /// Whether TLS 1.2 is allowed besides 1.3.
+    pub fn tls12(&self) -> bool {
+        self.settings.tls12
     }
 
     /// A client config that presents `svid` (or no certificate) and verifies servers by the
@@ -215,6 +232,7 @@ impl CredentialSink {
             self.settings.accept_servers.clone(),
             svid,
             self.settings.alpn.clone(),
+            self.settings.tls12,
         )
     }
 }
@@ -226,10 +244,11 @@ pub fn build_server_config(
     client_auth: ClientAuth,
     svid: &Svid,
     alpn: Vec<Vec<u8>>,
+    tls12: bool,
 ) -> Result<Arc<ServerConfig>, CredentialError> {
     let verifier = SpiffeClientVerifier::new(trust, accept, client_auth == ClientAuth::Required);
     let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(versions(tls12))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(svid.chain.clone(), svid.private_key())?;
     cfg.alpn_protocols = alpn;
@@ -242,10 +261,11 @@ pub fn build_client_config(
     accept: PeerPolicy,
     svid: Option<&Svid>,
     alpn: Vec<Vec<u8>>,
+    tls12: bool,
 ) -> Result<Arc<ClientConfig>, CredentialError> {
     let verifier = SpiffeServerVerifier::new(trust, accept);
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(versions(tls12))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
     let mut cfg = match svid {

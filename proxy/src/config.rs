@@ -465,6 +465,11 @@ pub struct ProxyConfig {
     /// The ingress gateway's certificates, routes and limits (gateway listeners).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<crate::gateway::config::GatewayCfg>,
+    /// Also speak TLS 1.2 on mesh hops, for a non-Ward peer (an Envoy whose upstream TLS is
+    /// capped at 1.2) that cannot speak 1.3. Off: under TLS 1.2 the client certificate, the
+    /// caller's identity, crosses the wire in the clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mesh_tls12: bool,
     /// How many connections a listener holds open.
     #[serde(default, skip_serializing_if = "ConnectionLimits::is_default")]
     pub connection_limits: ConnectionLimits,
@@ -660,6 +665,7 @@ impl ProxyConfig {
             http_limits: HttpLimits::default(),
             gateway: None,
             connection_limits: ConnectionLimits::default(),
+            mesh_tls12: false,
         }
     }
 

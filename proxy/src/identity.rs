@@ -15,8 +15,9 @@ use ward_spiffe::{Bundle, SpiffeId, TrustDomain};
 use crate::config::IdentitySource;
 use crate::metrics::Metrics;
 
-/// The proxy's credential sink (the listeners build their TLS configs from what it publishes).
-pub fn new_sink() -> Arc<CredentialSink> {
+/// The proxy's credential sink (the listeners build their TLS configs from what it publishes);
+/// mesh hops speak TLS 1.3 only unless `tls12`.
+pub fn new_sink(tls12: bool) -> Arc<CredentialSink> {
     Arc::new(CredentialSink::new(
         Arc::new(TrustStore::new()),
         TlsSettings {
@@ -24,6 +25,7 @@ pub fn new_sink() -> Arc<CredentialSink> {
             client_auth: ClientAuth::Required,
             accept_servers: PeerPolicy::AnyTrusted,
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            tls12,
         },
     ))
 }

@@ -83,7 +83,7 @@ impl Proxy {
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        let sink = crate::identity::new_sink();
+        let sink = crate::identity::new_sink(cfg.mesh_tls12);
         tasks.push(tokio::spawn(crate::identity::run(
             cfg.identity.clone(),
             sink.clone(),

@@ -75,6 +75,7 @@ impl ListenerTls {
             ClientAuth::Required,
             &cur.svid,
             self.alpn.clone(),
+            self.sink.tls12(),
         )
         .map_err(|e| tracing::error!(error = %e, "cannot build server TLS config"))
         .ok()?;
@@ -96,6 +97,7 @@ impl ListenerTls {
             self.policy.clone(),
             Some(&cur.svid),
             self.alpn.clone(),
+            self.sink.tls12(),
         )
         .map_err(|e| tracing::error!(error = %e, "cannot build client TLS config"))
         .ok()?;
@@ -211,6 +213,8 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
         rustls::Error::InvalidCertificate(_) => "bad_certificate",
         rustls::Error::AlertReceived(_) => "alert_received",
         rustls::Error::NoApplicationProtocol => "no_alpn",
+        // A TLS 1.2 client, mesh hops being 1.3 only.
+        rustls::Error::PeerIncompatible(_) => "incompatible_version",
         _ => "tls_error",
     }
 }

@@ -404,7 +404,10 @@ async fn direct_client_is_refused(cert: impl FnOnce(&Pki) -> Option<Issued>, rea
     );
 
     let bad = cert(&mesh.pki);
-    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+    // (Mesh hops are TLS 1.3 only; a TLS 1.2 client is refused before its certificate is
+    // looked at — `tls_1_2_is_refused_on_mesh_hops_unless_allowed`.)
+    for attempt in 0..2 {
+        let version = &rustls::version::TLS13;
         let (resp, end) = direct_tls(
             mesh.inbound(),
             client_config(version, bad.as_ref()),
@@ -413,11 +416,14 @@ async fn direct_client_is_refused(cert: impl FnOnce(&Pki) -> Option<Issued>, rea
         .await;
         assert!(
             !contains(&resp, b"HTTP/1.1"),
-            "{version:?}: got an HTTP response ({end}): {}",
+            "attempt {attempt}: got an HTTP response ({end}): {}",
             String::from_utf8_lossy(&resp)
         );
-        // TLS 1.2 fails in the handshake; TLS 1.3 only when reading after it.
-        assert!(end.contains("received fatal alert"), "{version:?}: {end}");
+        // TLS 1.3 fails when reading after the handshake.
+        assert!(
+            end.contains("received fatal alert"),
+            "attempt {attempt}: {end}"
+        );
     }
     let m = wait_metric(
         mesh.backend.admin_addr,
@@ -452,6 +458,39 @@ async fn direct_client_is_refused(cert: impl FnOnce(&Pki) -> Option<Issued>, rea
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(access_records(&log).len(), 1, "{:#?}", access_records(&log));
     mesh.stop().await;
+}
+
+/// Under TLS 1.2 the client certificate — the caller's identity — crosses the wire in the clear,
+/// so mesh hops speak TLS 1.3 only: a TLS 1.2 client with a valid SVID is refused, and counted.
+/// `mesh_tls12: true` lets such a (non-Ward) peer in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_is_refused_on_mesh_hops_unless_allowed() {
+    for allow in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mesh, seen) = mesh_with(dir.path(), |b| b.mesh_tls12 = allow, |_| {}).await;
+        let good = mesh.pki.svid("/frontend");
+        let (resp, end) = direct_tls(
+            mesh.inbound(),
+            client_config(&rustls::version::TLS12, Some(&good)),
+            SIMPLE_GET,
+        )
+        .await;
+        if allow {
+            assert!(resp.starts_with(b"HTTP/1.1 200"), "allowed: {end}");
+            assert_eq!(seen.len(), 1);
+        } else {
+            assert!(!contains(&resp, b"HTTP/1.1"), "refused: {end}");
+            assert!(end.contains("alert") || end.contains("error"), "{end}");
+            wait_metric(
+                mesh.backend.admin_addr,
+                &tls_failures("public", "incompatible_version"),
+                1.0,
+            )
+            .await;
+            assert_eq!(seen.len(), 0);
+        }
+        mesh.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

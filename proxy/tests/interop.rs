@@ -449,6 +449,7 @@ impl GrpcMesh {
             http_limits: Default::default(),
             gateway: None,
             connection_limits: Default::default(),
+            mesh_tls12: false,
         };
         let backend = Proxy::start(bcfg).await.unwrap();
         let up = backend.inbound_addr("public").unwrap();
@@ -478,6 +479,7 @@ impl GrpcMesh {
             http_limits: Default::default(),
             gateway: None,
             connection_limits: Default::default(),
+            mesh_tls12: false,
         };
         let frontend = Proxy::start(fcfg).await.unwrap();
         common::wait_ready(&backend).await;

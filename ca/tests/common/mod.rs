@@ -181,6 +181,7 @@ pub fn node_client(ca: &CaServer, svid: Option<Svid>) -> NodeClient<tonic::trans
             client_auth: ClientAuth::Required,
             accept_servers: PeerPolicy::OneOf(vec![ward_ca::authority::server_id(&td)]),
             alpn: vec![b"h2".to_vec()],
+            tls12: false,
         },
     ));
     sink.update_bundle((*ca.core.bundle()).clone()).unwrap();

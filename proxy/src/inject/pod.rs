@@ -184,6 +184,7 @@ pub(super) fn pod(
         http_limits: Default::default(),
         gateway: None,
         connection_limits: Default::default(),
+        mesh_tls12: false,
     };
     let yaml = serde_yaml_ng::to_string(&cfg).map_err(|e| e.to_string())?;
     // The same loader `ward-proxy run` uses must accept it.

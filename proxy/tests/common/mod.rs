@@ -207,6 +207,7 @@ impl Mesh {
             http_limits: Default::default(),
             gateway: None,
             connection_limits: Default::default(),
+            mesh_tls12: false,
         };
         tune_backend(&mut bcfg);
         let backend = Proxy::start(bcfg).await.unwrap();
@@ -237,6 +238,7 @@ impl Mesh {
             http_limits: Default::default(),
             gateway: None,
             connection_limits: Default::default(),
+            mesh_tls12: false,
         };
         tune_frontend(&mut fcfg);
         let frontend = Proxy::start(fcfg).await.unwrap();
