@@ -508,15 +508,10 @@ async fn oha(o: &Opts, t: &Target, load: Load) -> Result<Latency> {
     let answers = count(&j["statusCodeDistribution"], &|_| true)
         + count(&j["errorDistribution"], &|k| !k.contains("deadline"));
     let ok = count(&j["statusCodeDistribution"], &|k| k == "200");
-    let p = &j["latencyPercentiles"];
-    let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) * 1000.0;
-    Ok(Latency {
-        rps: j["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
-        p50: ms(&p["p50"]),
-        p99: ms(&p["p99"]),
-        p999: ms(&p["p99.9"]),
-        ok: if answers > 0.0 { ok / answers } else { 0.0 },
-    })
+    Ok(crate::proxybench::latency_of(
+        &j,
+        if answers > 0.0 { ok / answers } else { 0.0 },
+    ))
 }
 
 /// Runs `f` and returns with it the CPU cores each group of processes used meanwhile.

@@ -142,15 +142,21 @@ async fn oha(url: &str, rate: Option<u32>, conns: u32, dur: Duration) -> Result<
         bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha JSON")?;
+    let ok = j["summary"]["successRate"].as_f64().unwrap_or(0.0);
+    Ok(latency_of(&j, ok))
+}
+
+/// The rate and latency percentiles (ms) of oha's JSON output, with success rate `ok`.
+pub(crate) fn latency_of(j: &serde_json::Value, ok: f64) -> Latency {
     let p = &j["latencyPercentiles"];
     let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) * 1000.0;
-    Ok(Latency {
+    Latency {
         rps: j["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
         p50: ms(&p["p50"]),
         p99: ms(&p["p99"]),
         p999: ms(&p["p99.9"]),
-        ok: j["summary"]["successRate"].as_f64().unwrap_or(0.0),
-    })
+        ok,
+    }
 }
 
 /// h2load: returns (req/s, succeeded fraction).
