@@ -76,7 +76,7 @@ fn curl(args: &[&str]) -> Curl {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_routes_by_host_and_path_to_mesh_services_as_its_own_identity() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, agent) = mesh(dir.path(), &["gateway", "shop", "api", "client"]).await;
+    let (ca, agent) = mesh(dir.path(), &["gateway", "shop", "api", "client", "grpc"]).await;
     let sock = agent.socket_path.clone();
     let hits = || Arc::new(AtomicUsize::new(0));
 
@@ -118,12 +118,15 @@ policies:
         p
     };
     let api = backend(&sock, "api", app("api", Duration::ZERO, hits()).await).await;
+    let grpc_app = ward_testing::grpc::start_grpc_app(Default::default()).await;
+    let grpc = backend(&sock, "grpc", grpc_app).await;
     ca.core
         .services
         .write(
             vec![
                 ServiceOp::Put(svc("shop.web", shop.inbound_addr("in").unwrap(), "shop")),
                 ServiceOp::Put(svc("api.web", api.inbound_addr("in").unwrap(), "api")),
+                ServiceOp::Put(svc("grpc.web", grpc.inbound_addr("in").unwrap(), "grpc")),
             ],
             "admin",
         )
@@ -165,6 +168,9 @@ routes:
   - name: shop
     hostnames: [shop.example.com]
     rules: [ {{ backends: [ {{ service: shop.web, port: 80 }} ] }} ]
+  - name: grpc
+    hostnames: [grpc.example.com]
+    rules: [ {{ backends: [ {{ service: grpc.web, port: 80 }} ] }} ]
   - name: api
     hostnames: ["*.example.com"]
     rules:
@@ -253,6 +259,43 @@ routes:
         &format!("https://other.test:{https}/"),
     ]);
     assert_eq!(r.status, 404, "{r:?}");
+
+    // gRPC through the gateway with grpcio (gRPC's C core): routed by host to the gRPC service,
+    // which sees the gateway's SPIFFE ID; a path no rule of the host matches is UNIMPLEMENTED.
+    let python = std::env::var("WARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let grpc_call = |authority: &str| {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/grpc_gateway.py");
+        let out = Command::new(&python)
+            .arg(&script)
+            .args([&format!("127.0.0.1:{https}"), authority, &root_s])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+    };
+    let r = grpc_call("grpc.example.com");
+    assert_eq!(r["code"], "OK", "{r}");
+    let strings: Vec<&str> = r["strings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(strings.contains(&"gw"), "{r}");
+    assert!(
+        strings
+            .iter()
+            .any(|s| s.ends_with(&format!("spiffe://{TD}/gateway"))),
+        "{r}"
+    );
+    let r = grpc_call("nope.example.com");
+    assert_eq!(r["code"], "UNIMPLEMENTED", "{r}");
 
     // The storefront refuses every mesh caller but the gateway.
     let mut oc = cfg(&sock, "client");
@@ -449,5 +492,6 @@ routes:
     );
     let r = abuse("normal", "127.0.0.22");
     assert_eq!(r["status"], "200", "{r}");
+
     drop((ca, agent));
 }

@@ -7,32 +7,26 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use common::{HEADER, Mesh, TD};
-use futures::Stream;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 use ward_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use ward_proto::workload::spiffe_workload_api_server::{
-    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
-};
 use ward_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
-    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
-    X509svidRequest, X509svidResponse,
+    JwtBundlesRequest, Jwtsvid, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest,
+    X509BundlesResponse,
 };
 use ward_proxy::Proxy;
 use ward_proxy::config::{
@@ -293,100 +287,7 @@ async fn curl_and_openssl_present_an_svid_to_the_inbound_listener() {
 // gRPC through two proxies
 // ---------------------------------------------------------------------------------------------
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// The application behind the backend proxy: a SPIFFE Workload API server that echoes.
-#[derive(Debug, Clone, Default)]
-struct EchoApi {
-    validate_calls: Arc<AtomicUsize>,
-}
-
-fn peer_of<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get(HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
-}
-
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for EchoApi {
-    async fn fetch_jwtsvid(
-        &self,
-        req: Request<JwtsvidRequest>,
-    ) -> Result<Response<JwtsvidResponse>, Status> {
-        let peer = peer_of(&req);
-        Ok(Response::new(JwtsvidResponse {
-            svids: vec![Jwtsvid {
-                spiffe_id: req.get_ref().audience.join(","),
-                svid: "not-a-jwt".into(),
-                // The peer ID the backend proxy verified, as the application received it.
-                hint: peer,
-            }],
-        }))
-    }
-
-    type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
-
-    async fn fetch_jwt_bundles(
-        &self,
-        _req: Request<JwtBundlesRequest>,
-    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented("echo: FetchJWTBundles"))
-    }
-
-    async fn validate_jwtsvid(
-        &self,
-        _req: Request<ValidateJwtsvidRequest>,
-    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.validate_calls.fetch_add(1, Ordering::SeqCst);
-        Err(Status::unimplemented("echo: ValidateJWTSVID"))
-    }
-
-    type FetchX509SVIDStream = BoxStream<X509svidResponse>;
-
-    async fn fetch_x509svid(
-        &self,
-        _req: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        Err(Status::unimplemented("echo: FetchX509SVID"))
-    }
-
-    type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
-
-    /// One message every 100 ms, forever, with `counter` = 0, 1, 2, ... in the bundles map.
-    async fn fetch_x509_bundles(
-        &self,
-        _req: Request<X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let stream = futures::stream::unfold(0u64, |n| async move {
-            if n > 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let msg = X509BundlesResponse {
-                crl: Vec::new(),
-                bundles: HashMap::from([("counter".to_owned(), n.to_string().into_bytes())]),
-            };
-            Some((Ok(msg), n + 1))
-        });
-        Ok(Response::new(
-            Box::pin(stream) as Self::FetchX509BundlesStream
-        ))
-    }
-}
-
-async fn start_grpc_app(api: EchoApi) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(api))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l))
-            .await
-            .unwrap();
-    });
-    addr
-}
+use ward_testing::grpc::{EchoApi, start_grpc_app};
 
 const GRPC_POLICIES: &str = r#"
 policies:

@@ -177,6 +177,7 @@ impl Pki {
         p
     }
 }
+pub mod grpc;
 pub mod kube;
 pub mod logs;
 pub mod netns;
