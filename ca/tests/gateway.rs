@@ -149,12 +149,22 @@ policies:
             listen: "127.0.0.1:0".parse().unwrap(),
             protocol: GatewayProtocol::Https,
             redirect_to_https: None,
+            proxy_protocol_from: vec![],
         }),
         Listener::Gateway(GatewayListener {
             name: "http".into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             protocol: GatewayProtocol::Http,
             redirect_to_https: Some(8443),
+            proxy_protocol_from: vec![],
+        }),
+        // Behind a load balancer (127.0.0.5) that names the client in a PROXY v2 header.
+        Listener::Gateway(GatewayListener {
+            name: "lb".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            protocol: GatewayProtocol::Https,
+            redirect_to_https: None,
+            proxy_protocol_from: vec!["127.0.0.5/32".parse().unwrap()],
         }),
     ];
     g.gateway = Some(
@@ -296,6 +306,37 @@ routes:
     );
     let r = grpc_call("nope.example.com");
     assert_eq!(r["code"], "UNIMPLEMENTED", "{r}");
+
+    // Behind a load balancer: its PROXY v2 header names the client, which is what the backend
+    // sees; a balancer connection without one is closed; other callers are served as they are.
+    let lb_port = port("lb").to_string();
+    let via_lb = |source: &str, client: &str| {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/proxy_protocol.py");
+        let out = Command::new(&python)
+            .arg(&script)
+            .args([source, &lb_port, "shop.example.com", &root_s, client])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+    };
+    let r = via_lb("127.0.0.5", "203.0.113.9");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["headers"]["x-echo-x-forwarded-for"], "203.0.113.9", "{r}");
+    assert_eq!(
+        via_lb("127.0.0.5", "none")["status"],
+        0,
+        "no header from the balancer"
+    );
+    let r = via_lb("127.0.0.6", "none");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["headers"]["x-echo-x-forwarded-for"], "127.0.0.6", "{r}");
 
     // The storefront refuses every mesh caller but the gateway.
     let mut oc = cfg(&sock, "client");

@@ -40,12 +40,14 @@ fn gateway_cfg(
             listen: format!("127.0.0.1:{https}").parse().unwrap(),
             protocol: GatewayProtocol::Https,
             redirect_to_https: None,
+            proxy_protocol_from: vec![],
         }),
         Listener::Gateway(GatewayListener {
             name: "http".into(),
             listen: format!("127.0.0.1:{http}").parse().unwrap(),
             protocol: GatewayProtocol::Http,
             redirect_to_https: Some(https),
+            proxy_protocol_from: vec![],
         }),
     ];
     g.gateway = Some(

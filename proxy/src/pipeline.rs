@@ -123,6 +123,8 @@ pub enum RoleCfg {
         https: bool,
         /// Only redirect to HTTPS on this port.
         redirect_to_https: Option<u16>,
+        /// Load balancers whose connections open with a PROXY v2 header.
+        proxy_protocol_from: Vec<ward_spiffe::cidr::Cidr>,
     },
 }
 
@@ -207,6 +209,7 @@ impl ListenerCtx {
                 RoleCfg::Gateway {
                     https: g.protocol == crate::gateway::config::GatewayProtocol::Https,
                     redirect_to_https: g.redirect_to_https,
+                    proxy_protocol_from: g.proxy_protocol_from.clone(),
                 },
             ),
         };
@@ -240,6 +243,7 @@ impl ListenerCtx {
             RoleCfg::Gateway {
                 https,
                 redirect_to_https,
+                ..
             } => Role::Gateway {
                 https: *https,
                 redirect_to_https: *redirect_to_https,
@@ -364,10 +368,7 @@ pub async fn connection(
         }
         RoleCfg::Outbound { .. } => detect(l.clone(), tcp, conn, l.protocol, None, drain).await,
         RoleCfg::EgressGateway => egress_gateway(l, tcp, conn, drain).await,
-        RoleCfg::Gateway { https: false, .. } => {
-            detect(l.clone(), tcp, conn, Protocol::Http, None, drain).await;
-        }
-        RoleCfg::Gateway { https: true, .. } => gateway(l, tcp, conn, drain).await,
+        RoleCfg::Gateway { .. } => gateway(l, tcp, conn, drain).await,
         RoleCfg::OutboundCapture { .. } => {
             let Some(orig) = redirected(&l, &tcp) else {
                 return;
@@ -494,14 +495,65 @@ async fn egress_gateway(
     }
 }
 
-/// The ingress gateway's TLS stage: the certificate the client's server name selects, no
-/// client certificate; a TLS-ALPN-01 validation ends with its handshake.
-async fn gateway(l: Arc<ListenerCtx>, tcp: TcpStream, conn: ConnInfo, drain: CancellationToken) {
-    let Some(gw) = &l.shared.gateway else { return };
-    match crate::tls::accept(gw.tls(), tcp, conn.remote).await {
-        Ok(a) if a.alpn.as_deref() == Some(crate::gateway::certs::ACME_TLS_ALPN) => {}
-        Ok(a) => detect(l.clone(), a.io, conn, Protocol::Http, a.alpn, drain).await,
-        Err(f) => l.shared.obs.metrics.tls_failure(&l.name, f.0),
+/// The ingress gateway's first stages: from a trusted load balancer, the PROXY v2 header that
+/// names the client; then (HTTPS) TLS with the certificate the client's server name selects,
+/// no client certificate — a TLS-ALPN-01 validation ends with its handshake — and HTTP.
+async fn gateway(
+    l: Arc<ListenerCtx>,
+    mut tcp: TcpStream,
+    mut conn: ConnInfo,
+    drain: CancellationToken,
+) {
+    let Some(gw) = l.shared.gateway.clone() else {
+        return;
+    };
+    let RoleCfg::Gateway {
+        https,
+        proxy_protocol_from,
+        ..
+    } = &l.role
+    else {
+        return;
+    };
+    let mut prefix = bytes::Bytes::new();
+    if proxy_protocol_from
+        .iter()
+        .any(|c| c.contains(conn.remote.ip().to_canonical()))
+    {
+        match crate::detect::proxy_header(&mut tcp, SNIFF_WAIT).await {
+            Ok(Ok((addrs, rest))) => {
+                conn.remote = addrs.src;
+                prefix = rest;
+            }
+            Ok(Err(why)) => {
+                if let Some(n) = not_redirected_limiter().admit(&l.name) {
+                    tracing::warn!(listener = %l.name, remote = %conn.remote, reason = why,
+                        suppressed = n, "load balancer connection without a valid PROXY header; closed");
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    let io = Prefixed::new(prefix, tcp);
+    if !*https {
+        return detect(l.clone(), io, conn, Protocol::Http, None, drain).await;
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(gw.tls()).accept(io);
+    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => {
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            if alpn.as_deref() == Some(crate::gateway::certs::ACME_TLS_ALPN) {
+                return;
+            }
+            detect(l.clone(), tls, conn, Protocol::Http, alpn, drain).await;
+        }
+        Ok(Err(e)) => {
+            let reason = crate::tls::failure_reason(&e);
+            tracing::info!(remote = %conn.remote, reason, error = %e, "gateway TLS handshake refused");
+            l.shared.obs.metrics.tls_failure(&l.name, reason);
+        }
+        Err(_) => l.shared.obs.metrics.tls_failure(&l.name, "timeout"),
     }
 }
 

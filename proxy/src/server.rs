@@ -226,8 +226,12 @@ impl Proxy {
             let ctx = Arc::new(ListenerCtx::new(l, addr.port(), shared.clone()));
             let drain = conns.draining();
             let caps = cfg.connection_limits;
-            let per_client =
-                (ctx.role.is_inbound() || ctx.role.is_gateway()).then_some(caps.per_client);
+            // Behind a load balancer speaking the PROXY protocol every connection comes from
+            // the balancer's address: only the listener's cap applies there.
+            let behind_lb = matches!(&ctx.role, crate::pipeline::RoleCfg::Gateway { proxy_protocol_from, .. } if !proxy_protocol_from.is_empty());
+            let per_client = (ctx.role.is_inbound() || ctx.role.is_gateway())
+                .then_some(caps.per_client)
+                .filter(|_| !behind_lb);
             tasks.push(tokio::spawn(crate::listen::accept_loop(
                 listener,
                 ctx.name.clone(),

@@ -25,6 +25,12 @@ pub struct GatewayListener {
     /// (ACME HTTP-01 challenges excepted) instead of routing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_to_https: Option<u16>,
+    /// Load balancers (addresses) that open each connection with a PROXY protocol v2 header
+    /// naming the client: from them the header is required and its source is the client's
+    /// address (rate limits, forwarding headers, the access log); from anyone else a
+    /// connection is served as it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<ward_spiffe::cidr::Cidr>,
 }
 
 /// What a gateway listener speaks.
@@ -175,6 +181,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             protocol,
             redirect_to_https: redirect,
+            proxy_protocol_from: vec![],
         }
     }
 
