@@ -321,6 +321,12 @@ fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     let roles: Vec<&str> = cfg.listeners.iter().map(|l| l.role()).collect();
     assert_eq!(roles, ["gateway", "gateway"]);
+    for l in &cfg.listeners {
+        let ward_proxy::config::Listener::Gateway(g) = l else {
+            panic!("{l:?}")
+        };
+        assert_eq!(g.proxy_protocol_from, ["10.0.0.0/24".parse().unwrap()]);
+    }
     let gw = cfg.gateway.as_ref().unwrap();
     assert_eq!(
         gw.certificates[0].cert,
