@@ -102,9 +102,21 @@ pub fn status_class(status: u16) -> String {
     format!("{}xx", (status / 100).clamp(1, 5))
 }
 
-/// Every proxy metric.
+/// Every proxy metric, behind one `Arc`: a clone (one per request record) is one atomic
+/// increment rather than one per family.
 #[derive(Debug, Clone)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<MetricSet>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricSet;
+    fn deref(&self) -> &MetricSet {
+        &self.0
+    }
+}
+
+/// The proxy's metric families.
+#[derive(Debug)]
+pub struct MetricSet {
     /// Requests and TCP connections by decision and policy.
     pub requests: Family<DecisionLabel, Counter>,
     /// Request latency through the proxy (to response headers), per listener.
@@ -158,7 +170,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Fresh metrics.
     pub fn new() -> Self {
-        Self {
+        Self(std::sync::Arc::new(MetricSet {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             tls_failures: Family::default(),
@@ -178,7 +190,7 @@ impl Metrics {
             route_latency: Family::new_with_constructor(latency_histogram),
             gateway_cert_expiry: Family::default(),
             gateway_cert_errors: Family::default(),
-        }
+        }))
     }
 
     /// Registers under `ward_proxy`.
