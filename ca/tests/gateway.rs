@@ -30,6 +30,23 @@ fn svc(name: &str, endpoint: std::net::SocketAddr, id: &str) -> Service {
     .unwrap()
 }
 
+/// Runs the Python client `tests/py/<script>` (with `WARD_PYTHON`, which has grpcio and h2)
+/// and returns the JSON object it prints; fails the test if it fails.
+fn py(script: &str, args: &[&str]) -> serde_json::Value {
+    let python = std::env::var("WARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
+    let out = Command::new(python).arg(&path).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{script}: {e}: {text}"))
+}
+
 /// What curl got: status, headers (lowercase names), body.
 #[derive(Debug)]
 struct Curl {
@@ -272,22 +289,11 @@ routes:
 
     // gRPC through the gateway with grpcio (gRPC's C core): routed by host to the gRPC service,
     // which sees the gateway's SPIFFE ID; a path no rule of the host matches is UNIMPLEMENTED.
-    let python = std::env::var("WARD_PYTHON").unwrap_or_else(|_| "python3".into());
     let grpc_call = |authority: &str| {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/grpc_gateway.py");
-        let out = Command::new(&python)
-            .arg(&script)
-            .args([&format!("127.0.0.1:{https}"), authority, &root_s])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+        py(
+            "grpc_gateway.py",
+            &[&format!("127.0.0.1:{https}"), authority, &root_s],
+        )
     };
     let r = grpc_call("grpc.example.com");
     assert_eq!(r["code"], "OK", "{r}");
@@ -311,20 +317,10 @@ routes:
     // sees; a balancer connection without one is closed; other callers are served as they are.
     let lb_port = port("lb").to_string();
     let via_lb = |source: &str, client: &str| {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/proxy_protocol.py");
-        let out = Command::new(&python)
-            .arg(&script)
-            .args([source, &lb_port, "shop.example.com", &root_s, client])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+        py(
+            "proxy_protocol.py",
+            &[source, &lb_port, "shop.example.com", &root_s, client],
+        )
     };
     let r = via_lb("127.0.0.5", "203.0.113.9");
     assert_eq!(r["status"], 200, "{r}");
@@ -497,28 +493,19 @@ routes:
     // HTTP/2 abuse from outside: a burst of streams reset as soon as opened (CVE-2023-44487)
     // and a header block that never ends (CONTINUATION flood) each end their connection with
     // GOAWAY; the gateway goes on serving (from another address: this one spent its rate).
-    let python = std::env::var("WARD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/h2_abuse.py");
+    let https_s = https.to_string();
     let abuse = |attack: &str, source: &str| {
-        let out = Command::new(&python)
-            .arg(&script)
-            .args([
+        py(
+            "h2_abuse.py",
+            &[
                 "127.0.0.1",
-                &https.to_string(),
+                &https_s,
                 "shop.example.com",
                 &root2,
                 attack,
                 source,
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{attack}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+            ],
+        )
     };
     let r = abuse("rapid-reset", "127.0.0.20");
     assert_eq!(r["goaway"], 11, "ENHANCE_YOUR_CALM: {r}");

@@ -182,7 +182,9 @@ pub fn read_files(
     Ok((svid, b))
 }
 
-fn fingerprint(paths: &[&Path]) -> Vec<Option<(SystemTime, u64)>> {
+/// What tells whether files changed since last looked at: each one's modification time and
+/// size (`None`: missing).
+pub(crate) fn fingerprint(paths: &[&Path]) -> Vec<Option<(SystemTime, u64)>> {
     paths
         .iter()
         .map(|p| {

@@ -539,21 +539,10 @@ async fn gateway(
     if !*https {
         return detect(l.clone(), io, conn, Protocol::Http, None, drain).await;
     }
-    let accept = tokio_rustls::TlsAcceptor::from(gw.tls()).accept(io);
-    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(tls)) => {
-            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-            if alpn.as_deref() == Some(crate::gateway::certs::ACME_TLS_ALPN) {
-                return;
-            }
-            detect(l.clone(), tls, conn, Protocol::Http, alpn, drain).await;
-        }
-        Ok(Err(e)) => {
-            let reason = crate::tls::failure_reason(&e);
-            tracing::info!(remote = %conn.remote, reason, error = %e, "gateway TLS handshake refused");
-            l.shared.obs.metrics.tls_failure(&l.name, reason);
-        }
-        Err(_) => l.shared.obs.metrics.tls_failure(&l.name, "timeout"),
+    match crate::tls::accept(gw.tls(), io, conn.remote).await {
+        Ok(a) if a.alpn.as_deref() == Some(crate::gateway::certs::ACME_TLS_ALPN) => {}
+        Ok(a) => detect(l.clone(), a.io, conn, Protocol::Http, a.alpn, drain).await,
+        Err(f) => l.shared.obs.metrics.tls_failure(&l.name, f.0),
     }
 }
 

@@ -113,9 +113,9 @@ impl ListenerTls {
 
 /// An accepted mTLS connection: the stream, the verified peer ID and the negotiated ALPN.
 #[derive(Debug)]
-pub struct Accepted {
+pub struct Accepted<IO = TcpStream> {
     /// The stream.
-    pub io: tokio_rustls::server::TlsStream<TcpStream>,
+    pub io: tokio_rustls::server::TlsStream<IO>,
     /// The client's SPIFFE ID (the verifier required a trusted one).
     pub peer: Option<SpiffeId>,
     /// ALPN protocol, if negotiated.
@@ -126,12 +126,12 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct HandshakeFailed(pub &'static str);
 
-/// Completes the server side of mTLS within [`HANDSHAKE_TIMEOUT`].
-pub async fn accept(
+/// Completes the server side of (m)TLS on `tcp` within [`HANDSHAKE_TIMEOUT`].
+pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     cfg: Arc<ServerConfig>,
-    tcp: TcpStream,
+    tcp: IO,
     remote: std::net::SocketAddr,
-) -> Result<Accepted, HandshakeFailed> {
+) -> Result<Accepted<IO>, HandshakeFailed> {
     match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),

@@ -56,12 +56,8 @@ pub fn forwarding_headers(l: &ListenerCtx, conn: &ConnInfo, req: &mut Request<In
         RoleCfg::Gateway { https: true, .. } => "https",
         _ => "http",
     };
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
-        .map(ToOwned::to_owned);
+    // The plan accepted this authority, so it is well-formed.
+    let host = crate::forward::http::given_authority(req).map(ToOwned::to_owned);
     crate::gateway::forwarded::set(req.headers_mut(), conn.remote.ip(), proto, host.as_deref());
 }
 

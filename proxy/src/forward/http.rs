@@ -98,7 +98,7 @@ fn limits_limiter() -> &'static ward_net::ratelog::LogLimiter {
 }
 
 /// The request's authority as the client gave it: Host, or the URI's (HTTP/2).
-fn given_authority<B>(req: &Request<B>) -> Option<&str> {
+pub(crate) fn given_authority<B>(req: &Request<B>) -> Option<&str> {
     match req.headers().get(header::HOST) {
         // A Host that is not text is given, and malformed.
         Some(h) => Some(h.to_str().unwrap_or("\u{0}")),

@@ -11,7 +11,6 @@ pub mod config;
 pub mod forwarded;
 pub mod limit;
 
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -170,15 +169,7 @@ impl Gateway {
 }
 
 fn fingerprint(f: &CertFiles) -> Vec<Option<(SystemTime, u64)>> {
-    let paths: [&PathBuf; 2] = [&f.cert, &f.key];
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-        })
-        .collect()
+    crate::identity::fingerprint(&[&f.cert, &f.key])
 }
 
 /// Sets the expiry gauge of a certificate now served.
