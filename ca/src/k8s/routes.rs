@@ -24,8 +24,7 @@ use ward_spiffe::route::{
 };
 
 use super::gateway::{
-    BackendRef, Condition, GRPCRouteSpec, HTTPRouteSpec, HeaderModifier, HttpRouteFilter,
-    HttpRouteRetry, ParentRef, PathModifier, RouteParentStatus, RouteStatus,
+    Condition, ParentRef, RouteParentStatus, RouteStatus, grpcroutes, httproutes,
 };
 
 /// The controller name in route status.
@@ -90,10 +89,34 @@ fn duration(what: &str, v: &Option<String>) -> Result<Option<Duration>, Why> {
     }
 }
 
-fn retry(r: &HttpRouteRetry) -> Result<Retry, Why> {
+/// The wire name of one of the crate's enums (`PathPrefix`, `GET`, `URLRewrite`, …), so the
+/// messages and matches below speak the Gateway API's own words.
+fn wire<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+/// Parent refs as the route set keeps them (the same wire shape for every route kind).
+pub fn parents<T: serde::Serialize>(refs: Option<&Vec<T>>) -> Vec<ParentRef> {
+    refs.into_iter()
+        .flatten()
+        .filter_map(|r| serde_json::from_value(serde_json::to_value(r).ok()?).ok())
+        .collect()
+}
+
+/// A route's status as the route set keeps it.
+pub fn status<T: serde::Serialize>(s: Option<&T>) -> RouteStatus {
+    s.and_then(|s| serde_json::from_value(serde_json::to_value(s).ok()?).ok())
+        .unwrap_or_default()
+}
+
+fn retry(r: &httproutes::HttpRouteRulesRetry) -> Result<Retry, Why> {
     let codes = r
         .codes
         .iter()
+        .flatten()
         .map(|c| {
             u16::try_from(*c)
                 .ok()
@@ -120,8 +143,12 @@ fn retry(r: &HttpRouteRetry) -> Result<Retry, Why> {
     })
 }
 
-fn value_match(kind: &Option<String>, name: &str, value: &str) -> Result<ValueMatch, Why> {
-    let regex = match kind.as_deref().unwrap_or("Exact") {
+fn value_match<K: serde::Serialize>(
+    kind: Option<&K>,
+    name: &str,
+    value: &str,
+) -> Result<ValueMatch, Why> {
+    let regex = match kind.map(wire).as_deref().unwrap_or("Exact") {
         "Exact" => false,
         "RegularExpression" => true,
         k => return Err(unsupported(format!("match type {k:?} is not supported"))),
@@ -133,34 +160,51 @@ fn value_match(kind: &Option<String>, name: &str, value: &str) -> Result<ValueMa
     })
 }
 
-fn headers(m: &HeaderModifier) -> HeaderChanges {
-    let pairs = |v: &[super::gateway::HeaderValue]| {
-        v.iter()
-            .map(|h| Header {
-                name: h.name.clone(),
-                value: h.value.clone(),
-            })
-            .collect()
-    };
-    HeaderChanges {
-        set: pairs(&m.set),
-        add: pairs(&m.add),
-        remove: m.remove.clone(),
-    }
+/// Header changes from any of the Gateway API's header modifiers (each filter of each route
+/// kind has its own generated type with the same fields).
+macro_rules! header_changes {
+    ($m:expr) => {{
+        let m = $m;
+        HeaderChanges {
+            set: m
+                .set
+                .iter()
+                .flatten()
+                .map(|h| Header {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
+                .collect(),
+            add: m
+                .add
+                .iter()
+                .flatten()
+                .map(|h| Header {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
+                .collect(),
+            remove: m.remove.clone().unwrap_or_default(),
+        }
+    }};
 }
 
-fn path_change(p: &PathModifier) -> Result<PathChange, Why> {
-    match (
-        p.kind.as_str(),
-        &p.replace_full_path,
-        &p.replace_prefix_match,
-    ) {
-        ("ReplaceFullPath", Some(v), _) => Ok(PathChange::Full(v.clone())),
-        ("ReplacePrefixMatch", _, Some(v)) => Ok(PathChange::Prefix(v.clone())),
-        (k, ..) => Err(unsupported(format!(
-            "path modifier {k:?} without its value is not supported"
-        ))),
-    }
+/// A path change from a redirect's or a rewrite's path modifier.
+macro_rules! path_change {
+    ($p:expr) => {{
+        let p = $p;
+        match (
+            wire(&p.r#type).as_str(),
+            &p.replace_full_path,
+            &p.replace_prefix_match,
+        ) {
+            ("ReplaceFullPath", Some(v), _) => Ok(PathChange::Full(v.clone())),
+            ("ReplacePrefixMatch", _, Some(v)) => Ok(PathChange::Prefix(v.clone())),
+            (k, ..) => Err(unsupported(format!(
+                "path modifier {k:?} without its value is not supported"
+            ))),
+        }
+    }};
 }
 
 fn port(what: &str, p: Option<i32>) -> Result<Option<u16>, Why> {
@@ -173,56 +217,109 @@ fn port(what: &str, p: Option<i32>) -> Result<Option<u16>, Why> {
     .transpose()
 }
 
-fn filter(f: &HttpRouteFilter, grpc: bool) -> Result<Filter, Why> {
-    let missing = || unsupported(format!("filter {} has no settings", f.kind));
-    Ok(match f.kind.as_str() {
-        "RequestHeaderModifier" => Filter::RequestHeaders(headers(
-            f.request_header_modifier.as_ref().ok_or_else(missing)?,
+fn not_supported(kind: &str) -> Why {
+    unsupported(format!("filter {kind} is not supported by Ward's mesh"))
+}
+
+fn missing(kind: &str) -> Why {
+    unsupported(format!("filter {kind} has no settings"))
+}
+
+fn http_filter(f: &httproutes::HttpRouteRulesFilters) -> Result<Filter, Why> {
+    use httproutes::HttpRouteRulesFiltersType as T;
+    let kind = wire(&f.r#type);
+    Ok(match f.r#type {
+        T::RequestHeaderModifier => Filter::RequestHeaders(header_changes!(
+            f.request_header_modifier
+                .as_ref()
+                .ok_or_else(|| missing(&kind))?
         )),
-        "ResponseHeaderModifier" => Filter::ResponseHeaders(headers(
-            f.response_header_modifier.as_ref().ok_or_else(missing)?,
+        T::ResponseHeaderModifier => Filter::ResponseHeaders(header_changes!(
+            f.response_header_modifier
+                .as_ref()
+                .ok_or_else(|| missing(&kind))?
         )),
-        "RequestRedirect" if !grpc => {
-            let r = f.request_redirect.as_ref().ok_or_else(missing)?;
+        T::RequestRedirect => {
+            let r = f.request_redirect.as_ref().ok_or_else(|| missing(&kind))?;
             Filter::Redirect(Redirect {
-                scheme: r.scheme.clone(),
+                scheme: r.scheme.as_ref().map(wire),
                 hostname: r.hostname.clone(),
                 port: port("redirect port", r.port)?,
-                path: r.path.as_ref().map(path_change).transpose()?,
+                path: r.path.as_ref().map(|p| path_change!(p)).transpose()?,
                 status: r
                     .status_code
                     .map(|s| u16::try_from(s).unwrap_or(0))
                     .filter(|s| *s != 0),
             })
         }
-        "URLRewrite" if !grpc => {
-            let r = f.url_rewrite.as_ref().ok_or_else(missing)?;
+        T::UrlRewrite => {
+            let r = f.url_rewrite.as_ref().ok_or_else(|| missing(&kind))?;
             Filter::Rewrite(Rewrite {
                 hostname: r.hostname.clone(),
-                path: r.path.as_ref().map(path_change).transpose()?,
+                path: r.path.as_ref().map(|p| path_change!(p)).transpose()?,
             })
         }
-        k => {
-            return Err(unsupported(format!(
-                "filter {k} is not supported by Ward's mesh"
-            )));
-        }
+        _ => return Err(not_supported(&kind)),
     })
 }
 
+fn grpc_filter(f: &grpcroutes::GrpcRouteRulesFilters) -> Result<Filter, Why> {
+    use grpcroutes::GrpcRouteRulesFiltersType as T;
+    let kind = wire(&f.r#type);
+    Ok(match f.r#type {
+        T::RequestHeaderModifier => Filter::RequestHeaders(header_changes!(
+            f.request_header_modifier
+                .as_ref()
+                .ok_or_else(|| missing(&kind))?
+        )),
+        T::ResponseHeaderModifier => Filter::ResponseHeaders(header_changes!(
+            f.response_header_modifier
+                .as_ref()
+                .ok_or_else(|| missing(&kind))?
+        )),
+        _ => return Err(not_supported(&kind)),
+    })
+}
+
+/// A backend ref of either route kind, as far as Ward reads it.
+struct BackendRef<'a> {
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    name: &'a str,
+    namespace: Option<&'a str>,
+    port: Option<i32>,
+    weight: Option<i32>,
+    filtered: bool,
+}
+
+macro_rules! backend_ref {
+    ($b:expr) => {{
+        let b = $b;
+        BackendRef {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: &b.name,
+            namespace: b.namespace.as_deref(),
+            port: b.port,
+            weight: b.weight,
+            filtered: b.filters.as_ref().is_some_and(|f| !f.is_empty()),
+        }
+    }};
+}
+
 /// The backends of a rule; refs that may not be used keep their share, refused (500).
-fn backends(ns: &str, refs: &[BackendRef], t: &mut Translated) -> Result<Vec<Backend>, Why> {
+fn backends(ns: &str, refs: &[BackendRef<'_>], t: &mut Translated) -> Result<Vec<Backend>, Why> {
     let mut out = Vec::new();
     for b in refs {
-        if !b.filters.is_empty() {
+        if b.filtered {
             return Err(unsupported(
                 "per-backend filters are not supported by Ward's mesh".into(),
             ));
         }
         let weight = u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0);
-        let group = b.group.as_deref().unwrap_or("");
-        let kind = b.kind.as_deref().unwrap_or("Service");
-        let bns = b.namespace.as_deref().unwrap_or(ns);
+        let group = b.group.unwrap_or("");
+        let kind = b.kind.unwrap_or("Service");
+        let bns = b.namespace.unwrap_or(ns);
         let service = format!("{}.{bns}", b.name);
         let refused = if !(group.is_empty() || group == "core") || kind != "Service" {
             Some(Why {
@@ -271,52 +368,60 @@ fn backends(ns: &str, refs: &[BackendRef], t: &mut Translated) -> Result<Vec<Bac
 }
 
 /// An `HTTPRoute` in namespace `ns` as rules.
-pub fn translate_http(ns: &str, spec: &HTTPRouteSpec) -> Result<Translated, Why> {
+pub fn translate_http(ns: &str, spec: &httproutes::HttpRouteSpec) -> Result<Translated, Why> {
     let mut t = Translated::default();
     // No rules: one rule matching everything, without a backend (the Gateway API's default).
-    let default_rule = [super::gateway::HttpRouteRule::default()];
-    let rules = if spec.rules.is_empty() {
-        &default_rule[..]
-    } else {
-        &spec.rules
+    let default_rule = vec![httproutes::HttpRouteRules::default()];
+    let rules = match &spec.rules {
+        Some(r) if !r.is_empty() => r,
+        _ => &default_rule,
     };
     for r in rules {
         let mut matches = Vec::new();
-        for m in &r.matches {
+        for m in r.matches.iter().flatten() {
             let path = match &m.path {
                 None => None,
                 Some(p) => {
                     let v = p.value.clone().unwrap_or_else(|| "/".into());
-                    Some(match p.kind.as_deref().unwrap_or("PathPrefix") {
-                        "Exact" => PathMatch::Exact(v),
-                        "PathPrefix" => PathMatch::Prefix(v),
-                        "RegularExpression" => PathMatch::Regex(v),
-                        k => return Err(unsupported(format!("path match type {k:?}"))),
+                    Some(match p.r#type.as_ref().map(wire).as_deref() {
+                        Some("Exact") => PathMatch::Exact(v),
+                        None | Some("PathPrefix") => PathMatch::Prefix(v),
+                        Some("RegularExpression") => PathMatch::Regex(v),
+                        Some(k) => return Err(unsupported(format!("path match type {k:?}"))),
                     })
                 }
             };
             matches.push(Match {
                 path,
-                method: m.method.clone(),
+                method: m.method.as_ref().map(wire),
                 headers: m
                     .headers
                     .iter()
-                    .map(|h| value_match(&h.kind, &h.name, &h.value))
+                    .flatten()
+                    .map(|h| value_match(h.r#type.as_ref(), &h.name, &h.value))
                     .collect::<Result<_, _>>()?,
                 query: m
                     .query_params
                     .iter()
-                    .map(|h| value_match(&h.kind, &h.name, &h.value))
+                    .flatten()
+                    .map(|h| value_match(h.r#type.as_ref(), &h.name, &h.value))
                     .collect::<Result<_, _>>()?,
             });
         }
         let filters = r
             .filters
             .iter()
-            .map(|f| filter(f, false))
+            .flatten()
+            .map(http_filter)
             .collect::<Result<_, _>>()?;
         let timeouts = r.timeouts.clone().unwrap_or_default();
-        let backends = backends(ns, &r.backend_refs, &mut t)?;
+        let refs: Vec<_> = r
+            .backend_refs
+            .iter()
+            .flatten()
+            .map(|b| backend_ref!(b))
+            .collect();
+        let backends = backends(ns, &refs, &mut t)?;
         t.rules.push(Rule {
             matches,
             backends,
@@ -331,16 +436,17 @@ pub fn translate_http(ns: &str, spec: &HTTPRouteSpec) -> Result<Translated, Why>
 
 /// A `GRPCRoute` in namespace `ns` as rules: a method match is a path match on
 /// `/<service>/<method>`.
-pub fn translate_grpc(ns: &str, spec: &GRPCRouteSpec) -> Result<Translated, Why> {
+pub fn translate_grpc(ns: &str, spec: &grpcroutes::GrpcRouteSpec) -> Result<Translated, Why> {
     let mut t = Translated::default();
-    for r in &spec.rules {
+    for r in spec.rules.iter().flatten() {
         let mut matches = Vec::new();
-        for m in &r.matches {
+        for m in r.matches.iter().flatten() {
             let path = match &m.method {
                 None => None,
                 Some(mm) => {
                     let (s, me) = (mm.service.as_deref(), mm.method.as_deref());
-                    Some(match (mm.kind.as_deref().unwrap_or("Exact"), s, me) {
+                    let kind = mm.r#type.as_ref().map(wire);
+                    Some(match (kind.as_deref().unwrap_or("Exact"), s, me) {
                         ("Exact", Some(s), Some(me)) => PathMatch::Exact(format!("/{s}/{me}")),
                         ("Exact", Some(s), None) => PathMatch::Prefix(format!("/{s}")),
                         ("Exact", None, Some(me)) => {
@@ -366,7 +472,8 @@ pub fn translate_grpc(ns: &str, spec: &GRPCRouteSpec) -> Result<Translated, Why>
                 headers: m
                     .headers
                     .iter()
-                    .map(|h| value_match(&h.kind, &h.name, &h.value))
+                    .flatten()
+                    .map(|h| value_match(h.r#type.as_ref(), &h.name, &h.value))
                     .collect::<Result<_, _>>()?,
                 query: Vec::new(),
             });
@@ -374,9 +481,16 @@ pub fn translate_grpc(ns: &str, spec: &GRPCRouteSpec) -> Result<Translated, Why>
         let filters = r
             .filters
             .iter()
-            .map(|f| filter(f, true))
+            .flatten()
+            .map(grpc_filter)
             .collect::<Result<_, _>>()?;
-        let backends = backends(ns, &r.backend_refs, &mut t)?;
+        let refs: Vec<_> = r
+            .backend_refs
+            .iter()
+            .flatten()
+            .map(|b| backend_ref!(b))
+            .collect();
+        let backends = backends(ns, &refs, &mut t)?;
         t.rules.push(Rule {
             matches,
             backends,
@@ -679,7 +793,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn http(spec: serde_json::Value) -> HTTPRouteSpec {
+    fn http(spec: serde_json::Value) -> httproutes::HttpRouteSpec {
         serde_json::from_value(spec).unwrap()
     }
 
@@ -765,7 +879,7 @@ mod tests {
 
     #[test]
     fn grpc_methods_become_paths() {
-        let spec: GRPCRouteSpec = serde_json::from_value(serde_json::json!({
+        let spec: grpcroutes::GrpcRouteSpec = serde_json::from_value(serde_json::json!({
             "rules": [ { "matches": [
                 { "method": { "service": "shop.Cart", "method": "Add" } },
                 { "method": { "service": "shop.Cart" } },
@@ -799,7 +913,7 @@ mod tests {
             name: name.into(),
             generation: Some(1),
             created: created.into(),
-            parents: spec.parent_refs.clone(),
+            parents: parents(spec.parent_refs.as_ref()),
             translated: translate_http("shop", &spec),
             status: RouteStatus::default(),
         }

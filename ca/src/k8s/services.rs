@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use ward_spiffe::SpiffeId;
 use ward_spiffe::service::{Endpoint, Service, ServicePort};
 
-use super::gateway::{GRPCRoute, HTTPRoute};
+use super::gateway::{GrpcRoute as GRPCRoute, HttpRoute as HTTPRoute};
 use super::routes::{Kind as RouteKind, RouteKey, RouteSet, Seen};
 use crate::core::CaCore;
 use crate::services::ServiceOp;
@@ -214,7 +214,7 @@ fn seen(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     parents: Vec<super::gateway::ParentRef>,
     translated: Result<super::routes::Translated, super::routes::Why>,
-    status: Option<super::gateway::RouteStatus>,
+    status: super::gateway::RouteStatus,
 ) -> Option<(RouteKey, Seen)> {
     let (namespace, name) = key_of(meta)?;
     let s = Seen {
@@ -229,7 +229,7 @@ fn seen(
             .unwrap_or_default(),
         parents,
         translated,
-        status: status.unwrap_or_default(),
+        status,
     };
     Some((s.key(), s))
 }
@@ -240,9 +240,9 @@ fn http_route_event(r: HTTPRoute, up: bool) -> Ev {
     match seen(
         RouteKind::Http,
         &r.metadata,
-        r.spec.parent_refs,
+        super::routes::parents(r.spec.parent_refs.as_ref()),
         translated,
-        r.status,
+        super::routes::status(r.status.as_ref()),
     ) {
         Some((k, s)) => Ev::Route(k, up.then(|| Box::new(s))),
         None => Ev::Listed("httproutes"),
@@ -255,9 +255,9 @@ fn grpc_route_event(r: GRPCRoute, up: bool) -> Ev {
     match seen(
         RouteKind::Grpc,
         &r.metadata,
-        r.spec.parent_refs,
+        super::routes::parents(r.spec.parent_refs.as_ref()),
         translated,
-        r.status,
+        super::routes::status(r.status.as_ref()),
     ) {
         Some((k, s)) => Ev::Route(k, up.then(|| Box::new(s))),
         None => Ev::Listed("grpcroutes"),
