@@ -82,3 +82,33 @@ pub struct Condition {
     #[serde(default)]
     pub last_transition_time: String,
 }
+
+impl Condition {
+    /// Condition `kind` for `res` (`ok` is the reason when it holds), keeping the transition
+    /// time of `previous` when the status did not change; `now` otherwise.
+    pub fn next(
+        kind: &str,
+        res: &Result<(), super::routes::Why>,
+        ok: &str,
+        previous: &[Condition],
+        generation: Option<i64>,
+        now: &str,
+    ) -> Condition {
+        let (status, reason, message) = match res {
+            Ok(()) => ("True", ok.to_owned(), String::new()),
+            Err(w) => ("False", w.reason.to_owned(), w.message.clone()),
+        };
+        let time = match previous.iter().find(|c| c.kind == kind) {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => now.to_owned(),
+        };
+        Condition {
+            kind: kind.to_owned(),
+            status: status.to_owned(),
+            reason,
+            message,
+            observed_generation: generation,
+            last_transition_time: time,
+        }
+    }
+}

@@ -9,6 +9,8 @@ pub mod controller;
 pub mod crd;
 pub mod egress;
 pub mod gateway;
+pub mod gateway_controller;
+pub mod gateways;
 pub mod http;
 pub mod psat;
 pub mod routes;

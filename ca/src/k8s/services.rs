@@ -30,7 +30,8 @@ use tokio::sync::{mpsc, watch};
 use ward_spiffe::SpiffeId;
 use ward_spiffe::service::{Endpoint, Service, ServicePort};
 
-use super::gateway::{GrpcRoute as GRPCRoute, HttpRoute as HTTPRoute};
+use super::gateway::{Gateway, GatewayClass, GrpcRoute as GRPCRoute, HttpRoute as HTTPRoute};
+use super::gateway_controller::GatewayState;
 use super::routes::{Kind as RouteKind, RouteKey, RouteSet, Seen};
 use crate::core::CaCore;
 use crate::services::ServiceOp;
@@ -46,11 +47,13 @@ enum Ev {
     Service(Box<KService>, bool),
     Slice(Box<EndpointSlice>, bool),
     Route(RouteKey, Option<Box<Seen>>),
+    Class(Box<GatewayClass>, bool),
+    Gateway(Box<Gateway>, bool),
     Listed(&'static str),
 }
 
 /// The watchers that must list before anything is written.
-const KINDS: usize = 4;
+const KINDS: usize = 6;
 
 /// The mesh service for Kubernetes Service `svc` with `slices`, its endpoints' IDs from
 /// `ids` (pod UID → SPIFFE IDs). `None`: nothing to publish (no ports, or no endpoint that
@@ -213,6 +216,7 @@ fn seen(
     kind: RouteKind,
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     parents: Vec<super::gateway::ParentRef>,
+    hostnames: Vec<String>,
     translated: Result<super::routes::Translated, super::routes::Why>,
     status: super::gateway::RouteStatus,
 ) -> Option<(RouteKey, Seen)> {
@@ -228,6 +232,7 @@ fn seen(
             .map(|t| t.0.to_string())
             .unwrap_or_default(),
         parents,
+        hostnames,
         translated,
         status,
     };
@@ -241,6 +246,7 @@ fn http_route_event(r: HTTPRoute, up: bool) -> Ev {
         RouteKind::Http,
         &r.metadata,
         super::routes::parents(r.spec.parent_refs.as_ref()),
+        r.spec.hostnames.clone().unwrap_or_default(),
         translated,
         super::routes::status(r.status.as_ref()),
     ) {
@@ -256,6 +262,7 @@ fn grpc_route_event(r: GRPCRoute, up: bool) -> Ev {
         RouteKind::Grpc,
         &r.metadata,
         super::routes::parents(r.spec.parent_refs.as_ref()),
+        r.spec.hostnames.clone().unwrap_or_default(),
         translated,
         super::routes::status(r.status.as_ref()),
     ) {
@@ -285,9 +292,10 @@ async fn write_route_statuses(
     client: &kube::Client,
     routes: &mut RouteSet,
     ports: &HashMap<Key, Vec<u16>>,
+    gateways: &super::routes::Gateways,
+    now: &str,
 ) {
-    let now = ward_net::process::rfc3339(std::time::SystemTime::now());
-    for (key, status) in routes.statuses(ports, &now) {
+    for (key, status) in routes.statuses(ports, gateways, now) {
         let (kind, ns, name) = &key;
         let patch = serde_json::json!({ "status": status });
         let pp = kube::api::PatchParams::default();
@@ -373,12 +381,28 @@ pub async fn run(
         )),
         tokio::spawn(forward(
             Api::<GRPCRoute>::all(client.clone()),
-            tx,
+            tx.clone(),
             "grpcroutes",
             true,
             grpc_route_event,
         )),
+        tokio::spawn(forward(
+            Api::<GatewayClass>::all(client.clone()),
+            tx.clone(),
+            "gatewayclasses",
+            true,
+            |c, up| Ev::Class(Box::new(c), up),
+        )),
+        tokio::spawn(forward(
+            Api::<Gateway>::all(client.clone()),
+            tx,
+            "gateways",
+            true,
+            |g, up| Ev::Gateway(Box::new(g), up),
+        )),
     ];
+    let mut gws = GatewayState::default();
+    let mut gateways_dirty = true;
     let mut routes = RouteSet::default();
     let mut entries = core.entries.watch();
     let mut services: HashMap<Key, KService> = HashMap::new();
@@ -406,7 +430,10 @@ pub async fn run(
                     },
                     Ev::Route(key, seen) => {
                         dirty.extend(routes.apply(key, seen.map(|b| *b)));
+                        gateways_dirty = true;
                     }
+                    Ev::Class(c, up) => { gws.class(*c, up); gateways_dirty = true; }
+                    Ev::Gateway(g, up) => { gws.gateway(*g, up); gateways_dirty = true; }
                     Ev::Listed(kind) => { listed.insert(kind); }
                 }
                 // Take what else is queued before writing.
@@ -422,7 +449,7 @@ pub async fn run(
         }
         // Nothing is written before every watcher has listed: a Service seen before its
         // slices (or routes) would otherwise vanish or change for a moment after a restart.
-        if listed.len() < KINDS || (dirty.is_empty() && collected) {
+        if listed.len() < KINDS || (dirty.is_empty() && !gateways_dirty && collected) {
             continue;
         }
         let ports = service_ports(&services);
@@ -457,14 +484,51 @@ pub async fn run(
                 (None, _) => {}
             }
         }
-        // Once both watchers have listed, services of ours that no longer exist go.
-        write_route_statuses(&client, &mut routes, &ports).await;
+        // Gateways are few: their records are recomputed whenever a route or Gateway changed
+        // (backend Services changing does not change a Gateway's routes, only their status).
+        let ours = gws.ours();
+        let now = ward_net::process::rfc3339(std::time::SystemTime::now());
+        let mut records = Vec::new();
+        if gateways_dirty || !collected {
+            gateways_dirty = false;
+            records = GatewayState::records(&mut routes, &ours);
+            let mut live = HashSet::new();
+            for (_, want, _) in &records {
+                let Some(w) = want else { continue };
+                live.insert(w.name.clone());
+                let have = core.services.get(&w.name).await.ok().flatten();
+                match have {
+                    Some(h) if h.origin == origin && h.service == *w => {}
+                    Some(h) if h.origin != origin => {
+                        tracing::warn!(service = %w.name, other = %h.origin,
+                            "a service of that name is kept by another origin; not replaced");
+                    }
+                    _ => ops.push(ServiceOp::Put(w.clone())),
+                }
+            }
+            // Records of Gateways that are gone (or no longer Ward's, or have nothing to serve).
+            if let Ok(all) = core.services.list().await {
+                for r in all.iter().filter(|r| {
+                    r.origin == origin
+                        && r.service.name.ends_with(".gateway")
+                        && !live.contains(&r.service.name)
+                }) {
+                    ops.push(ServiceOp::Delete(r.service.name.clone()));
+                }
+            }
+        }
+        write_route_statuses(&client, &mut routes, &ports, &ours, &now).await;
+        gws.write_statuses(&client, &records, &now).await;
+        // Once every watcher has listed, services of ours that no longer exist go.
         if !collected && listed.len() == KINDS {
             collected = true;
             if let Ok(all) = core.services.list().await {
                 let live: HashSet<String> =
                     services.keys().map(|(ns, n)| format!("{n}.{ns}")).collect();
-                for r in all.iter().filter(|r| r.origin == origin) {
+                for r in all
+                    .iter()
+                    .filter(|r| r.origin == origin && !r.service.name.ends_with(".gateway"))
+                {
                     if !live.contains(&r.service.name)
                         && !ops
                             .iter()
