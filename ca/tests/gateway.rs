@@ -167,6 +167,7 @@ policies:
             protocol: GatewayProtocol::Https,
             redirect_to_https: None,
             proxy_protocol_from: vec![],
+            port: None,
         }),
         Listener::Gateway(GatewayListener {
             name: "http".into(),
@@ -174,6 +175,7 @@ policies:
             protocol: GatewayProtocol::Http,
             redirect_to_https: Some(8443),
             proxy_protocol_from: vec![],
+            port: None,
         }),
         // Behind a load balancer (127.0.0.5) that names the client in a PROXY v2 header.
         Listener::Gateway(GatewayListener {
@@ -182,6 +184,7 @@ policies:
             protocol: GatewayProtocol::Https,
             redirect_to_https: None,
             proxy_protocol_from: vec!["127.0.0.5/32".parse().unwrap()],
+            port: None,
         }),
     ];
     g.gateway = Some(
@@ -522,4 +525,150 @@ routes:
     assert_eq!(r["status"], "200", "{r}");
 
     drop((ca, agent));
+}
+
+/// The Gateway API as the gateway's configuration: a GatewayClass, Gateway and HTTPRoute in
+/// the (fake) cluster become the routes a real gateway proxy serves — the CA attaches the route
+/// to the Gateway's listeners and sends the Gateway's record through the agent; changes to the
+/// route reach the gateway without a restart, and a deleted Gateway serves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
+    use common::k8s::eventually;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = ward_testing::kube::FakeKube::start().await;
+    fake.put_json(
+        "gatewayclasses",
+        json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                "metadata": { "name": "ward" }, "spec": { "controllerName": "ward.dev/gateway" } }),
+    );
+    fake.put_json(
+        "gateways",
+        json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": { "name": "web", "namespace": "shop", "generation": 1 },
+                "spec": { "gatewayClassName": "ward", "listeners": [
+                    { "name": "https", "port": 443, "protocol": "HTTPS", "hostname": "*.example.com" },
+                    { "name": "http", "port": 80, "protocol": "HTTP" } ] } }),
+    );
+    let route = |prefix: &str, generation: i64| {
+        json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": { "name": "store", "namespace": "shop", "generation": generation },
+                "spec": { "parentRefs": [ { "name": "web" } ], "hostnames": ["store.example.com"],
+                          "rules": [ { "matches": [ { "path": { "type": "PathPrefix", "value": prefix } } ],
+                                       "backendRefs": [ { "name": "api", "port": 80 } ] } ] } })
+    };
+    fake.put_json("httproutes", route("/v1", 1));
+    let kube_dir = dir.path().to_owned();
+    let (ca, agent) = common::mesh::mesh_with(dir.path(), &["gateway", "api"], |c| {
+        c.kubernetes.clusters = vec![common::k8s::cluster(&fake, &kube_dir)];
+    })
+    .await;
+    let sock = agent.socket_path.clone();
+    let api = backend(
+        &sock,
+        "api",
+        app("api", Duration::ZERO, Arc::new(AtomicUsize::new(0))).await,
+    )
+    .await;
+    // The route's backend `api` (namespace shop) is the mesh service api.shop.
+    ca.core
+        .services
+        .write(
+            vec![ServiceOp::Put(svc(
+                "api.shop",
+                api.inbound_addr("in").unwrap(),
+                "api",
+            ))],
+            "admin",
+        )
+        .await
+        .unwrap();
+
+    let (cert, key, root) = web_pki(dir.path(), &["*.example.com"]);
+    let mut g = cfg(&sock, "gateway");
+    g.discovery = Some(DiscoveryCfg::default());
+    g.listeners = [
+        ("https", GatewayProtocol::Https, 443),
+        ("http", GatewayProtocol::Http, 80),
+    ]
+    .into_iter()
+    .map(|(name, protocol, port)| {
+        Listener::Gateway(GatewayListener {
+            name: name.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            protocol,
+            redirect_to_https: None,
+            proxy_protocol_from: vec![],
+            port: Some(port),
+        })
+    })
+    .collect();
+    g.gateway = Some(
+        serde_yaml_ng::from_str::<GatewayCfg>(&format!(
+            "certificates: [ {{ cert: {}, key: {} }} ]\nkubernetes_gateway: shop/web\n",
+            cert.display(),
+            key.display()
+        ))
+        .unwrap(),
+    );
+    g.validate().unwrap();
+    let gw = ward_proxy::Proxy::start(g).await.unwrap();
+    let port = |name: &str| {
+        gw.listeners
+            .iter()
+            .find(|(n, ..)| n == name)
+            .unwrap()
+            .2
+            .port()
+    };
+    let (https, http) = (port("https"), port("http"));
+    let root_s = root.display().to_string();
+    let get = |host: &str, path: &str| {
+        let r = format!("{host}:{https}:127.0.0.1");
+        let u = format!("https://{host}:{https}{path}");
+        curl(&["--cacert", &root_s, "--resolve", &r, &u])
+    };
+    let status_eventually = |host: &'static str, path: &'static str, want: u16| {
+        let get = &get;
+        async move {
+            eventually(&format!("{host}{path} answers {want}"), || async move {
+                let r = get(host, path);
+                if r.status == want {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            })
+            .await;
+        }
+    };
+
+    status_eventually("store.example.com", "/v1/items", 200).await;
+    let r = get("store.example.com", "/v1/items");
+    assert!(r.body.starts_with("api"), "{r:?}");
+    assert_eq!(
+        r.header("x-echo-x-ward-peer-id"),
+        Some(format!("spiffe://{TD}/gateway").as_str()),
+        "the backend sees the gateway's own identity"
+    );
+    // The http listener (port 80 of the Gateway) has the route too.
+    let r = curl(&[
+        "-H",
+        "Host: store.example.com",
+        &format!("http://127.0.0.1:{http}/v1/items"),
+    ]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(get("other.example.com", "/v1/items").status, 404);
+    assert_eq!(get("store.example.com", "/elsewhere").status, 404);
+
+    // The route changes in the cluster; the gateway follows without a restart.
+    fake.put_json("httproutes", route("/v2", 2));
+    status_eventually("store.example.com", "/v2/items", 200).await;
+    assert_eq!(get("store.example.com", "/v1/items").status, 404);
+
+    // The Gateway deleted: nothing is routed any more.
+    fake.delete("gateways", Some("shop"), "web");
+    status_eventually("store.example.com", "/v2/items", 404).await;
+    drop(gw);
+    ca.shutdown().await;
 }

@@ -41,6 +41,7 @@ fn gateway_cfg(
             protocol: GatewayProtocol::Https,
             redirect_to_https: None,
             proxy_protocol_from: vec![],
+            port: None,
         }),
         Listener::Gateway(GatewayListener {
             name: "http".into(),
@@ -48,6 +49,7 @@ fn gateway_cfg(
             protocol: GatewayProtocol::Http,
             redirect_to_https: Some(https),
             proxy_protocol_from: vec![],
+            port: None,
         }),
     ];
     g.gateway = Some(

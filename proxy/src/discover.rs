@@ -397,11 +397,25 @@ async fn follow(
     let _ = own_id;
     let mut known = HashMap::new();
     let mut service = String::new();
+    updates(&socket, &authority, |u| {
+        let r = convert(u, &mut known, &budget, &metrics, &mut service);
+        tx.send(Some(r)).is_ok()
+    })
+    .await;
+}
+
+/// Streams the agent's updates for `authority` to `on` until it returns `false`; reconnects
+/// with back-off (up to 5 s) when the stream fails or ends.
+pub async fn updates(
+    socket: &std::path::Path,
+    authority: &str,
+    mut on: impl FnMut(ward_proto::agent::DestinationUpdate) -> bool,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut client = DestinationsClient::new(ward_net::process::unix_channel(&socket));
+        let mut client = DestinationsClient::new(ward_net::process::unix_channel(socket));
         let mut req = tonic::Request::new(ward_proto::agent::GetDestinationRequest {
-            authority: authority.clone(),
+            authority: authority.to_owned(),
         });
         req.metadata_mut().insert(
             "workload.spiffe.io",
@@ -414,8 +428,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(u)) => {
                             backoff = Duration::from_millis(100);
-                            let r = convert(u, &mut known, &budget, &metrics, &mut service);
-                            if tx.send(Some(r)).is_err() {
+                            if !on(u) {
                                 return;
                             }
                         }
@@ -432,9 +445,6 @@ async fn follow(
                 tracing::warn!(%authority, code = ?s.code(), error = %s.message(),
                     "cannot follow destination; retrying");
             }
-        }
-        if tx.is_closed() {
-            return;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -125,6 +125,8 @@ pub enum RoleCfg {
         redirect_to_https: Option<u16>,
         /// Load balancers whose connections open with a PROXY v2 header.
         proxy_protocol_from: Vec<ward_spiffe::cidr::Cidr>,
+        /// The Gateway listener port whose routes it serves.
+        serves_port: u16,
     },
 }
 
@@ -210,6 +212,7 @@ impl ListenerCtx {
                     https: g.protocol == crate::gateway::config::GatewayProtocol::Https,
                     redirect_to_https: g.redirect_to_https,
                     proxy_protocol_from: g.proxy_protocol_from.clone(),
+                    serves_port: g.port.unwrap_or(port),
                 },
             ),
         };

@@ -115,11 +115,7 @@ impl Proxy {
         if cfg.authorization.from_agent
             && let crate::config::IdentitySource::WorkloadApi { socket, spiffe_id } = &cfg.identity
         {
-            let path = socket.clone().unwrap_or_default();
-            let path = std::path::PathBuf::from(
-                path.trim_start_matches("unix://")
-                    .trim_start_matches("unix:"),
-            );
+            let path = agent_socket(socket);
             tasks.push(tokio::spawn(crate::authz::watch_agent(
                 authz.clone(),
                 egress.clone().filter(|e| e.from_agent()),
@@ -139,11 +135,7 @@ impl Proxy {
 
         let discovery = match (&cfg.discovery, &cfg.identity) {
             (Some(_), crate::config::IdentitySource::WorkloadApi { socket, spiffe_id }) => {
-                let path = socket.clone().unwrap_or_default();
-                let path = std::path::PathBuf::from(
-                    path.trim_start_matches("unix://")
-                        .trim_start_matches("unix:"),
-                );
+                let path = agent_socket(socket);
                 Some(crate::discover::Discovery::new(
                     path,
                     spiffe_id.clone(),
@@ -200,6 +192,7 @@ impl Proxy {
         });
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();
+        let mut followed_ports = std::collections::HashSet::new();
         for l in &cfg.listeners {
             let what = format!("{} listener {}", l.role(), l.name());
             let listener = match bind(what.clone(), l.listen()).await {
@@ -224,6 +217,22 @@ impl Proxy {
                 source,
             })?;
             let ctx = Arc::new(ListenerCtx::new(l, addr.port(), shared.clone()));
+            // A gateway following a Kubernetes Gateway follows the routes of the port this
+            // listener serves (once per port).
+            if let (
+                Some(gw),
+                crate::pipeline::RoleCfg::Gateway { serves_port, .. },
+                crate::config::IdentitySource::WorkloadApi { socket, .. },
+            ) = (&shared.gateway, &ctx.role, &cfg.identity)
+                && gw.record.is_some()
+                && followed_ports.insert(*serves_port)
+            {
+                tasks.push(tokio::spawn(gw.clone().follow_routes(
+                    agent_socket(socket),
+                    *serves_port,
+                    stop.clone(),
+                )));
+            }
             let drain = conns.draining();
             let caps = cfg.connection_limits;
             // Behind a load balancer speaking the PROXY protocol every connection comes from
@@ -371,4 +380,13 @@ impl Proxy {
         }
         ward_net::process::join_with_deadline(self.tasks, std::time::Duration::from_secs(2)).await;
     }
+}
+
+/// The agent's socket path from the Workload API setting (`unix:///path` or a path).
+fn agent_socket(socket: &Option<String>) -> std::path::PathBuf {
+    let path = socket.as_deref().unwrap_or_default();
+    std::path::PathBuf::from(
+        path.trim_start_matches("unix://")
+            .trim_start_matches("unix:"),
+    )
 }

@@ -224,11 +224,18 @@ pub async fn get(
 
 /// Sets up a CA, an agent and the entries of `names`; returns them and the agent socket.
 pub async fn mesh(dir: &std::path::Path, names: &[&str]) -> (ward_ca::CaServer, ward_agent::Agent) {
-    let ca = super::start_ca(
-        super::ca_config(&dir.join("ca"), TD),
-        Arc::new(ward_spiffe::SystemClock),
-    )
-    .await;
+    mesh_with(dir, names, |_| {}).await
+}
+
+/// [`mesh`] with the CA's configuration changed by `tweak` first.
+pub async fn mesh_with(
+    dir: &std::path::Path,
+    names: &[&str],
+    tweak: impl FnOnce(&mut ward_ca::CaConfig),
+) -> (ward_ca::CaServer, ward_agent::Agent) {
+    let mut cfg = super::ca_config(&dir.join("ca"), TD);
+    tweak(&mut cfg);
+    let ca = super::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
     let agent = super::start_agent(super::agent_config(&ca, dir).await).await;
     let parent = agent.identity.id().unwrap().to_string();
     for name in names {

@@ -190,7 +190,12 @@ async fn handle_request(
     );
     let destination = l.destination(conn).await;
     let egress_set = l.shared.egress.as_ref().map(|e| e.set());
-    let hosts = l.shared.gateway.as_ref().map(|g| g.hosts());
+    let hosts = match (&l.shared.gateway, &l.role) {
+        (Some(g), crate::pipeline::RoleCfg::Gateway { serves_port, .. }) => {
+            Some(g.hosts(*serves_port))
+        }
+        _ => None,
+    };
     let knows = Knows {
         own_id: own.as_ref(),
         authz: &l.shared.authz,

@@ -31,6 +31,11 @@ pub struct GatewayListener {
     /// connection is served as it is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy_protocol_from: Vec<ward_spiffe::cidr::Cidr>,
+    /// With `gateway.kubernetes_gateway`: the Gateway listener port this listener serves
+    /// (its routes are those attached to the Gateway's listeners on that port). Default: the
+    /// port it listens on (a pod listening on 8443 behind a Service port 443 says 443).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// What a gateway listener speaks.
@@ -59,6 +64,11 @@ pub struct GatewayCfg {
     /// `hostnames`).
     #[serde(default)]
     pub routes: Vec<HttpRoute>,
+    /// Serve the routes of this Kubernetes Gateway (`namespace/name`, of a GatewayClass with
+    /// controller `ward.dev/gateway`) instead of `routes`: the CA attaches the Gateway's
+    /// HTTPRoutes and GRPCRoutes to its listeners and sends them through the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_gateway: Option<String>,
     /// `Strict-Transport-Security` on every HTTPS response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsts: Option<Hsts>,
@@ -124,9 +134,36 @@ pub struct RateLimit {
     pub burst: Option<u32>,
 }
 
+/// The mesh service record carrying the routes of Gateway `namespace/name` (as the CA names
+/// it); `None` when `gateway` is not `namespace/name`.
+pub fn record_name(gateway: &str) -> Option<String> {
+    let (ns, name) = gateway.split_once('/')?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    (label(ns) && name.split('.').all(label) && name.len() <= 253)
+        .then(|| format!("{name}.{ns}.gateway"))
+}
+
 impl GatewayCfg {
     /// Checks what can be checked without reading files.
     pub fn validate(&self, listeners: &[&GatewayListener]) -> Result<(), String> {
+        if let Some(g) = &self.kubernetes_gateway {
+            if record_name(g).is_none() {
+                return Err(format!(
+                    "gateway.kubernetes_gateway {g:?} must be namespace/name of a Gateway"
+                ));
+            }
+            if !self.routes.is_empty() {
+                return Err(
+                    "gateway: routes come from gateway.kubernetes_gateway; leave gateway.routes empty"
+                        .into(),
+                );
+            }
+        }
         let hosts =
             ward_spiffe::vhost::VirtualHosts::compile(&self.routes).map_err(|e| e.to_string())?;
         if let Some(a) = &self.acme {
@@ -182,6 +219,7 @@ mod tests {
             protocol,
             redirect_to_https: redirect,
             proxy_protocol_from: vec![],
+            port: None,
         }
     }
 
@@ -194,7 +232,20 @@ mod tests {
             }],
             ..Default::default()
         };
-        let cases: [(GatewayCfg, GatewayListener, &str); 5] = [
+        let cases: [(GatewayCfg, GatewayListener, &str); 7] = [
+            (
+                serde_yaml_ng::from_str("kubernetes_gateway: web").unwrap(),
+                listener(GatewayProtocol::Http, None),
+                "must be namespace/name",
+            ),
+            (
+                serde_yaml_ng::from_str(
+                    "kubernetes_gateway: shop/web\nroutes: [ { name: r, rules: [] } ]",
+                )
+                .unwrap(),
+                listener(GatewayProtocol::Http, None),
+                "leave gateway.routes empty",
+            ),
             (
                 GatewayCfg::default(),
                 listener(GatewayProtocol::Https, None),
@@ -245,6 +296,8 @@ mod tests {
         GatewayCfg::default()
             .validate(&[&listener(GatewayProtocol::Http, Some(443))])
             .unwrap();
+        assert_eq!(record_name("shop/web").as_deref(), Some("web.shop.gateway"));
+        assert_eq!(record_name("shop/../x"), None);
         assert_eq!(
             Hsts {
                 max_age: Duration::from_secs(365 * 86400),

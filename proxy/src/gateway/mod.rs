@@ -11,6 +11,7 @@ pub mod config;
 pub mod forwarded;
 pub mod limit;
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -23,12 +24,25 @@ use certs::{CertStore, Served};
 use config::{CertFiles, GatewayCfg};
 use limit::ClientLimiter;
 
+/// Where a gateway's routes come from.
+#[derive(Debug)]
+enum Hosts {
+    /// The configuration file: the same for every listener.
+    Static(Arc<VirtualHosts>),
+    /// A Kubernetes Gateway: per Gateway listener port, as the CA last sent them.
+    Followed(HashMap<u16, Arc<VirtualHosts>>),
+}
+
 /// How often certificate files are looked at for changes.
 const FILE_POLL: Duration = Duration::from_secs(5);
 
 /// A gateway's state, shared by its listeners.
 pub struct Gateway {
-    hosts: RwLock<Arc<VirtualHosts>>,
+    /// The routes of the configuration (for every listener), or, following a Kubernetes
+    /// Gateway, those of each Gateway listener port.
+    hosts: RwLock<Hosts>,
+    /// The Gateway followed (its mesh service record), if any.
+    pub record: Option<String>,
     /// The certificates served.
     pub certs: Arc<CertStore>,
     tls: Arc<rustls::ServerConfig>,
@@ -71,7 +85,14 @@ impl Gateway {
             .map(|a| Arc::new(acme::Acme::new(a, hosts.exact_hostnames())));
         Ok(Self {
             acme,
-            hosts: RwLock::new(Arc::new(hosts)),
+            hosts: RwLock::new(match &cfg.kubernetes_gateway {
+                None => Hosts::Static(Arc::new(hosts)),
+                Some(_) => Hosts::Followed(HashMap::new()),
+            }),
+            record: cfg
+                .kubernetes_gateway
+                .as_deref()
+                .and_then(config::record_name),
             tls: certs::server_config(store.clone()),
             certs: store,
             limiter: cfg.rate_limit.map(ClientLimiter::new),
@@ -81,9 +102,55 @@ impl Gateway {
         })
     }
 
-    /// The routes in force.
-    pub fn hosts(&self) -> Arc<VirtualHosts> {
-        self.hosts.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The routes in force for requests to Gateway listener port `port`.
+    pub fn hosts(&self, port: u16) -> Arc<VirtualHosts> {
+        match &*self.hosts.read().unwrap_or_else(|p| p.into_inner()) {
+            Hosts::Static(h) => h.clone(),
+            Hosts::Followed(m) => m.get(&port).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Follows the routes of Gateway listener port `port` from the Gateway's mesh service
+    /// record, through the agent at `socket`, until `stop`. Routes that cannot be compiled
+    /// leave the last good ones in force (logged); a record that is gone leaves none (404).
+    pub async fn follow_routes(
+        self: Arc<Self>,
+        socket: std::path::PathBuf,
+        port: u16,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let Some(record) = self.record.clone() else {
+            return;
+        };
+        let authority = format!("{record}:{port}");
+        let follow = crate::discover::updates(&socket, &authority, |u| {
+            use ward_proto::agent::destination_update::Kind;
+            let routes = match u.kind {
+                Some(Kind::Endpoints(e)) => e.routes,
+                Some(Kind::NoEndpoints(n)) => n.routes,
+                Some(Kind::NoSuchService(_)) | None => Vec::new(),
+            };
+            let compiled = ward_proto::convert::routes_from_proto(&routes)
+                .and_then(|r| VirtualHosts::compile(&r).map_err(|e| e.to_string()));
+            match compiled {
+                Ok(h) => {
+                    tracing::info!(gateway = %record, port, routes = routes.len(), "gateway routes updated");
+                    let mut hosts = self.hosts.write().unwrap_or_else(|p| p.into_inner());
+                    if let Hosts::Followed(m) = &mut *hosts {
+                        m.insert(port, Arc::new(h));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(gateway = %record, port, error = %e,
+                        "gateway routes from the CA cannot be used; the previous ones stay in force");
+                }
+            }
+            true
+        });
+        tokio::select! {
+            () = follow => {}
+            _ = ward_net::process::until_set(&mut stop) => {}
+        }
     }
 
     /// The server config of HTTPS listeners (its certificates change under it).
@@ -111,10 +178,22 @@ impl Gateway {
                 })
             })
             .collect();
-        let hosts = self.hosts();
+        let hosts: Vec<String> = match &*self.hosts.read().unwrap_or_else(|p| p.into_inner()) {
+            Hosts::Static(h) => h.exact_hostnames().map(str::to_owned).collect(),
+            Hosts::Followed(m) => {
+                let mut v: Vec<String> = m
+                    .values()
+                    .flat_map(|h| h.exact_hostnames().map(str::to_owned))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
         serde_json::json!({
+            "kubernetes_gateway": self.record,
             "certificates": certs,
-            "route_hostnames": hosts.exact_hostnames().collect::<Vec<_>>(),
+            "route_hostnames": hosts,
             "acme": self.acme.as_ref().map(|a| a.status()),
         })
     }
