@@ -426,3 +426,158 @@ fn the_kubernetes_example_holds_valid_policies_and_manifests() {
     let n = builtin.len();
     assert_eq!(validate(&builtin.join("---\n")), n);
 }
+
+/// The Gateway API schemas as the `gateway-api` crate's types describe them: the CRDs its
+/// types generate, by kind.
+fn gateway_api_schemas() -> serde_json::Value {
+    use gateway_api::experimental::{gatewayclasses, gateways, grpcroutes, httproutes};
+    use kube::CustomResourceExt;
+    let mut out = serde_json::Map::new();
+    for crd in [
+        gatewayclasses::GatewayClass::crd(),
+        gateways::Gateway::crd(),
+        httproutes::HttpRoute::crd(),
+        grpcroutes::GrpcRoute::crd(),
+    ] {
+        let schema = crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .unwrap();
+        out.insert(
+            crd.spec.names.kind.clone(),
+            serde_json::to_value(schema).unwrap(),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+/// Checks `docs` against the Gateway API schemas with Python's jsonschema; returns the errors.
+fn gateway_api_errors(docs: &[Value]) -> Vec<serde_json::Value> {
+    let req = serde_json::json!({
+        "schemas": gateway_api_schemas(),
+        "docs": docs.iter().map(|d| serde_json::to_value(d).unwrap()).collect::<Vec<_>>(),
+    });
+    let python = std::env::var("WARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/crd_validate.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(req.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "crd_validate.py failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["checked"].as_u64(), Some(docs.len() as u64));
+    v["errors"].as_array().unwrap().clone()
+}
+
+#[test]
+fn gateway_api_objects_follow_the_gateway_api_schemas() {
+    // The example's Gateway and HTTPRoute, and the GatewayClass the chart creates.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes/gateway.yaml");
+    let example = docs(&std::fs::read_to_string(&path).unwrap());
+    let mut objects: Vec<Value> = example
+        .iter()
+        .filter(|d| d["apiVersion"] == "gateway.networking.k8s.io/v1")
+        .cloned()
+        .collect();
+    assert_eq!(objects.len(), 2);
+    for d in example
+        .iter()
+        .filter(|d| d["kind"] == "AuthorizationPolicy")
+    {
+        let p: ward_ca::k8s::crd::AuthorizationPolicy =
+            serde_yaml_ng::from_value(d.clone()).unwrap();
+        p.to_policy().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "ingressGateway:\n  enabled: true\n  tlsSecrets: [shop-tls]\n  kubernetesGateway: ward-gateway/public\n  gatewayClass: { create: true, name: ward }\n",
+    )
+    .unwrap();
+    let rendered = render(Some(&values));
+    let rendered_docs = docs(&rendered);
+    objects.push(find(&rendered_docs, "GatewayClass", "ward").clone());
+    let errors = gateway_api_errors(&objects);
+    assert!(errors.is_empty(), "{errors:?}");
+    // The schemas do refuse what is wrong: a listener without its port, a TLS mode that does
+    // not exist, a GatewayClass without a controller.
+    let mut bad = objects.clone();
+    bad[0]["spec"]["listeners"][1]
+        .as_mapping_mut()
+        .unwrap()
+        .remove("port");
+    bad[0]["spec"]["listeners"][0]["tls"]["mode"] = Value::from("Reencrypt");
+    bad[2]["spec"]
+        .as_mapping_mut()
+        .unwrap()
+        .remove("controllerName");
+    let errors = gateway_api_errors(&bad);
+    let text = format!("{errors:?}");
+    assert_eq!(errors.len(), 3, "{text}");
+    assert!(text.contains("'port' is a required property"), "{text}");
+    assert!(text.contains("Reencrypt"), "{text}");
+    assert!(text.contains("controllerName"), "{text}");
+
+    // Ward reads them as it will in a cluster: the class is Ward's, the Gateway's listeners
+    // can be served, the route attaches to the https listener.
+    let class: ward_ca::k8s::gateway::GatewayClass =
+        serde_yaml_ng::from_value(objects[2].clone()).unwrap();
+    assert!(ward_ca::k8s::gateways::is_ours(&class));
+    let gw: ward_ca::k8s::gateway::Gateway = serde_yaml_ng::from_value(objects[0].clone()).unwrap();
+    let gw = ward_ca::k8s::gateways::read(&gw).unwrap();
+    assert!(
+        gw.listeners
+            .iter()
+            .all(|l| l.usable() && l.resolved.is_ok())
+    );
+    let route: ward_ca::k8s::gateway::HttpRoute =
+        serde_yaml_ng::from_value(objects[1].clone()).unwrap();
+    ward_ca::k8s::routes::translate_http("shop", &route.spec).unwrap();
+
+    // The gateway's proxy config follows that Gateway, its listeners serving ports 443 and 80.
+    let cm = find(&rendered_docs, "ConfigMap", "rel-ward-ingress-gateway");
+    let text = s(&cm["data"]["proxy.yaml"]);
+    let cfg = ward_proxy::ProxyConfig::from_yaml(text, "chart gateway proxy.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let g = cfg.gateway.as_ref().unwrap();
+    assert_eq!(g.kubernetes_gateway.as_deref(), Some("ward-gateway/public"));
+    assert!(g.routes.is_empty());
+    let ports: Vec<Option<u16>> = cfg
+        .listeners
+        .iter()
+        .map(|l| match l {
+            ward_proxy::config::Listener::Gateway(g) => g.port,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ports, [Some(443), Some(80)]);
+    // And the CA may read and report on Gateway API objects.
+    let role = find(&rendered_docs, "ClusterRole", "rel-ward-ca");
+    let text = serde_yaml_ng::to_string(role).unwrap();
+    assert!(
+        text.contains("gateways/status") && text.contains("gatewayclasses"),
+        "{text}"
+    );
+    // Both a Gateway and static routes: refused at install.
+    let (ok, _, err) = helm(&[
+        "template",
+        "rel",
+        chart().to_str().unwrap(),
+        "--values",
+        values.to_str().unwrap(),
+        "--set-json",
+        r#"ingressGateway.routes=[{"name":"r","rules":[]}]"#,
+    ]);
+    assert!(!ok && err.contains("kubernetesGateway or routes"), "{err}");
+}
