@@ -552,7 +552,18 @@ fn gateway_api_objects_follow_the_gateway_api_schemas() {
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     let g = cfg.gateway.as_ref().unwrap();
     assert_eq!(g.kubernetes_gateway.as_deref(), Some("ward-gateway/public"));
-    assert!(g.routes.is_empty());
+    assert!(g.kubernetes.is_some() && g.routes.is_empty());
+    // It reads its Gateway and the Secrets in the Gateway's namespace, and only there.
+    let role = rendered_docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "rel-ward-ingress-gateway")
+        .unwrap();
+    assert_eq!(role["metadata"]["namespace"], "ward-gateway");
+    let dep = find(&rendered_docs, "Deployment", "rel-ward-ingress-gateway");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        true
+    );
     let ports: Vec<Option<u16>> = cfg
         .listeners
         .iter()

@@ -527,16 +527,31 @@ routes:
     drop((ca, agent));
 }
 
+/// A kubernetes.io/tls Secret in namespace shop holding `cert` and `key` (PEM files).
+fn tls_secret(name: &str, cert: &std::path::Path, key: &std::path::Path) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = |p: &std::path::Path| {
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+    };
+    serde_json::json!({ "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": { "name": name, "namespace": "shop" },
+        "data": { "tls.crt": b64(cert), "tls.key": b64(key) } })
+}
+
 /// The Gateway API as the gateway's configuration: a GatewayClass, Gateway and HTTPRoute in
 /// the (fake) cluster become the routes a real gateway proxy serves — the CA attaches the route
-/// to the Gateway's listeners and sends the Gateway's record through the agent; changes to the
-/// route reach the gateway without a restart, and a deleted Gateway serves nothing.
+/// to the Gateway's listeners and sends the Gateway's record through the agent — and the TLS
+/// Secret the Gateway's HTTPS listener names is the certificate it serves. Changes to the
+/// route and the Secret reach the gateway without a restart; a broken Secret keeps the
+/// certificate in force; a deleted route serves nothing, a deleted Gateway no certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
     use common::k8s::eventually;
     use serde_json::json;
     let dir = tempfile::tempdir().unwrap();
     let fake = ward_testing::kube::FakeKube::start().await;
+    let (cert1, key1, root1) = web_pki(&dir.path().join("pki1"), &["*.example.com"]);
+    let (cert2, key2, root2) = web_pki(&dir.path().join("pki2"), &["*.example.com"]);
     fake.put_json(
         "gatewayclasses",
         json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
@@ -547,9 +562,11 @@ async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
         json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                 "metadata": { "name": "web", "namespace": "shop", "generation": 1 },
                 "spec": { "gatewayClassName": "ward", "listeners": [
-                    { "name": "https", "port": 443, "protocol": "HTTPS", "hostname": "*.example.com" },
+                    { "name": "https", "port": 443, "protocol": "HTTPS", "hostname": "*.example.com",
+                      "tls": { "mode": "Terminate", "certificateRefs": [ { "kind": "Secret", "name": "web-tls" } ] } },
                     { "name": "http", "port": 80, "protocol": "HTTP" } ] } }),
     );
+    fake.put_json("secrets", tls_secret("web-tls", &cert1, &key1));
     let route = |prefix: &str, generation: i64| {
         json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                 "metadata": { "name": "store", "namespace": "shop", "generation": generation },
@@ -584,7 +601,6 @@ async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
         .await
         .unwrap();
 
-    let (cert, key, root) = web_pki(dir.path(), &["*.example.com"]);
     let mut g = cfg(&sock, "gateway");
     g.discovery = Some(DiscoveryCfg::default());
     g.listeners = [
@@ -603,11 +619,11 @@ async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
         })
     })
     .collect();
+    let kubeconfig = fake.write_kubeconfig(dir.path(), "gateway");
     g.gateway = Some(
         serde_yaml_ng::from_str::<GatewayCfg>(&format!(
-            "certificates: [ {{ cert: {}, key: {} }} ]\nkubernetes_gateway: shop/web\n",
-            cert.display(),
-            key.display()
+            "kubernetes_gateway: shop/web\nkubernetes: {{ kubeconfig: {} }}\n",
+            kubeconfig.display()
         ))
         .unwrap(),
     );
@@ -622,29 +638,33 @@ async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
             .port()
     };
     let (https, http) = (port("https"), port("http"));
-    let root_s = root.display().to_string();
-    let get = |host: &str, path: &str| {
+    let get = |root: &std::path::Path, host: &str, path: &str| {
         let r = format!("{host}:{https}:127.0.0.1");
         let u = format!("https://{host}:{https}{path}");
-        curl(&["--cacert", &root_s, "--resolve", &r, &u])
+        let root = root.display().to_string();
+        curl(&["--cacert", &root, "--resolve", &r, &u])
     };
-    let status_eventually = |host: &'static str, path: &'static str, want: u16| {
-        let get = &get;
-        async move {
-            eventually(&format!("{host}{path} answers {want}"), || async move {
-                let r = get(host, path);
-                if r.status == want {
-                    Ok(())
-                } else {
-                    Err(format!("{r:?}"))
-                }
-            })
-            .await;
-        }
-    };
+    let status_eventually =
+        |root: std::path::PathBuf, host: &'static str, path: &'static str, want: u16| {
+            let get = &get;
+            async move {
+                eventually(&format!("{host}{path} answers {want}"), || {
+                    let root = root.clone();
+                    async move {
+                        let r = get(&root, host, path);
+                        if r.status == want {
+                            Ok(())
+                        } else {
+                            Err(format!("{r:?}"))
+                        }
+                    }
+                })
+                .await;
+            }
+        };
 
-    status_eventually("store.example.com", "/v1/items", 200).await;
-    let r = get("store.example.com", "/v1/items");
+    status_eventually(root1.clone(), "store.example.com", "/v1/items", 200).await;
+    let r = get(&root1, "store.example.com", "/v1/items");
     assert!(r.body.starts_with("api"), "{r:?}");
     assert_eq!(
         r.header("x-echo-x-ward-peer-id"),
@@ -658,17 +678,45 @@ async fn a_kubernetes_gateway_and_its_routes_configure_the_gateway() {
         &format!("http://127.0.0.1:{http}/v1/items"),
     ]);
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(get("other.example.com", "/v1/items").status, 404);
-    assert_eq!(get("store.example.com", "/elsewhere").status, 404);
+    assert_eq!(get(&root1, "other.example.com", "/v1/items").status, 404);
+    assert_eq!(get(&root1, "store.example.com", "/elsewhere").status, 404);
 
     // The route changes in the cluster; the gateway follows without a restart.
     fake.put_json("httproutes", route("/v2", 2));
-    status_eventually("store.example.com", "/v2/items", 200).await;
-    assert_eq!(get("store.example.com", "/v1/items").status, 404);
+    status_eventually(root1.clone(), "store.example.com", "/v2/items", 200).await;
+    assert_eq!(get(&root1, "store.example.com", "/v1/items").status, 404);
 
-    // The Gateway deleted: nothing is routed any more.
+    // The Secret is renewed (another issuer): the next handshake gets the new certificate.
+    assert_eq!(get(&root2, "store.example.com", "/v2/items").status, 0);
+    fake.put_json("secrets", tls_secret("web-tls", &cert2, &key2));
+    status_eventually(root2.clone(), "store.example.com", "/v2/items", 200).await;
+    // A broken Secret leaves the certificate in force, and is counted.
+    let errors = || {
+        gw.metrics
+            .gateway_cert_errors
+            .get_or_create(&ward_proxy::metrics::CertLabel {
+                name: "shop/web-tls".into(),
+            })
+            .get()
+    };
+    let mut broken = tls_secret("web-tls", &cert1, &key1);
+    broken["data"]["tls.key"] = json!("bm90IGEga2V5");
+    fake.put_json("secrets", broken);
+    eventually("the broken Secret counted", || async {
+        if errors() >= 1 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    assert_eq!(get(&root2, "store.example.com", "/v2/items").status, 200);
+
+    // The route deleted: nothing is routed; the Gateway deleted: no certificate is served.
+    fake.delete("httproutes", Some("shop"), "store");
+    status_eventually(root2.clone(), "store.example.com", "/v2/items", 404).await;
     fake.delete("gateways", Some("shop"), "web");
-    status_eventually("store.example.com", "/v2/items", 404).await;
+    status_eventually(root2.clone(), "store.example.com", "/v2/items", 0).await;
     drop(gw);
     ca.shutdown().await;
 }

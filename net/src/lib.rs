@@ -8,6 +8,8 @@ pub mod credentials;
 pub mod duration;
 pub mod health;
 pub mod incoming;
+#[cfg(feature = "kube")]
+pub mod kube_client;
 pub mod process;
 pub mod ratelog;
 pub mod refusal;

@@ -158,6 +158,15 @@ impl Proxy {
                 tasks.push(tokio::spawn(
                     gw.clone().watch_files(metrics.clone(), stop.clone()),
                 ));
+                if let (Some(k), Some(name)) = (&g.kubernetes, &g.kubernetes_gateway) {
+                    tasks.push(tokio::spawn(crate::gateway::secrets::run(
+                        gw.clone(),
+                        k.clone(),
+                        name.clone(),
+                        metrics.clone(),
+                        stop.clone(),
+                    )));
+                }
                 if let Some(a) = &gw.acme {
                     tasks.push(tokio::spawn(a.clone().run(
                         gw.certs.clone(),

@@ -321,20 +321,7 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// Builds a kube client from a kubeconfig file or the in-cluster environment.
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
-    let cfg = match kubeconfig {
-        Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| format!("{}: {e}", p.display()))?
-        }
-        None => kube::Config::incluster().map_err(|e| format!("in-cluster configuration: {e}"))?,
-    };
-    kube::Client::try_from(cfg).map_err(|e| e.to_string())
-}
+pub use ward_net::kube_client::client;
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(format!("{what}: {e}"))

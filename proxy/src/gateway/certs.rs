@@ -121,6 +121,13 @@ impl CertStore {
         t.index();
     }
 
+    /// Stops serving the certificates whose origin `gone` says goes.
+    pub fn remove_where(&self, gone: impl Fn(&str) -> bool) {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        t.served.retain(|x| !gone(&x.origin));
+        t.index();
+    }
+
     /// The certificate served for `name` (`None`: a client without a server name).
     pub fn lookup(&self, name: Option<&str>) -> Option<Served> {
         let t = self.table.read().unwrap_or_else(|p| p.into_inner());

@@ -69,6 +69,11 @@ pub struct GatewayCfg {
     /// HTTPRoutes and GRPCRoutes to its listeners and sends them through the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_gateway: Option<String>,
+    /// With `kubernetes_gateway`: read the TLS Secrets its HTTPS listeners name in
+    /// `certificateRefs` from the API server (`{}`: the pod's service account) and serve them
+    /// like certificate files, following them as they change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesCfg>,
     /// `Strict-Transport-Security` on every HTTPS response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsts: Option<Hsts>,
@@ -78,6 +83,15 @@ pub struct GatewayCfg {
     /// The largest request body a client may declare; more: 413.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_body_bytes: Option<u64>,
+}
+
+/// How the gateway reaches the Kubernetes API server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesCfg {
+    /// A kubeconfig file; default: the in-cluster service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A certificate chain and its key, PEM files (re-read when they change).
@@ -151,6 +165,12 @@ pub fn record_name(gateway: &str) -> Option<String> {
 impl GatewayCfg {
     /// Checks what can be checked without reading files.
     pub fn validate(&self, listeners: &[&GatewayListener]) -> Result<(), String> {
+        if self.kubernetes.is_some() && self.kubernetes_gateway.is_none() {
+            return Err(
+                "gateway.kubernetes reads a Gateway's certificateRefs: set gateway.kubernetes_gateway"
+                    .into(),
+            );
+        }
         if let Some(g) = &self.kubernetes_gateway {
             if record_name(g).is_none() {
                 return Err(format!(
@@ -178,10 +198,12 @@ impl GatewayCfg {
                     ));
                 }
                 (GatewayProtocol::Https, None)
-                    if self.certificates.is_empty() && self.acme.is_none() =>
+                    if self.certificates.is_empty()
+                        && self.acme.is_none()
+                        && self.kubernetes.is_none() =>
                 {
                     return Err(format!(
-                        "gateway {}: an https listener needs gateway.certificates or gateway.acme",
+                        "gateway {}: an https listener needs gateway.certificates, gateway.acme or gateway.kubernetes (certificateRefs)",
                         l.name
                     ));
                 }

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod config;
 pub mod forwarded;
 pub mod limit;
+pub mod secrets;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
