@@ -168,13 +168,31 @@ impl CredentialSink {
 
     /// Replaces a bundle. A bundle without X.509 authorities is refused (it would lock every
     /// peer out).
+    ///
+    /// A bundle that changes also replaces the published configs (same SVID, fresh rustls
+    /// configs): resumed TLS sessions skip certificate verification, so every session cache
+    /// and ticket made under the old bundle goes with it — a peer whose root was just revoked
+    /// cannot get back in by resuming. This holds whatever the new bundle means for our own
+    /// SVID (a new one is published when it arrives).
     pub fn update_bundle(&self, bundle: Bundle) -> Result<(), CredentialError> {
         if bundle.x509_authorities.is_empty() {
             return Err(CredentialError::EmptyBundle(
                 bundle.trust_domain.to_string(),
             ));
         }
-        self.trust.set(bundle);
+        if !self.trust.set(bundle) {
+            return Ok(());
+        }
+        if let Some(cur) = self.current() {
+            let configs = TlsConfigs {
+                id: cur.id.clone(),
+                server: self.server_config(&cur.svid)?,
+                client: self.client_config(Some(&cur.svid))?,
+                not_after: cur.not_after,
+                svid: cur.svid.clone(),
+            };
+            self.tx.send_replace(Some(Arc::new(configs)));
+        }
         Ok(())
     }
 

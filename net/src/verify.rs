@@ -39,12 +39,17 @@ impl TrustStore {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the bundle of one trust domain.
-    pub fn set(&self, bundle: Bundle) {
+    /// Replaces the bundle of one trust domain; `false` when it held that bundle already
+    /// (nothing changes, so configs and pools built under it stay).
+    pub fn set(&self, bundle: Bundle) -> bool {
         let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if guard.get(&bundle.trust_domain) == Some(&bundle) {
+            return false;
+        }
         let mut next = (**guard).clone();
         next.insert(bundle.trust_domain.clone(), bundle);
         *guard = Arc::new(next);
+        true
     }
 
     /// The bundle of one trust domain.
