@@ -487,6 +487,14 @@ pub struct ConnectionLimits {
     /// application.
     #[serde(default = "default_max_client_connections")]
     pub per_client: usize,
+    /// An opaque TCP connection with no byte either way, or an HTTP connection with no request
+    /// in flight, for this long is closed (HTTP/2 with GOAWAY).
+    #[serde(default = "default_idle_timeout", with = "serde_str")]
+    pub idle_timeout: Duration,
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_max_connections() -> usize {
@@ -502,6 +510,7 @@ impl Default for ConnectionLimits {
         Self {
             per_listener: default_max_connections(),
             per_client: default_max_client_connections(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -835,6 +844,9 @@ impl ProxyConfig {
         let c = &self.connection_limits;
         if c.per_listener == 0 || c.per_client == 0 {
             return inv("connection_limits: per_listener and per_client must be > 0".into());
+        }
+        if self.connection_limits.idle_timeout.is_zero() {
+            return inv("connection_limits.idle_timeout must be > 0".into());
         }
         let h = &self.http_limits;
         if h.header_read_timeout.is_zero() || h.max_header_bytes < 8192 || h.max_headers < 16 {

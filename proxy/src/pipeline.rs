@@ -65,6 +65,8 @@ pub struct Shared {
     pub forward_method_override: bool,
     /// What one HTTP client may send.
     pub http_limits: crate::config::HttpLimits,
+    /// How long a connection may do nothing (`connection_limits.idle_timeout`).
+    pub idle_timeout: std::time::Duration,
     /// The ingress gateway's routes, certificates and limits, when it has gateway listeners.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }

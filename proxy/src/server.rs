@@ -197,6 +197,7 @@ impl Proxy {
             egress,
             forward_method_override: cfg.authorization.forward_method_override,
             http_limits: cfg.http_limits,
+            idle_timeout: cfg.connection_limits.idle_timeout,
             gateway,
         });
         let conns = Arc::new(Conns::default());

@@ -380,3 +380,123 @@ async fn connections_over_the_caps_are_closed_on_arrival() {
     }
     mesh.stop().await;
 }
+
+/// A connection that does nothing is closed after `connection_limits.idle_timeout`: an HTTP
+/// keep-alive connection with no request, an opaque TCP stream with no byte either way
+/// (counted as `idle_timeout`); one in use stays open however long it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idle = Duration::from_millis(400);
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Http,
+        |_| {},
+        |f| f.connection_limits.idle_timeout = idle,
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(mesh.outbound())
+        .await
+        .unwrap();
+    let mut last = Instant::now();
+    // Busy for three idle periods: a request every 150 ms on one keep-alive connection.
+    for _ in 0..8 {
+        s.write_all(b"GET /api/hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        // One whole response: the head, then Content-Length bytes.
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(
+            head.starts_with("http/1.1 200"),
+            "a busy connection is served: {head}"
+        );
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        last = Instant::now();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Then quiet: closed after the idle timeout.
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        last.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        last.elapsed()
+    );
+    let hits = mesh
+        .frontend
+        .metrics
+        .http_limits
+        .get_or_create(&ward_proxy::metrics::TlsFailureLabel {
+            listener: "backend".into(),
+            reason: "idle_timeout".into(),
+        })
+        .get();
+    assert!(hits >= 1);
+    mesh.stop().await;
+
+    // Opaque TCP through both proxies: echoed while in use, closed when quiet.
+    let dir = tempfile::tempdir().unwrap();
+    let tcp_policy = dir.path().join("tcp-policies.yaml");
+    std::fs::write(
+        &tcp_policy,
+        "policies:\n  - name: frontend\n    target: { spiffe_ids: [\"spiffe://mesh.test/backend\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://mesh.test/frontend\"] } ] } ]\n",
+    )
+    .unwrap();
+    let mesh = Mesh::start_with(
+        dir.path(),
+        ward_proxy::config::Protocol::Tcp,
+        |b| {
+            b.connection_limits.idle_timeout = idle;
+            b.authorization.policy_files = vec![tcp_policy.clone()];
+        },
+        |f| f.connection_limits.idle_timeout = idle,
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(mesh.outbound())
+        .await
+        .unwrap();
+    let mut last = Instant::now();
+    for i in 0..8u8 {
+        s.write_all(&[b'a' + i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b[0], b'a' + i);
+        last = Instant::now();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the idle TCP stream was not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        last.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        last.elapsed()
+    );
+    mesh.stop().await;
+}

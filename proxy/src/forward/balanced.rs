@@ -480,7 +480,7 @@ where
                 rec.endpoint = Some(ep.addr_text.clone());
                 rec.dst = crate::tls::upstream_id(&tls).map(|i| i.to_string());
                 rec.decided(&shared.obs, Outcome::plain("allow", "outbound"), "balanced");
-                let (i, o) = tokio::io::copy_bidirectional(io, &mut tls)
+                let (i, o) = super::idle::splice(io, &mut tls, l.shared.idle_timeout)
                     .await
                     .unwrap_or((0, 0));
                 drop(inflight);

@@ -77,7 +77,7 @@ where
             return;
         }
     };
-    let (i, o) = tokio::io::copy_bidirectional(io, &mut up)
+    let (i, o) = super::idle::splice(io, &mut up, l.shared.idle_timeout)
         .await
         .unwrap_or((0, 0));
     rec.finish(obs, 0, e.reason, i, o);
@@ -267,7 +267,7 @@ pub async fn tunnel(
         Outcome::plain("allow", "egress:gateway"),
         "egress-gateway",
     );
-    let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut tls)
+    let (i, o) = super::idle::splice(&mut io, &mut tls, l.shared.idle_timeout)
         .await
         .unwrap_or((0, 0));
     rec.finish(obs, 0, "through the egress gateway".into(), i, o);

@@ -27,9 +27,17 @@ where
 {
     let conn = Arc::new(conn);
     let ctx = l.clone();
+    let activity = Arc::new(super::idle::Activity::default());
+    activity.touch();
+    let act = activity.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (l, conn) = (ctx.clone(), conn.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(&l, &conn, req).await) }
+        let busy = act.begin();
+        async move {
+            let resp = handle(&l, &conn, req).await;
+            drop(busy);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A client trickling its headers cannot hold a connection for long, nor make the proxy
@@ -64,6 +72,13 @@ where
         r = served.as_mut() => r,
         () = drain.cancelled() => {
             // Finish what is in flight, take nothing new.
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+        () = activity.until_idle(l.shared.idle_timeout) => {
+            // No request for a while: HTTP/2 says GOAWAY, HTTP/1 closes between requests.
+            l.shared.obs.metrics.http_limit(&l.name, "idle_timeout");
+            tracing::debug!(listener = %l.name, "idle HTTP connection closed");
             served.as_mut().graceful_shutdown();
             served.await
         }

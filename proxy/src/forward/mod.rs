@@ -5,6 +5,7 @@ pub mod balanced;
 pub mod external;
 pub mod gateway;
 pub mod http;
+pub mod idle;
 pub mod pools;
 pub mod routed;
 pub mod tcp;

@@ -70,7 +70,7 @@ where
                     return;
                 }
             };
-            let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut up)
+            let (i, o) = super::idle::splice(&mut io, &mut up, l.shared.idle_timeout)
                 .await
                 .unwrap_or((0, 0));
             rec.finish(&shared.obs, 0, reason, i, o);
@@ -96,7 +96,7 @@ where
             };
             rec.decided(&shared.obs, Outcome::plain("allow", "outbound"), "mesh");
             rec.dst = crate::tls::upstream_id(&tls).map(|i| i.to_string());
-            let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut tls)
+            let (i, o) = super::idle::splice(&mut io, &mut tls, l.shared.idle_timeout)
                 .await
                 .unwrap_or((0, 0));
             rec.finish(&shared.obs, 0, "forwarded".into(), i, o);
@@ -118,7 +118,7 @@ where
                     return;
                 }
             };
-            let (i, o) = tokio::io::copy_bidirectional(&mut io, &mut up)
+            let (i, o) = super::idle::splice(&mut io, &mut up, l.shared.idle_timeout)
                 .await
                 .unwrap_or((0, 0));
             rec.finish(
