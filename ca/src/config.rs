@@ -333,6 +333,22 @@ pub struct Limits {
     /// larger than this is refused whole).
     #[serde(default = "default_signing_burst")]
     pub signing_burst: u32,
+    /// The largest message an agent may send the node API (a batch of CSRs); more:
+    /// `OUT_OF_RANGE` ("decoded message length too large").
+    #[serde(default = "default_node_message")]
+    pub node_api_max_message_bytes: usize,
+    /// The largest message the admin API takes (an entry, policy or service batch); more:
+    /// `OUT_OF_RANGE`.
+    #[serde(default = "default_admin_message")]
+    pub admin_api_max_message_bytes: usize,
+}
+
+fn default_node_message() -> usize {
+    16 * 1024 * 1024
+}
+
+fn default_admin_message() -> usize {
+    4 * 1024 * 1024
 }
 
 fn default_signing_rate() -> u32 {
@@ -348,6 +364,8 @@ impl Default for Limits {
         Self {
             signing_per_second: default_signing_rate(),
             signing_burst: default_signing_burst(),
+            node_api_max_message_bytes: default_node_message(),
+            admin_api_max_message_bytes: default_admin_message(),
         }
     }
 }
@@ -462,6 +480,28 @@ impl CaConfig {
             if d < min {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1s")));
             }
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            (
+                "limits.node_api_max_message_bytes",
+                l.node_api_max_message_bytes,
+            ),
+            (
+                "limits.admin_api_max_message_bytes",
+                l.admin_api_max_message_bytes,
+            ),
+        ] {
+            if v < 64 * 1024 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be at least 65536 (a CSR batch or an entry would not fit)"
+                )));
+            }
+        }
+        if l.signing_per_second == 0 || l.signing_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.signing_per_second and limits.signing_burst must be > 0".into(),
+            ));
         }
         if t.x509_svid >= t.ca || t.agent_svid >= t.ca {
             return Err(ConfigError::Invalid(

@@ -69,6 +69,7 @@ mod tests {
         let l = SigningLimiter::new(Limits {
             signing_per_second: 1,
             signing_burst: 10,
+            ..Default::default()
         });
         l.admit("spiffe://td/agent/a", 8).unwrap();
         let e = l.admit("spiffe://td/agent/a", 3).unwrap_err();

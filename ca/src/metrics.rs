@@ -23,6 +23,15 @@ pub struct AttestLabel {
     pub result: String,
 }
 
+/// Labels: an API and the gRPC code a call was refused with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// `node` or `admin`.
+    pub api: String,
+    /// The code, e.g. `ResourceExhausted`.
+    pub code: String,
+}
+
 /// Label: a Kubernetes cluster.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabel {
@@ -84,6 +93,8 @@ pub struct Metrics {
     pub jwks_refresh_suppressed: Family<ClusterLabel, Counter>,
     /// Signing requests refused for going over the per-agent rate, by kind.
     pub rate_limited: Family<KindLabel, Counter>,
+    /// Calls refused, by API and code (oversized messages: `ResourceExhausted`).
+    pub api_refusals: Family<RefusalLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +122,7 @@ impl Metrics {
             k8s_entry_writes: Family::default(),
             jwks_refresh_suppressed: Family::default(),
             rate_limited: Family::default(),
+            api_refusals: Family::default(),
         }
     }
 
@@ -187,6 +199,11 @@ impl Metrics {
             "signing_rate_limited",
             "Signing requests refused for going over the per-agent rate (limits.signing_*)",
             self.rate_limited.clone(),
+        );
+        r.register(
+            "api_refusals",
+            "Node and admin API calls refused, by gRPC code (over limits.*_max_message_bytes: OutOfRange)",
+            self.api_refusals.clone(),
         );
     }
 

@@ -175,11 +175,23 @@ impl CaServer {
         let node_addr = listener.local_addr().map_err(dd)?;
         let incoming = ward_net::tls_incoming(listener, sink.subscribe(), None);
         let svc = ward_proto::node::node_server::NodeServer::new(NodeService::new(core.clone()))
-            .max_decoding_message_size(16 * 1024 * 1024);
+            .max_decoding_message_size(cfg.limits.node_api_max_message_bytes);
+        let refusals = |api: &'static str| -> ward_net::refusal::RefusalCounter {
+            let m = core.metrics.clone();
+            std::sync::Arc::new(move |_server, code| {
+                m.api_refusals
+                    .get_or_create(&crate::metrics::RefusalLabel {
+                        api: api.into(),
+                        code: format!("{code:?}"),
+                    })
+                    .inc();
+            })
+        };
+        let node_refusals = refusals("node");
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
-                .layer(ward_net::refusal::RefusalLogLayer::new("node API"))
+                .layer(ward_net::refusal::RefusalLogLayer::new("node API").counted(node_refusals))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|s| *s).await;
@@ -200,12 +212,14 @@ impl CaServer {
                 }
             })?;
         let admin =
-            ward_proto::admin::admin_server::AdminServer::new(AdminService::new(core.clone()));
+            ward_proto::admin::admin_server::AdminServer::new(AdminService::new(core.clone()))
+                .max_decoding_message_size(cfg.limits.admin_api_max_message_bytes);
+        let admin_refusals = refusals("admin");
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = ward_net::uds::incoming(admin_listener, "admin");
             let r = tonic::transport::Server::builder()
-                .layer(ward_net::refusal::RefusalLogLayer::new("admin API"))
+                .layer(ward_net::refusal::RefusalLogLayer::new("admin API").counted(admin_refusals))
                 .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|s| *s).await;

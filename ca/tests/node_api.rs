@@ -505,6 +505,7 @@ async fn signing_is_rate_limited_per_agent() {
     cfg.limits = ward_ca::config::Limits {
         signing_per_second: 1,
         signing_burst: 3,
+        ..Default::default()
     };
     let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
     let mut clients = Vec::new();
@@ -567,4 +568,70 @@ async fn signing_is_rate_limited_per_agent() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (a, a_entry) = &mut clients[0];
     a.batch_new_x509_svid(batch(a_entry, 1)).await.unwrap();
+}
+
+/// Messages over `limits.node_api_max_message_bytes` / `admin_api_max_message_bytes` are
+/// refused (tonic answers `OUT_OF_RANGE`, "decoded message length too large") before anything
+/// is done with them, counted per API and code; messages within the limits still work.
+#[tokio::test]
+async fn oversized_messages_are_refused_on_both_apis() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "td.test");
+    cfg.limits.node_api_max_message_bytes = 64 * 1024;
+    cfg.limits.admin_api_max_message_bytes = 64 * 1024;
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    let agent = common::attest_agent(&ca).await;
+    let mut node = common::node_client(&ca, Some(agent));
+    // 600 CSRs of ~300 bytes: over 64 KiB.
+    let big = BatchNewX509SvidRequest {
+        params: (0..600)
+            .map(|_| NewX509SvidParams {
+                entry_id: "e".into(),
+                csr: common::key_and_csr(None).1,
+            })
+            .collect(),
+    };
+    let code = node.batch_new_x509_svid(big).await.err().map(|e| e.code());
+    assert_eq!(code, Some(Code::OutOfRange));
+    let mut admin = ward_proto::admin::admin_client::AdminClient::new(
+        ward_net::process::unix_channel(&ca.admin_socket),
+    );
+    let e = admin
+        .create_entry(ward_proto::admin::EntrySpec {
+            spiffe_id: "spiffe://td.test/big".into(),
+            parent_id: "spiffe://td.test/x".into(),
+            selectors: vec!["unix:uid:1".into()],
+            hint: "h".repeat(100 * 1024),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let refused = |api: &str| {
+        ca.core
+            .metrics
+            .api_refusals
+            .get_or_create(&ward_ca::metrics::RefusalLabel {
+                api: api.into(),
+                code: "OutOfRange".into(),
+            })
+            .get()
+    };
+    assert_eq!((refused("node"), refused("admin")), (1, 1));
+    // Within the limits, both APIs answer.
+    admin
+        .get_bundle(ward_proto::admin::GetBundleRequest::default())
+        .await
+        .unwrap();
+    let mut s = node
+        .sync(SyncRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_some());
+    // A limit too small for the CA to work is refused at start.
+    let mut bad = common::ca_config(&dir.path().join("ca2"), "td.test");
+    bad.limits.admin_api_max_message_bytes = 1000;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("limits.admin_api_max_message_bytes"), "{e}");
 }

@@ -53,16 +53,37 @@ impl RefusalContext {
     }
 }
 
+/// Counts a refusal: the server and the code (for a metric).
+pub type RefusalCounter = Arc<dyn Fn(&'static str, Code) + Send + Sync>;
+
 /// The layer; `server` names the server in log lines ("node API", "admin", "Workload API").
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct RefusalLogLayer {
     server: &'static str,
+    count: Option<RefusalCounter>,
+}
+
+impl fmt::Debug for RefusalLogLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefusalLogLayer")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RefusalLogLayer {
     /// Logs refusals of `server`.
     pub fn new(server: &'static str) -> Self {
-        Self { server }
+        Self {
+            server,
+            count: None,
+        }
+    }
+
+    /// Also counts every refusal (not rate-limited, unlike the log lines) with `count`.
+    pub fn counted(mut self, count: RefusalCounter) -> Self {
+        self.count = Some(count);
+        self
     }
 }
 
@@ -72,15 +93,25 @@ impl<S> Layer<S> for RefusalLogLayer {
         RefusalLog {
             inner,
             server: self.server,
+            count: self.count.clone(),
         }
     }
 }
 
 /// The service the layer builds.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RefusalLog<S> {
     inner: S,
     server: &'static str,
+    count: Option<RefusalCounter>,
+}
+
+impl<S> fmt::Debug for RefusalLog<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefusalLog")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who called, as a log field: the remote address and verified SPIFFE ID over TLS, pid and uid
@@ -156,6 +187,7 @@ where
         let rpc = req.uri().path().to_owned();
         let peer = describe_peer(req.extensions());
         let server = self.server;
+        let count = self.count.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -163,6 +195,9 @@ where
             if let Some(st) = tonic::Status::from_header_map(resp.headers())
                 && st.code() != Code::Ok
             {
+                if let Some(c) = &count {
+                    c(server, st.code());
+                }
                 log_refusal(server, &rpc, &peer, &st, &ctx.render());
             }
             Ok(resp)
