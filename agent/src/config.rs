@@ -109,6 +109,9 @@ pub struct AgentConfig {
     /// Envoy SDS on the Workload API socket.
     #[serde(default)]
     pub sds: crate::sds::SdsConfig,
+    /// What one caller of the socket may hold.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
     /// `tracing` filter.
     #[serde(default = "default_log_level")]
     pub log_level: String,
@@ -145,6 +148,7 @@ impl AgentConfig {
             k8s: None,
             unix: UnixConfig::default(),
             sds: crate::sds::SdsConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
             log_level: default_log_level(),
             log_format: LogFormat::default(),
         }
@@ -206,6 +210,11 @@ impl AgentConfig {
 
     /// Checks consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.limits.max_streams_per_caller == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_streams_per_caller must be > 0".into(),
+            ));
+        }
         let (host, port) = self
             .server_address
             .rsplit_once(':')

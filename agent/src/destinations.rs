@@ -20,7 +20,7 @@ use ward_proto::agent::{
 use ward_proto::convert::routes_to_proto;
 use ward_spiffe::service::{Service, resolve};
 
-use crate::workload::{WorkloadApi, spawn_stream};
+use crate::workload::WorkloadApi;
 
 /// The services the agent holds, by name and by virtual address.
 #[derive(Debug, Clone, Default)]
@@ -148,12 +148,9 @@ impl Destinations for DestinationService {
                     "authority {authority:?} is not host:port"
                 )));
             }
-            let stream = spawn_stream(
-                self.api.snapshots.clone(),
-                self.api.stopping.clone(),
-                self.api.metrics.clone(),
-                move |snap| Ok(Some(answer(&snap.services, &authority))),
-            );
+            let stream = self.api.watch(&selectors.clone(), move |snap| {
+                Ok(Some(answer(&snap.services, &authority)))
+            })?;
             Ok(Response::new(Box::pin(stream) as Self::GetStream))
         }
         .await;

@@ -12,6 +12,7 @@ pub mod files;
 pub mod helper;
 pub mod identity;
 pub mod k8s;
+pub mod limits;
 pub mod manager;
 pub mod metrics;
 pub mod policies;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub sync_connected: Gauge,
     /// Open Workload API streams.
     pub streams: Gauge,
+    /// Streams refused for going over `limits.max_streams_per_caller`.
+    pub stream_limit_refusals: Counter,
     /// Round trip of one signing batch.
     pub sign_seconds: Histogram,
 }
@@ -66,6 +68,7 @@ impl Metrics {
             sync_bytes: Counter::default(),
             sync_connected: Gauge::default(),
             streams: Gauge::default(),
+            stream_limit_refusals: Counter::default(),
             sign_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         }
     }
@@ -108,6 +111,11 @@ impl Metrics {
             "workload_api_streams",
             "Open Workload API streams",
             self.streams.clone(),
+        );
+        r.register(
+            "stream_limit_refusals",
+            "Streams refused for going over limits.max_streams_per_caller",
+            self.stream_limit_refusals.clone(),
         );
         r.register(
             "sign_batch_duration_seconds",

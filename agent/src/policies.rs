@@ -8,7 +8,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 use ward_proto::agent::{PolicySnapshot, WatchPoliciesRequest, policies_server::Policies};
 
-use crate::workload::{WorkloadApi, no_identity, spawn_stream};
+use crate::workload::{WorkloadApi, no_identity};
 
 /// The service; it shares the Workload API's caller attestation.
 #[derive(Debug, Clone)]
@@ -35,38 +35,33 @@ impl Policies for PolicyService {
             let selectors = self.api.caller(&req).await?;
             self.api.synced()?;
             let want = req.into_inner().spiffe_id;
-            let stream = spawn_stream(
-                self.api.snapshots.clone(),
-                self.api.stopping.clone(),
-                self.api.metrics.clone(),
-                move |snap| {
-                    let entries = snap.matching(&selectors);
-                    let entry = if want.is_empty() {
-                        entries.first()
+            let stream = self.api.watch(&selectors.clone(), move |snap| {
+                let entries = snap.matching(&selectors);
+                let entry = if want.is_empty() {
+                    entries.first()
+                } else {
+                    entries.iter().find(|e| e.spiffe_id.as_str() == want)
+                };
+                let Some(e) = entry else {
+                    return Err(if entries.is_empty() {
+                        no_identity()
                     } else {
-                        entries.iter().find(|e| e.spiffe_id.as_str() == want)
-                    };
-                    let Some(e) = entry else {
-                        return Err(if entries.is_empty() {
-                            no_identity()
-                        } else {
-                            Status::permission_denied(format!(
-                                "no identity {want} issued to this caller"
-                            ))
-                        });
-                    };
-                    Ok(Some(PolicySnapshot {
-                        spiffe_id: e.spiffe_id.to_string(),
-                        policies: snap
-                            .policies
-                            .policies_targeting(&e.spiffe_id)
-                            .iter()
-                            .map(|p| ward_proto::convert::policy_to_proto(p, 0))
-                            .collect(),
-                        egress: snap.egress.as_deref().cloned(),
-                    }))
-                },
-            );
+                        Status::permission_denied(format!(
+                            "no identity {want} issued to this caller"
+                        ))
+                    });
+                };
+                Ok(Some(PolicySnapshot {
+                    spiffe_id: e.spiffe_id.to_string(),
+                    policies: snap
+                        .policies
+                        .policies_targeting(&e.spiffe_id)
+                        .iter()
+                        .map(|p| ward_proto::convert::policy_to_proto(p, 0))
+                        .collect(),
+                    egress: snap.egress.as_deref().cloned(),
+                }))
+            })?;
             Ok(Response::new(Box::pin(stream) as Self::WatchPoliciesStream))
         }
         .await;

@@ -229,6 +229,7 @@ impl SecretDiscoveryService for SdsService {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let selectors = self.api.attest_peer(&req).await?;
+        let slot = self.api.slots.acquire(&selectors)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let mut snaps = self.api.snapshots.clone();
@@ -237,6 +238,8 @@ impl SecretDiscoveryService for SdsService {
         let metrics = self.api.metrics.clone();
         metrics.call("StreamSecrets", tonic::Code::Ok);
         tokio::spawn(async move {
+            // The caller's stream place, given back when this stream ends.
+            let _slot = slot;
             let mut names: Option<Vec<String>> = None;
             let mut last: Option<(String, String)> = None; // (version, nonce) sent
             let mut nonce = 0u64;

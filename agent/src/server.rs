@@ -145,7 +145,8 @@ impl Agent {
             metrics.clone(),
             shutdown_rx.clone(),
             kubelet,
-        );
+        )
+        .with_limits(cfg.limits);
         let policies = ward_proto::agent::policies_server::PoliciesServer::new(
             crate::policies::PolicyService::new(api.clone()),
         );

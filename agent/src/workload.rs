@@ -42,9 +42,32 @@ pub struct WorkloadApi {
     jwts: Arc<Mutex<HashMap<JwtKey, CachedJwt>>>,
     pub(crate) stopping: watch::Receiver<bool>,
     kubelet: Option<Arc<crate::k8s::Kubelet>>,
+    /// The streams each caller holds.
+    pub(crate) slots: Arc<crate::limits::StreamSlots>,
 }
 
 impl WorkloadApi {
+    /// A stream for the caller with `selectors` of what `render` makes of each snapshot (sent
+    /// when it changes), holding one of the caller's stream places while it is open.
+    pub(crate) fn watch<T, F>(
+        &self,
+        selectors: &SelectorSet,
+        render: F,
+    ) -> Result<ReceiverStream<Result<T, Status>>, Status>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(&Snapshot) -> Result<Option<T>, Status> + Send + 'static,
+    {
+        let slot = self.slots.acquire(selectors)?;
+        Ok(spawn_stream(
+            self.snapshots.clone(),
+            self.stopping.clone(),
+            self.metrics.clone(),
+            slot,
+            render,
+        ))
+    }
+
     /// A service over the agent's cache.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -56,6 +79,10 @@ impl WorkloadApi {
         kubelet: Option<Arc<crate::k8s::Kubelet>>,
     ) -> Self {
         Self {
+            slots: crate::limits::StreamSlots::new(
+                crate::limits::LimitsConfig::default().max_streams_per_caller,
+                metrics.stream_limit_refusals.clone(),
+            ),
             kubelet,
             stopping,
             snapshots,
@@ -65,6 +92,15 @@ impl WorkloadApi {
             metrics,
             jwts: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The same service with the per-caller `limits`.
+    pub fn with_limits(mut self, limits: crate::limits::LimitsConfig) -> Self {
+        self.slots = crate::limits::StreamSlots::new(
+            limits.max_streams_per_caller,
+            self.metrics.stream_limit_refusals.clone(),
+        );
+        self
     }
 
     /// Checks the security header and attests the caller.
@@ -173,10 +209,11 @@ fn x509_response(snap: &Snapshot, entries: &[Arc<CachedEntry>]) -> wl::X509svidR
 
 /// Runs a stream task: `render` turns a snapshot into the next message (`Ok(None)` = not
 /// ready yet, `Err` = end the stream with that status). Sends on every change of the message.
-pub(crate) fn spawn_stream<T, F>(
+fn spawn_stream<T, F>(
     mut rx: watch::Receiver<Arc<Snapshot>>,
     mut stopping: watch::Receiver<bool>,
     metrics: Metrics,
+    slot: crate::limits::Slot,
     render: F,
 ) -> ReceiverStream<Result<T, Status>>
 where
@@ -219,6 +256,7 @@ where
             }
         }
         metrics.streams.dec();
+        drop(slot);
     });
     ReceiverStream::new(out)
 }
@@ -236,19 +274,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             self.synced()?;
-            let stream = spawn_stream(
-                self.snapshots.clone(),
-                self.stopping.clone(),
-                self.metrics.clone(),
-                move |snap| {
-                    let entries = snap.matching(&selectors);
-                    if entries.is_empty() {
-                        return Err(no_identity());
-                    }
-                    let resp = x509_response(snap, &entries);
-                    Ok((!resp.svids.is_empty()).then_some(resp))
-                },
-            );
+            let stream = self.watch(&selectors.clone(), move |snap| {
+                let entries = snap.matching(&selectors);
+                if entries.is_empty() {
+                    return Err(no_identity());
+                }
+                let resp = x509_response(snap, &entries);
+                Ok((!resp.svids.is_empty()).then_some(resp))
+            })?;
             Ok(Response::new(Box::pin(stream) as Self::FetchX509SVIDStream))
         }
         .await;
@@ -265,20 +298,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             self.synced()?;
-            let stream = spawn_stream(
-                self.snapshots.clone(),
-                self.stopping.clone(),
-                self.metrics.clone(),
-                move |snap| {
-                    if snap.matching(&selectors).is_empty() {
-                        return Err(no_identity());
-                    }
-                    Ok(snap.bundle.as_ref().map(|b| wl::X509BundlesResponse {
-                        crl: Vec::new(),
-                        bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der_concat())]),
-                    }))
-                },
-            );
+            let stream = self.watch(&selectors.clone(), move |snap| {
+                if snap.matching(&selectors).is_empty() {
+                    return Err(no_identity());
+                }
+                Ok(snap.bundle.as_ref().map(|b| wl::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der_concat())]),
+                }))
+            })?;
             Ok(Response::new(
                 Box::pin(stream) as Self::FetchX509BundlesStream
             ))
@@ -306,25 +334,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = async {
             let selectors = self.caller(&req).await?;
             self.synced()?;
-            let stream = spawn_stream(
-                self.snapshots.clone(),
-                self.stopping.clone(),
-                self.metrics.clone(),
-                move |snap| {
-                    if snap.matching(&selectors).is_empty() {
-                        return Err(no_identity());
-                    }
-                    let Some(b) = &snap.bundle else {
-                        return Ok(None);
-                    };
-                    let jwks = b
-                        .to_jwt_jwks()
-                        .map_err(|e| Status::internal(format!("bundle encoding: {e}")))?;
-                    Ok(Some(wl::JwtBundlesResponse {
-                        bundles: HashMap::from([(b.trust_domain.id_string(), jwks.into_bytes())]),
-                    }))
-                },
-            );
+            let stream = self.watch(&selectors.clone(), move |snap| {
+                if snap.matching(&selectors).is_empty() {
+                    return Err(no_identity());
+                }
+                let Some(b) = &snap.bundle else {
+                    return Ok(None);
+                };
+                let jwks = b
+                    .to_jwt_jwks()
+                    .map_err(|e| Status::internal(format!("bundle encoding: {e}")))?;
+                Ok(Some(wl::JwtBundlesResponse {
+                    bundles: HashMap::from([(b.trust_domain.id_string(), jwks.into_bytes())]),
+                }))
+            })?;
             Ok(Response::new(
                 Box::pin(stream) as Self::FetchJWTBundlesStream
             ))

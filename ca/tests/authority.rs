@@ -405,7 +405,7 @@ async fn rails_journal_and_jwt_rotation() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is active"));
 
     // Metrics show each authority's state.
-    let m = reqwest_metrics(ca.health_addr).await;
+    let m = common::scrape(ca.health_addr).await;
     assert!(
         m.contains(&format!(
             "ward_ca_authority_state{{kind=\"x509\",id=\"{a}\",state=\"revoked\"}} 1"
@@ -413,21 +413,6 @@ async fn rails_journal_and_jwt_rotation() {
         "{m}"
     );
     ca.shutdown().await;
-}
-
-async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/metrics")
-        .header("host", "ca")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let r = s.send_request(req).await.unwrap();
-    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
 /// A self-signed upstream root (also the signing certificate) written as the CA's upstream

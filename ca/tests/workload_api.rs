@@ -301,3 +301,99 @@ async fn restarted_agent_keeps_its_identity_without_a_token() {
     assert!(e.to_string().contains("join token"), "{e}");
     ca.shutdown().await;
 }
+
+/// One caller holds at most `limits.max_streams_per_caller` streams of the agent's socket:
+/// the next is refused with `RESOURCE_EXHAUSTED` and counted; a stream closed gives its place
+/// back; the limit covers every kind of stream (Workload API watches, destination
+/// subscriptions) together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cannot_hold_more_streams_than_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::start_ca(
+        common::ca_config(&dir.path().join("ca"), "wl.test"),
+        Arc::new(ward_spiffe::SystemClock),
+    )
+    .await;
+    let mut cfg = common::agent_config(&ca, dir.path()).await;
+    cfg.limits.max_streams_per_caller = 3;
+    let agent = common::start_agent(cfg).await;
+    let parent = agent.identity.id().unwrap().to_string();
+    ca.core
+        .entries
+        .create(
+            &entry("one", &parent, vec![common::my_uid_selector()]),
+            "admin",
+            "e1".into(),
+            ca.core.clock.now(),
+        )
+        .await
+        .unwrap();
+    let mut snaps = agent.cache.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snaps.wait_for(|s| s.entries.contains_key("e1")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut c = common::workload_client(&agent.socket_path);
+    let open =
+        |c: &mut ward_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+            tonic::transport::Channel,
+        >| {
+            let mut c = c.clone();
+            async move {
+                c.fetch_x509svid(common::with_header(wl::X509svidRequest {}))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = open(&mut c).await.unwrap();
+        s.message().await.unwrap().unwrap();
+        held.push(s);
+    }
+    // The third place taken by a destination subscription.
+    let mut d = ward_proto::agent::destinations_client::DestinationsClient::new(
+        ward_net::process::unix_channel(&agent.socket_path),
+    );
+    let mut sub = d
+        .get(common::with_header(
+            ward_proto::agent::GetDestinationRequest {
+                authority: "api.shop:80".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    sub.message().await.unwrap().unwrap();
+    let e = open(&mut c).await.expect_err("a fourth stream is refused");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("limits.max_streams_per_caller"),
+        "{e:?}"
+    );
+    let m = common::scrape(agent.health_addr).await;
+    assert!(
+        m.lines()
+            .any(|l| l == "ward_agent_stream_limit_refusals_total 1"),
+        "{m}"
+    );
+    // One closed: its place comes back (once the agent has seen it go).
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        match open(&mut c).await {
+            Ok(s) => {
+                again = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut s = again.expect("a place was given back");
+    s.message().await.unwrap().unwrap();
+    drop(sub);
+    drop(ca);
+}

@@ -357,3 +357,19 @@ pub fn served_serial(port: u16, certs: &Path) -> Option<Vec<u8>> {
         .ok()
         .map(|i| i.serial)
 }
+
+/// The Prometheus exposition at `addr`/metrics (a CA's or an agent's health endpoint).
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/metrics")
+        .header("host", "ca")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = s.send_request(req).await.unwrap();
+    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
