@@ -78,9 +78,17 @@ fn is_hex64(s: &str) -> bool {
 
 fn pod_uid_in(seg: &str) -> Option<String> {
     // cgroupfs: "pod<uid>"; systemd: "kubepods-burstable-pod<uid_with_underscores>.slice".
-    let seg = seg.strip_suffix(".slice").unwrap_or(seg);
+    let (seg, sep) = match seg.strip_suffix(".slice") {
+        Some(s) => (s, b'_'),
+        None => (seg, b'-'),
+    };
     let i = seg.rfind("pod")?;
-    let uid = seg[i + 3..].replace('_', "-");
+    let raw = &seg[i + 3..];
+    // One spelling per driver: the systemd one writes every dash as '_', cgroupfs none.
+    if raw.bytes().any(|b| (b == b'-' || b == b'_') && b != sep) {
+        return None;
+    }
+    let uid = raw.replace('_', "-");
     let ok = uid.len() == 36
         && uid.bytes().enumerate().all(|(n, b)| {
             if [8, 13, 18, 23].contains(&n) {
@@ -449,6 +457,18 @@ mod tests {
         ] {
             assert_eq!(parse_cgroup(text), None, "{text}");
         }
+        // Found by fuzzing (fuzz/cgroup): a UID spelled half with '_' and half with '-' is no
+        // driver's spelling and is not taken.
+        let mixed = UID.replacen('-', "_", 1);
+        assert_eq!(
+            parse_cgroup(&format!("0::/kubepods/besteffort/pod{mixed}/\n")),
+            None
+        );
+        assert_eq!(
+            parse_cgroup(&format!("0::/kubepods.slice/kubepods-pod{UID}.slice/\n")),
+            None,
+            "the systemd driver never writes dashes in the UID"
+        );
     }
 
     #[test]

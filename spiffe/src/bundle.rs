@@ -148,6 +148,11 @@ impl Bundle {
                         .map_err(|e| BundleError::Json(format!("x5c: {e}")))?;
                     crate::x509::check_signing_cert(&der)
                         .map_err(|e| BundleError::Json(format!("x5c certificate: {e}")))?;
+                    // Its key must be one Ward can publish again (a bundle is served on as
+                    // it was received).
+                    let spki = crate::x509::spki_der(&der)
+                        .map_err(|e| BundleError::Json(format!("x5c certificate: {e}")))?;
+                    PublicKey::from_spki_der(&spki)?;
                     bundle.x509_authorities.push(der);
                 }
                 Some("jwt-svid") => {
@@ -191,4 +196,21 @@ pub fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, BundleError> {
                 .map_err(|e| BundleError::Pem(e.to_string()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Found by fuzzing (fuzz/bundle): an x509-svid authority whose certificate carries a key
+    /// Ward cannot publish (an unknown EC curve) was accepted, and serving the bundle on then
+    /// failed. It is refused when the bundle is read.
+    #[test]
+    fn an_authority_that_cannot_be_published_again_is_refused_on_read() {
+        let json = include_str!("../testdata/bundle-unsupported-curve.json");
+        let td = TrustDomain::new("example.org").unwrap();
+        let e = Bundle::from_spiffe_json(td, json).unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("curve"), "{e}");
+    }
 }
