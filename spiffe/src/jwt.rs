@@ -136,7 +136,10 @@ pub fn unverified_expiry(token: &str) -> Result<std::time::SystemTime, JwtError>
         .get("exp")
         .and_then(Value::as_u64)
         .ok_or(JwtError::Expired)?;
-    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp))
+    // Found by fuzzing (fuzz/jwt_svid): an `exp` past what SystemTime holds panicked.
+    std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(exp))
+        .ok_or(JwtError::Expired)
 }
 
 fn decoding_key(kid: &str, alg: Algorithm, spki: &[u8]) -> Result<DecodingKey, JwtError> {
@@ -229,4 +232,21 @@ pub fn verify_with<'a>(
     let td = id.trust_domain();
     let bundle = bundles(&td).ok_or_else(|| JwtError::NoBundle(td.to_string()))?;
     verify(token, audience, bundle, now)
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn an_expiry_past_what_time_holds_is_refused_not_a_panic() {
+        use base64::Engine as _;
+        let b = |j: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(j);
+        let t = format!(
+            "{}.{}.sig",
+            b(r#"{"alg":"ES256","kid":"k"}"#),
+            b(r#"{"sub":"spiffe://example.org/w","exp":18446744073709551615}"#)
+        );
+        assert!(super::unverified_expiry(&t).is_err());
+    }
 }
