@@ -83,14 +83,8 @@ impl GatewayState {
                     addresses: Vec::new(),
                     ports,
                     endpoints: Vec::new(),
-                    routes: rs
-                        .into_iter()
-                        .filter(|r| {
-                            r.port.is_none_or(|p| {
-                                g.listeners.iter().any(|l| l.usable() && l.port == p)
-                            })
-                        })
-                        .collect(),
+                    // Routes attach only to usable listeners, so each port is one of these.
+                    routes: rs,
                 });
                 (g.clone(), record, attached)
             })

@@ -28,7 +28,6 @@ where
     let conn = Arc::new(conn);
     let ctx = l.clone();
     let activity = Arc::new(super::idle::Activity::default());
-    activity.touch();
     let act = activity.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (l, conn) = (ctx.clone(), conn.clone());

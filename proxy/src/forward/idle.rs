@@ -9,33 +9,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// When a connection was last busy, and how much is in flight on it.
-#[derive(Debug)]
+/// Whether a connection is busy: a count of things that happened on it (bytes moved,
+/// requests begun and ended) and how much is in flight. Marking is one relaxed add — no clock
+/// on the data path; [`Activity::until_idle`] compares counts over time.
+#[derive(Debug, Default)]
 pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+    moves: AtomicU64,
     in_flight: AtomicUsize,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-        }
-    }
 }
 
 impl Activity {
     /// Marks the connection busy now.
     pub fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request begins; the guard ends it.
@@ -45,23 +35,25 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-
-    /// Resolves once nothing has been in flight and nothing moved for `idle`.
+    /// Resolves once nothing was in flight and nothing moved for `idle` (checked every
+    /// quarter of it, so it resolves between `idle` and 1¼ `idle` after the last activity).
     pub async fn until_idle(&self, idle: Duration) {
+        const CHECKS: u32 = 4;
+        let tick = (idle / CHECKS).max(Duration::from_millis(5));
+        let mut last = self.moves.load(Ordering::Relaxed);
+        let mut quiet = 0;
         loop {
-            let quiet = self.idle_for();
-            if self.in_flight.load(Ordering::Relaxed) == 0 && quiet >= idle {
+            tokio::time::sleep(tick).await;
+            let now = self.moves.load(Ordering::Relaxed);
+            if now != last || self.in_flight.load(Ordering::Relaxed) != 0 {
+                last = now;
+                quiet = 0;
+                continue;
+            }
+            quiet += 1;
+            if quiet >= CHECKS {
                 return;
             }
-            let wait = idle
-                .saturating_sub(quiet)
-                .max(idle / 8)
-                .max(Duration::from_millis(10));
-            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -129,7 +121,6 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let act = Activity::default();
-    act.touch();
     let mut ta = Tracked {
         inner: a,
         act: &act,

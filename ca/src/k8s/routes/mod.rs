@@ -389,6 +389,8 @@ impl RouteSet {
     /// ties; and how many routes attach to each listener.
     pub fn for_gateway(&mut self, g: &Gw) -> (Vec<HttpRoute>, Vec<i32>) {
         let mut found = Vec::new();
+        // The listeners each route (key) was matched to, for the counts.
+        let mut matched: Vec<(RouteKey, usize)> = Vec::new();
         for (key, r) in &self.routes {
             for p in r.parents.iter().filter(|p| is_gateway(p)) {
                 let ns = p.namespace.as_deref().unwrap_or(&r.namespace);
@@ -399,6 +401,7 @@ impl RouteSet {
                     Ok(on) => (Self::valid(r), on),
                     Err(w) => (Err(w), Vec::new()),
                 };
+                matched.extend(on.iter().map(|(i, _)| (key.clone(), *i)));
                 let on = on
                     .into_iter()
                     .map(|(i, h)| (Some(g.listeners[i].port), h))
@@ -407,16 +410,12 @@ impl RouteSet {
             }
         }
         let routes = self.attach(found);
-        let mut attached = vec![0; g.listeners.len()];
+        let served: std::collections::HashSet<&RouteKey> = routes.iter().map(|(_, k)| k).collect();
         let mut counted = std::collections::HashSet::new();
-        for (r, key) in &routes {
-            for (i, l) in g.listeners.iter().enumerate() {
-                if Some(l.port) == r.port
-                    && intersect(l.hostname.as_deref(), &r.hostnames).is_some()
-                    && counted.insert((i, key.clone()))
-                {
-                    attached[i] += 1;
-                }
+        let mut attached = vec![0; g.listeners.len()];
+        for (key, i) in &matched {
+            if served.contains(key) && counted.insert((key, *i)) {
+                attached[*i] += 1;
             }
         }
         (routes.into_iter().map(|(r, _)| r).collect(), attached)
