@@ -30,16 +30,22 @@ pub enum Parsed {
     Invalid(&'static str),
 }
 
-/// Encodes a `PROXY` command for a TCP connection from `src` to `dst` (both of one family; an
-/// IPv4-mapped IPv6 address counts as IPv4).
-pub fn encode(a: &Addresses) -> Vec<u8> {
-    let norm = |s: SocketAddr| match s.ip() {
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it stands for, so that
+/// egress rules written for IPv4 networks see one spelling of each address whichever family
+/// the header used.
+fn canonical(s: SocketAddr) -> SocketAddr {
+    match s.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
             .map_or(s, |v4| SocketAddr::new(IpAddr::V4(v4), s.port())),
         IpAddr::V4(_) => s,
-    };
-    let (src, dst) = (norm(a.src), norm(a.dst));
+    }
+}
+
+/// Encodes a `PROXY` command for a TCP connection from `src` to `dst` (both of one family; an
+/// IPv4-mapped IPv6 address counts as IPv4).
+pub fn encode(a: &Addresses) -> Vec<u8> {
+    let (src, dst) = (canonical(a.src), canonical(a.dst));
     let mut out = SIGNATURE.to_vec();
     out.push(0x21); // version 2, PROXY
     match (src.ip(), dst.ip()) {
@@ -65,7 +71,7 @@ pub fn encode(a: &Addresses) -> Vec<u8> {
     out
 }
 
-/// Decodes the header at the start of `buf`.
+/// Decodes the header at the start of `buf`; IPv4-mapped IPv6 addresses come back as IPv4.
 pub fn decode(buf: &[u8]) -> Parsed {
     let n = buf.len().min(SIGNATURE.len());
     if buf[..n] != SIGNATURE[..n] {
@@ -95,8 +101,8 @@ pub fn decode(buf: &[u8]) -> Parsed {
             dst: SocketAddr::new(ip4(&body[4..8]), port(&body[10..12])),
         },
         0x21 if len >= 36 => Addresses {
-            src: SocketAddr::new(ip6(&body[0..16]), port(&body[32..34])),
-            dst: SocketAddr::new(ip6(&body[16..32]), port(&body[34..36])),
+            src: canonical(SocketAddr::new(ip6(&body[0..16]), port(&body[32..34]))),
+            dst: canonical(SocketAddr::new(ip6(&body[16..32]), port(&body[34..36]))),
         },
         0x11 | 0x21 => return Parsed::Invalid("PROXY header too short for its addresses"),
         _ => return Parsed::Invalid("not TCP over IPv4 or IPv6"),
@@ -144,5 +150,32 @@ mod tests {
         let mut short = SIGNATURE.to_vec();
         short.extend_from_slice(&[0x21, 0x11, 0x00, 0x04, 1, 2, 3, 4]);
         assert!(matches!(decode(&short), Parsed::Invalid(_)));
+    }
+
+    /// Found by fuzz/proxy_detect: an AF_INET6 header carrying IPv4-mapped addresses decoded
+    /// as IPv6, so an egress rule for an IPv4 network did not see the address it names, and
+    /// the header re-encoded (as AF_INET) decoded to something else.
+    #[test]
+    fn mapped_addresses_in_an_inet6_header_decode_as_ipv4() {
+        let mut bytes = SIGNATURE.to_vec();
+        bytes.extend_from_slice(&[0x21, 0x21, 0x00, 36]);
+        let mapped = |v4: [u8; 4]| {
+            let mut o = [0u8; 16];
+            o[10] = 0xff;
+            o[11] = 0xff;
+            o[12..].copy_from_slice(&v4);
+            o
+        };
+        bytes.extend_from_slice(&mapped([10, 0, 0, 1]));
+        bytes.extend_from_slice(&mapped([93, 184, 216, 34]));
+        bytes.extend_from_slice(&40000u16.to_be_bytes());
+        bytes.extend_from_slice(&443u16.to_be_bytes());
+        let Parsed::Header(a, n) = decode(&bytes) else {
+            panic!("{:?}", decode(&bytes))
+        };
+        assert_eq!(n, bytes.len());
+        assert_eq!(a.src, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(a.dst, "93.184.216.34:443".parse().unwrap());
+        assert_eq!(decode(&encode(&a)), Parsed::Header(a, 28));
     }
 }
