@@ -156,9 +156,9 @@ policies:
     g.discovery = Some(DiscoveryCfg::default());
     g.http_limits.max_header_bytes = 32 * 1024;
     g.access_log = Some(AccessLog {
-        path: log.clone(),
         max_bytes: 1 << 30,
         queue: 4096,
+        ..AccessLog::at(log.clone())
     });
     g.listeners = vec![
         Listener::Gateway(GatewayListener {

@@ -100,6 +100,53 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Parses what [`rfc3339_millis`] and [`rfc3339`] write (UTC, `Z`, optional fraction of up to
+/// nine digits); `None` for anything else.
+pub fn parse_rfc3339(t: &str) -> Option<SystemTime> {
+    let b = t.as_bytes();
+    let (head, rest) = (b.get(..19)?, b.get(19..)?);
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = std::str::from_utf8(head.get(r)?).ok()?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    if head[4] != b'-'
+        || head[7] != b'-'
+        || head[10] != b'T'
+        || head[13] != b':'
+        || head[16] != b':'
+    {
+        return None;
+    }
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let nanos = match rest {
+        [b'Z'] => 0,
+        [b'.', frac @ .., b'Z'] if (1..=9).contains(&frac.len()) => {
+            let s = std::str::from_utf8(frac).ok()?;
+            if !s.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            s.parse::<u32>().ok()? * 10u32.pow(9 - frac.len() as u32)
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss).ok()?;
+    UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+}
+
 /// Dials `path` for every connection a channel makes (the URI tonic requires is unused).
 fn unix_connector(
     path: &Path,
@@ -135,6 +182,30 @@ pub async fn unix_channel_connect(path: &Path) -> Result<Channel, tonic::transpo
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn rfc3339_parses_what_it_writes() {
+        for secs in [0u64, 951_782_400, 1_795_688_233, 4_102_444_800, 86_399] {
+            for ms in [0u32, 7, 999] {
+                let t = UNIX_EPOCH + Duration::new(secs, ms * 1_000_000);
+                assert_eq!(parse_rfc3339(&rfc3339_millis(t)), Some(t));
+            }
+            let t = UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        for bad in [
+            "",
+            "2026-11-26",
+            "2026-11-26T10:11:07",
+            "2026-13-26T10:11:07Z",
+            "2026-11-26T10:11:07.Z",
+            "2026-11-26T10:11:07+01:00",
+            "2026-11-26T10:1a:07Z",
+            "2026-11-26 10:11:07Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn rfc3339_dates() {

@@ -241,10 +241,19 @@ fn init(a: InitArgs) -> ExitCode {
 
 #[derive(Debug, Subcommand)]
 enum LogCmd {
-    /// Check an access-log file's hash chain; reports the first broken or missing record.
+    /// Check an access-log file: its hash chain, where it begins and ends, and its signed
+    /// anchors; reports the first broken or missing record and how many records after the
+    /// last signed anchor are unproven.
     Verify {
         /// The JSON-lines file.
         file: PathBuf,
+        /// The trust bundle (PEM X.509 authorities) the anchors' signers must chain to.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Also fail (exit 1) unless the file ends with a signed close anchor, every record
+        /// is covered by a signed anchor and (with --bundle) the signers are trusted.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -384,8 +393,13 @@ pub async fn main() -> ExitCode {
         }
         Command::Policy { cmd } => explain(cmd),
         Command::Log {
-            cmd: LogCmd::Verify { file },
-        } => verify(&file),
+            cmd:
+                LogCmd::Verify {
+                    file,
+                    bundle,
+                    strict,
+                },
+        } => verify(&file, bundle.as_deref(), strict),
     }
 }
 
@@ -480,8 +494,24 @@ fn report(output: Output, allowed: bool, text: &str, json: serde_json::Value) ->
     }
 }
 
-fn verify(file: &std::path::Path) -> ExitCode {
-    let r = match crate::access_log::verify(file) {
+fn verify(file: &std::path::Path, bundle: Option<&std::path::Path>, strict: bool) -> ExitCode {
+    let trust = match bundle {
+        None => None,
+        Some(b) => match std::fs::read(b)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| ward_spiffe::bundle::pem_certificates(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(roots) if !roots.is_empty() => Some(crate::access_log::Trust {
+                roots: roots
+                    .into_iter()
+                    .map(rustls_pki_types::CertificateDer::from)
+                    .collect(),
+            }),
+            Ok(_) => return fail(2, &format!("{}: no certificates", b.display())),
+            Err(e) => return fail(2, &format!("{}: {e}", b.display())),
+        },
+    };
+    let r = match crate::access_log::verify_with(file, trust.as_ref()) {
         Ok(r) => r,
         Err(e) => return fail(2, &format!("{}: {e}", file.display())),
     };
@@ -498,14 +528,50 @@ fn verify(file: &std::path::Path) -> ExitCode {
     if let Some(h) = &r.last_hash {
         text.push_str(&format!("\nlast record hash:   {h}"));
     }
-    match &r.broken {
-        None => {
-            out(&format!("{text}\nOK: hash chain intact"));
-            ExitCode::SUCCESS
+    text.push_str(&format!(
+        "\nsigned anchors:     {} by {} ({})",
+        r.signed_anchors,
+        if r.signers.is_empty() {
+            "nobody".to_owned()
+        } else {
+            r.signers.join(", ")
+        },
+        if r.bundle_checked {
+            "signers chain to the bundle"
+        } else {
+            "signatures checked, signers not checked against a bundle: give --bundle"
         }
-        Some((line, why)) => {
-            out(&format!("{text}\nBROKEN at line {line}: {why}"));
-            ExitCode::from(1)
-        }
+    ));
+    if let Some((line, why)) = &r.broken {
+        out(&format!("{text}\nBROKEN at line {line}: {why}"));
+        return ExitCode::from(1);
     }
+    let mut proven = true;
+    if r.unproven > 0 {
+        proven = false;
+        text.push_str(&format!(
+            "\nUNPROVEN: {} records after the last signed anchor (the proxy is still writing \
+             or stopped without closing, or the end was cut, replaced or appended to)",
+            r.unproven
+        ));
+    }
+    if r.closed {
+        text.push_str("\nclosed: the file ends with a signed close anchor");
+    } else {
+        proven = false;
+        text.push_str("\nnot closed: no signed close anchor at the end");
+    }
+    if strict && (!proven || !r.bundle_checked) {
+        out(&format!(
+            "{text}\nFAILED (--strict): {}",
+            if r.bundle_checked {
+                "not every record is proven by a signed anchor"
+            } else {
+                "--strict needs --bundle"
+            }
+        ));
+        return ExitCode::from(1);
+    }
+    out(&format!("{text}\nOK: hash chain intact"));
+    ExitCode::SUCCESS
 }

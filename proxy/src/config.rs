@@ -410,9 +410,80 @@ pub struct AccessLog {
     /// Rotate when the file exceeds this many bytes.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
-    /// Records queued before new ones are dropped (and counted).
+    /// Records queued for the writer. With `on_full: block` or `refuse` a slot is taken when a
+    /// request or connection starts, so this also bounds requests and connections in flight.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// What happens when the queue is full: `drop` the record (counted, and the next record
+    /// says how many), `block` the request until the writer catches up, or `refuse` it (503,
+    /// or the connection closed) — `refuse` is the mode for evidence.
+    #[serde(default)]
+    pub on_full: OnFull,
+    /// When written records reach the disk: `interval` (every `fsync_interval`), or
+    /// `every_record` (each batch the writer takes is synced before it takes the next).
+    #[serde(default)]
+    pub fsync: Fsync,
+    /// How often `fsync: interval` syncs.
+    #[serde(default = "default_fsync_interval", with = "serde_str")]
+    pub fsync_interval: Duration,
+    /// A signed anchor after this many records (0: only by time and at file start and end).
+    #[serde(default = "default_anchor_every")]
+    pub anchor_every: u64,
+    /// A signed anchor at least this often while records are written.
+    #[serde(default = "default_anchor_interval", with = "serde_str")]
+    pub anchor_interval: Duration,
+}
+
+impl AccessLog {
+    /// An access log at `path` with every other setting at its default.
+    pub fn at(path: PathBuf) -> Self {
+        Self {
+            path,
+            max_bytes: default_max_bytes(),
+            queue: default_queue(),
+            on_full: OnFull::default(),
+            fsync: Fsync::default(),
+            fsync_interval: default_fsync_interval(),
+            anchor_every: default_anchor_every(),
+            anchor_interval: default_anchor_interval(),
+        }
+    }
+}
+
+/// What the access log does when its queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Drop the record and count it (telemetry).
+    #[default]
+    Drop,
+    /// Make the request wait for room.
+    Block,
+    /// Refuse the request: 503 for HTTP, a closed connection for TCP (evidence).
+    Refuse,
+}
+
+/// When the access log syncs to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// Every `fsync_interval`.
+    #[default]
+    Interval,
+    /// After every batch of records the writer takes.
+    EveryRecord,
+}
+
+fn default_fsync_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_anchor_every() -> u64 {
+    10_000
+}
+
+fn default_anchor_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_max_bytes() -> u64 {
@@ -860,6 +931,11 @@ impl ProxyConfig {
             && (a.queue == 0 || a.max_bytes < 4096)
         {
             return inv("access_log: queue must be > 0 and max_bytes >= 4096".into());
+        }
+        if let Some(a) = &self.access_log
+            && (a.fsync_interval.is_zero() || a.anchor_interval.is_zero())
+        {
+            return inv("access_log: fsync_interval and anchor_interval must be > 0".into());
         }
         if let Some(e) = &self.egress {
             ward_spiffe::egress::EgressSet::compile(e.policy.clone())

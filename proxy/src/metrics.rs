@@ -135,6 +135,9 @@ pub struct MetricSet {
     pub policy_errors: Counter,
     /// Access-log records dropped because the writer fell behind.
     pub log_dropped: Counter,
+    /// Requests and connections refused because the access log could not take their record
+    /// (`access_log.on_full: refuse`, or a stopped writer).
+    pub log_refused: Counter,
     /// Identity updates refused.
     pub identity_errors: Counter,
     /// Requests to mesh services sent again to another endpoint, per service.
@@ -180,6 +183,7 @@ impl Metrics {
             policies: Gauge::default(),
             policy_errors: Counter::default(),
             log_dropped: Counter::default(),
+            log_refused: Counter::default(),
             identity_errors: Counter::default(),
             retries: Family::default(),
             ejections: Family::default(),
@@ -285,6 +289,11 @@ impl Metrics {
             "access_log_dropped",
             "Access-log records dropped",
             self.log_dropped.clone(),
+        );
+        r.register(
+            "access_log_refused",
+            "Requests and connections refused because the access log could not record them",
+            self.log_refused.clone(),
         );
         r.register(
             "identity_errors",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ward_spiffe::SpiffeId;
 
-use crate::access_log::{AccessLog, Entry};
+use crate::access_log::{AccessLog, Entry, LogFull, Slot};
 use crate::authz::Decision;
 use crate::metrics::{DecisionLabel, ListenerLabel, Metrics};
 
@@ -75,6 +75,8 @@ pub struct Record {
     /// The gateway's client.
     pub client: Option<SocketAddr>,
     outcome: Outcome,
+    /// Room in the access log's queue, when it was taken at the start.
+    slot: Option<Arc<std::sync::Mutex<Option<Slot>>>>,
 }
 
 impl Record {
@@ -101,7 +103,19 @@ impl Record {
             host: None,
             client: None,
             outcome: Outcome::plain("error", "none"),
+            slot: None,
         }
+    }
+
+    /// Takes room in the access log for this record before anything is served
+    /// (`access_log.on_full: block` waits for it, `refuse` fails when there is none).
+    pub async fn admit(&mut self, obs: &Observer) -> Result<(), LogFull> {
+        if let Some(log) = &obs.log
+            && let Some(slot) = log.reserve().await?
+        {
+            self.slot = Some(Arc::new(std::sync::Mutex::new(Some(slot))));
+        }
+        Ok(())
     }
 
     /// Adds an HTTP request's method and (raw) path.
@@ -155,28 +169,34 @@ impl Record {
         bytes_out: u64,
     ) {
         let Some(log) = &obs.log else { return };
-        log.log(Entry {
-            time: self.time,
-            listener: self.listener,
-            protocol: self.protocol,
-            src: self.src,
-            dst: self.dst,
-            method: self.method,
-            path: self.path,
-            orig_dst: self.orig_dst.map(|a| a.to_string()),
-            plan: self.plan,
-            endpoint: self.endpoint,
-            route: self.route,
-            host: self.host,
-            client: self.client.map(|c| c.to_string()),
-            status,
-            decision: self.outcome.decision,
-            policy: self.outcome.policy,
-            reason,
-            audit: self.outcome.audit,
-            latency: self.start.elapsed(),
-            bytes_in,
-            bytes_out,
-        });
+        let slot = self
+            .slot
+            .and_then(|s| s.lock().ok().and_then(|mut s| s.take()));
+        log.log(
+            slot,
+            Entry {
+                time: self.time,
+                listener: self.listener,
+                protocol: self.protocol,
+                src: self.src,
+                dst: self.dst,
+                method: self.method,
+                path: self.path,
+                orig_dst: self.orig_dst.map(|a| a.to_string()),
+                plan: self.plan,
+                endpoint: self.endpoint,
+                route: self.route,
+                host: self.host,
+                client: self.client.map(|c| c.to_string()),
+                status,
+                decision: self.outcome.decision,
+                policy: self.outcome.policy,
+                reason,
+                audit: self.outcome.audit,
+                latency: self.start.elapsed(),
+                bytes_in,
+                bytes_out,
+            },
+        );
     }
 }

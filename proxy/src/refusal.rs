@@ -39,6 +39,9 @@ pub enum Refusal {
     /// The request's headers are over `http_limits.max_header_bytes` (431; HTTP/1 requests
     /// over it are answered by the HTTP server itself).
     HeadersTooLarge,
+    /// The access log cannot take the request's record (`access_log.on_full: refuse`): it is
+    /// not served unrecorded (503, gRPC UNAVAILABLE).
+    LogFull,
 }
 
 impl Refusal {
@@ -110,6 +113,11 @@ impl Refusal {
                 GrpcCode::ResourceExhausted,
                 "request headers too large".into(),
             ),
+            Refusal::LogFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                GrpcCode::Unavailable,
+                "the proxy cannot record the request now; try again".into(),
+            ),
         }
     }
 
@@ -128,6 +136,7 @@ impl Refusal {
             | Refusal::EgressDenied(r)
             | Refusal::TooLarge(r) => r.clone(),
             Refusal::HeadersTooLarge => "request headers over the limit".into(),
+            Refusal::LogFull => "access log full".into(),
             Refusal::RateLimited(wait) => {
                 format!("client over its rate limit; next request in {wait:?}")
             }
@@ -171,6 +180,7 @@ mod tests {
             ),
             (Refusal::TooLarge("body over 1 MiB".into()), 413, 8),
             (Refusal::HeadersTooLarge, 431, 8),
+            (Refusal::LogFull, 503, 14),
             (
                 Refusal::Unavailable("upstream x unavailable".into()),
                 502,

@@ -54,6 +54,7 @@ pub struct Proxy {
     drain_timeout: std::time::Duration,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    log: Option<crate::access_log::AccessLog>,
 }
 
 async fn bind(what: String, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
@@ -127,7 +128,7 @@ impl Proxy {
 
         let log = match &cfg.access_log {
             Some(a) => Some(
-                crate::access_log::start(&a.path, a.max_bytes, a.queue, metrics.clone())
+                crate::access_log::start(a, Some(sink.clone()), metrics.clone())
                     .map_err(|e| StartError::AccessLog(format!("{}: {e}", a.path.display())))?,
             ),
             None => None,
@@ -185,7 +186,7 @@ impl Proxy {
             sink: sink.clone(),
             authz: authz.clone(),
             obs: Observer {
-                log,
+                log: log.clone(),
                 metrics: metrics.clone(),
             },
             header,
@@ -350,6 +351,7 @@ impl Proxy {
             drain_timeout: cfg.drain_timeout,
             shutdown,
             tasks,
+            log,
         })
     }
 
@@ -389,6 +391,10 @@ impl Proxy {
             );
         }
         ward_net::process::join_with_deadline(self.tasks, std::time::Duration::from_secs(2)).await;
+        if let Some(log) = &self.log {
+            // After the drain: every served request's record goes in before the close anchor.
+            log.close(std::time::Duration::from_secs(5)).await;
+        }
     }
 }
 

@@ -119,60 +119,123 @@ fn policy_explain_answers_can_a_call_b() {
 fn log_verify_reports_the_first_broken_record() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.jsonl");
-    // Build a real chain with the library's writer, through a running access log.
+    // Build a real chain with the library's writer, through a running access log whose
+    // anchors the proxy's SVID signs.
+    let pki = ward_testing::Pki::new("td");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, pki.bundle_pem()).unwrap();
+    let issued = pki.svid("/proxy");
+    let sink = ward_proxy::identity::new_sink(false);
+    let mut b = ward_spiffe::Bundle::new(ward_spiffe::TrustDomain::new("td").unwrap());
+    b.x509_authorities = vec![pki.root_der().to_vec()];
+    ward_proxy::identity::install(
+        &sink,
+        b,
+        ward_net::Svid::from_parts(issued.chain_der, issued.key_der).unwrap(),
+    )
+    .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let log =
-            ward_proxy::access_log::start(&path, 1 << 30, 64, ward_proxy::metrics::Metrics::new())
-                .unwrap();
+        let cfg = ward_proxy::config::AccessLog {
+            queue: 64,
+            ..ward_proxy::config::AccessLog::at(path.clone())
+        };
+        let log = ward_proxy::access_log::start(
+            &cfg,
+            Some(sink.clone()),
+            ward_proxy::metrics::Metrics::new(),
+        )
+        .unwrap();
         for i in 0..5 {
-            log.log(ward_proxy::access_log::Entry {
-                time: std::time::SystemTime::now(),
-                listener: std::sync::Arc::from("in"),
-                protocol: "http",
-                src: None,
-                dst: None,
-                method: Some("GET".into()),
-                path: Some(format!("/{i}")),
-                orig_dst: None,
-                plan: "deliver",
-                endpoint: None,
-                route: None,
-                host: None,
-                client: None,
-                status: 200,
-                decision: "allow",
-                policy: "p".into(),
-                reason: "r".into(),
-                audit: None,
-                latency: std::time::Duration::from_micros(1),
-                bytes_in: 0,
-                bytes_out: 0,
-            });
+            log.log(
+                None,
+                ward_proxy::access_log::Entry {
+                    time: std::time::SystemTime::now(),
+                    listener: std::sync::Arc::from("in"),
+                    protocol: "http",
+                    src: None,
+                    dst: None,
+                    method: Some("GET".into()),
+                    path: Some(format!("/{i}")),
+                    orig_dst: None,
+                    plan: "deliver",
+                    endpoint: None,
+                    route: None,
+                    host: None,
+                    client: None,
+                    status: 200,
+                    decision: "allow",
+                    policy: "p".into(),
+                    reason: "r".into(),
+                    audit: None,
+                    latency: std::time::Duration::from_micros(1),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                },
+            );
         }
-        for _ in 0..100 {
-            if std::fs::read_to_string(&path)
+        // Still open: the records after the (signed) start anchor are unproven; --strict
+        // refuses that.
+        let mut lines = 0;
+        for _ in 0..200 {
+            lines = std::fs::read_to_string(&path)
                 .unwrap_or_default()
                 .lines()
-                .count()
-                >= 6
-            {
+                .count();
+            if lines >= 6 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        assert_eq!(lines, 6);
+        let out = bin().args(["log", "verify"]).arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(
+            stdout.contains("6 records") && stdout.contains("UNPROVEN: 5 records"),
+            "{stdout}"
+        );
+        let out = bin()
+            .args(["log", "verify", "--strict", "--bundle"])
+            .arg(&bundle)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        log.close(std::time::Duration::from_secs(5)).await;
     });
-    let out = bin().args(["log", "verify"]).arg(&path).output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // Closed: a signed close anchor proves every record, against the bundle.
+    let out = bin()
+        .args(["log", "verify", "--strict", "--bundle"])
+        .arg(&bundle)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("6 records")
-            && String::from_utf8_lossy(&out.stdout).contains("OK")
+        stdout.contains("7 records")
+            && stdout.contains("signed anchors:     2 by spiffe://td/proxy")
+            && stdout.contains("closed: the file ends with a signed close anchor")
+            && stdout.contains("OK"),
+        "{stdout}"
     );
+    // A bundle that did not certify the signer.
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, ward_testing::Pki::new("td").bundle_pem()).unwrap();
+    let out = bin()
+        .args(["log", "verify", "--bundle"])
+        .arg(&other)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not trusted by the bundle"));
     let text = std::fs::read_to_string(&path).unwrap();
     let tampered = text.replacen("\"/3\"", "\"/x\"", 1);
     std::fs::write(&path, tampered).unwrap();

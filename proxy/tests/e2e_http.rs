@@ -7,6 +7,7 @@
 mod common;
 
 use common::{HEADER, Mesh, get, request};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_authorized_and_carry_the_peer_id() {
@@ -93,7 +94,107 @@ async fn requests_are_authorized_and_carry_the_peer_id() {
         common::get(mesh.backend.admin_addr, "/readyz").await.status,
         200
     );
+    let (dir, root) = (mesh.dir.clone(), mesh.pki.root_der().to_vec());
     mesh.stop().await;
+    // Stopped: the backend's log ends with an anchor its SVID signed, so every record is
+    // proven against the trust domain's bundle.
+    let r = ward_proxy::access_log::verify_with(
+        &dir.join("backend-access.jsonl"),
+        Some(&ward_proxy::access_log::Trust {
+            roots: vec![root.into()],
+        }),
+    )
+    .unwrap();
+    assert_eq!(r.broken, None);
+    assert!(r.closed && r.unproven == 0, "{r:?}");
+    assert_eq!(r.signers, vec!["spiffe://mesh.test/backend".to_owned()]);
+}
+
+/// `access_log.on_full: refuse` serves nothing it could not record: with room for one record,
+/// a TCP connection that holds it makes the next one close unserved (counted), and once it
+/// ends (its record written) the next is served. `block` makes the next one wait instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_access_log_refuses_or_holds_what_it_cannot_record() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    async fn echo(s: &mut tokio::net::TcpStream) -> std::io::Result<u8> {
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => Ok(b[0]),
+            Ok(Ok(_)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    for mode in [
+        ward_proxy::config::OnFull::Refuse,
+        ward_proxy::config::OnFull::Block,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let tcp_policy = dir.path().join("tcp-policies.yaml");
+        std::fs::write(
+            &tcp_policy,
+            "policies:\n  - name: frontend\n    target: { spiffe_ids: [\"spiffe://mesh.test/backend\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://mesh.test/frontend\"] } ] } ]\n",
+        )
+        .unwrap();
+        let mesh = Mesh::start_with(
+            dir.path(),
+            ward_proxy::config::Protocol::Tcp,
+            |b| {
+                b.authorization.policy_files = vec![tcp_policy.clone()];
+                let log = b.access_log.as_mut().unwrap();
+                log.queue = 1;
+                log.on_full = mode;
+            },
+            |_| {},
+        )
+        .await;
+        let mut first = tokio::net::TcpStream::connect(mesh.outbound())
+            .await
+            .unwrap();
+        assert_eq!(echo(&mut first).await.unwrap(), b'x');
+        let mut second = tokio::net::TcpStream::connect(mesh.outbound())
+            .await
+            .unwrap();
+        let m = || common::admin(mesh.backend.admin_addr, "/metrics");
+        match mode {
+            ward_proxy::config::OnFull::Refuse => {
+                assert!(echo(&mut second).await.is_err(), "served without a record");
+                assert!(
+                    m().await.contains("ward_proxy_access_log_refused_total 1"),
+                    "{}",
+                    m().await
+                );
+                drop(first);
+                // The first connection's record is written; the log has room again.
+                let mut third = None;
+                for _ in 0..100 {
+                    let mut s = tokio::net::TcpStream::connect(mesh.outbound())
+                        .await
+                        .unwrap();
+                    if echo(&mut s).await.is_ok() {
+                        third = Some(s);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                assert!(third.is_some(), "no connection served after room was made");
+            }
+            _ => {
+                // Held, not refused: it is served as soon as the first one ends.
+                let held = tokio::spawn(async move { echo(&mut second).await.map(|_| second) });
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert!(!held.is_finished(), "served while the log had no room");
+                drop(first);
+                let second = held.await.unwrap().unwrap();
+                drop(second);
+                assert!(m().await.contains("ward_proxy_access_log_refused_total 0"));
+            }
+        }
+        let lines = common::log_lines(&mesh.dir.join("backend-access.jsonl"), 2).await;
+        assert!(lines.iter().all(|l| l["access"]["decision"] == "allow"));
+        mesh.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -339,9 +339,9 @@ impl GrpcMesh {
             },
             peer_id_header: HEADER.into(),
             access_log: Some(AccessLog {
-                path: dir.join("backend-access.jsonl"),
                 max_bytes: 1 << 30,
                 queue: 1024,
+                ..AccessLog::at(dir.join("backend-access.jsonl"))
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
@@ -369,9 +369,9 @@ impl GrpcMesh {
             authorization: Authorization::default(),
             peer_id_header: HEADER.into(),
             access_log: Some(AccessLog {
-                path: dir.join("frontend-access.jsonl"),
                 max_bytes: 1 << 30,
                 queue: 1024,
+                ..AccessLog::at(dir.join("frontend-access.jsonl"))
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),

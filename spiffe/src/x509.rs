@@ -399,6 +399,33 @@ static SIG_ALGS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
     webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
 ];
 
+/// Verifies that `signature` over `msg` was made with the key of certificate `leaf`, by the
+/// TLS signature scheme named `scheme` (rustls' spelling, e.g. `ECDSA_NISTP256_SHA256`): how
+/// something an SVID's key signed outside a handshake (an access-log anchor) is checked. Only
+/// the schemes Ward's SVIDs can use are known; any other name is refused.
+pub fn verify_signature(
+    leaf: &CertificateDer<'_>,
+    scheme: &str,
+    msg: &[u8],
+    signature: &[u8],
+) -> Result<(), SvidError> {
+    let alg: &dyn rustls_pki_types::SignatureVerificationAlgorithm = match scheme {
+        "ECDSA_NISTP256_SHA256" => webpki::ring::ECDSA_P256_SHA256,
+        "ECDSA_NISTP384_SHA384" => webpki::ring::ECDSA_P384_SHA384,
+        "ED25519" => webpki::ring::ED25519,
+        "RSA_PSS_SHA256" => webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+        "RSA_PKCS1_SHA256" => webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+        other => {
+            return Err(SvidError::Chain(format!(
+                "unknown signature scheme {other:?}"
+            )));
+        }
+    };
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| SvidError::Parse(e.to_string()))?;
+    ee.verify_signature(alg, msg, signature)
+        .map_err(|e| SvidError::Chain(format!("signature does not verify: {e}")))
+}
+
 /// Verifies an X.509-SVID chain (leaf first) against the X.509 authorities of the leaf's
 /// trust domain at time `now`, and returns the leaf's identity.
 ///

@@ -278,9 +278,9 @@ pub async fn frontend_logged(
     let mut fc = cfg(sock, "client");
     fc.discovery = Some(d);
     fc.access_log = log.map(|path| ward_proxy::config::AccessLog {
-        path: path.to_owned(),
         max_bytes: 1 << 30,
         queue: 4096,
+        ..ward_proxy::config::AccessLog::at(path.to_owned())
     });
     fc.listeners = vec![Listener::Outbound(Outbound {
         name: "api".into(),

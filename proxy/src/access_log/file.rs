@@ -1,72 +1,18 @@
-//! The tamper-evident access log: one JSON object per line for every authorization decision,
-//! each carrying the SHA-256 of the line before it (`prev`) and a sequence number. Rotation
-//! starts a new file with an anchor record holding the hash of the previous file's last line;
-//! the anchor is also written to the process log, so a deleted or replaced file is detectable.
-//!
-//! Writing never blocks the data path: records go through a bounded queue; when it is full the
-//! record is dropped and counted, and the next written record says how many were dropped.
+//! The log's file format and its writer: one JSON object per line, each with a sequence
+//! number and the SHA-256 of the line before it (`prev`), and anchor lines where a file starts,
+//! restarts, rotates or closes (and every `anchor_every` records or `anchor_interval`), which
+//! the proxy signs with its SVID key when it has one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use ward_net::Svid;
 
-use crate::metrics::Metrics;
-
-/// One decision, as the data path hands it over.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// When the request arrived.
-    pub time: SystemTime,
-    /// Listener name.
-    pub listener: Arc<str>,
-    /// `http` or `tcp`.
-    pub protocol: &'static str,
-    /// Verified peer ID (`None` = unauthenticated).
-    pub src: Option<String>,
-    /// This workload (inbound) or the upstream (outbound).
-    pub dst: Option<String>,
-    /// HTTP method.
-    pub method: Option<String>,
-    /// Normalized path (or the raw one if it was refused).
-    pub path: Option<String>,
-    /// The address the caller dialled, when the connection was captured.
-    pub orig_dst: Option<String>,
-    /// The plan taken: `deliver` (to the local application), `mesh` (to a peer proxy),
-    /// `balanced` (to an endpoint of a mesh service), `passthrough`, or `refuse`.
-    pub plan: &'static str,
-    /// The endpoint a balanced plan chose (`ip:port`).
-    pub endpoint: Option<String>,
-    /// The route rule that decided where the request went (`<route>#<rule index>`).
-    pub route: Option<String>,
-    /// The name asked for: at egress the application's TLS SNI or HTTP Host, at the gateway
-    /// the client's Host.
-    pub host: Option<String>,
-    /// The ingress gateway's client: its address (`ip:port`).
-    pub client: Option<String>,
-    /// HTTP status returned (0 for TCP).
-    pub status: u16,
-    /// `allow`, `deny`, `would-deny`.
-    pub decision: &'static str,
-    /// Deciding policy or default.
-    pub policy: String,
-    /// Human reason.
-    pub reason: String,
-    /// AUDIT policy that matched.
-    pub audit: Option<String>,
-    /// Time until response headers (HTTP) or connection end (TCP).
-    pub latency: Duration,
-    /// Request bytes.
-    pub bytes_in: u64,
-    /// Response bytes.
-    pub bytes_out: u64,
-}
+use super::Entry;
 
 /// A line of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +35,35 @@ pub struct Line {
     /// For anchors: the file this one continues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continues: Option<String>,
+    /// For anchors: why it was written (`start`, `restart`, `rotate`, `interval`, `close`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For signed anchors: the SPIFFE ID whose key signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// For signed anchors: the signer's certificate chain, leaf first (base64 DER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x5c: Option<Vec<String>>,
+    /// For signed anchors: the signature scheme (rustls' name, e.g. `ECDSA_NISTP256_SHA256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
+    /// For signed anchors: the signature (base64) over [`super::anchor::message`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+impl Line {
+    /// An anchor line's reason (older logs have none: their first line is the start).
+    pub fn anchor_reason(&self) -> Option<&str> {
+        if self.kind != "anchor" {
+            return None;
+        }
+        Some(match (&self.reason, &self.continues) {
+            (Some(r), _) => r.as_str(),
+            (None, Some(_)) => "rotate",
+            (None, None) => "start",
+        })
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -147,37 +122,10 @@ pub struct AccessFields {
     pub bytes_out: u64,
 }
 
-const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(super) const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-fn hash(line: &str) -> String {
+pub(super) fn hash(line: &str) -> String {
     hex::encode(Sha256::digest(line.as_bytes()))
-}
-
-/// The handle the data path logs through.
-#[derive(Debug, Clone)]
-pub struct AccessLog {
-    tx: mpsc::Sender<Entry>,
-    dropped: Arc<AtomicU64>,
-    metrics: Metrics,
-}
-
-impl AccessLog {
-    /// Queues an entry; never waits. A full queue drops and counts it.
-    pub fn log(&self, e: Entry) {
-        if self.tx.try_send(e).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.log_dropped.inc();
-        }
-    }
-}
-
-struct Writer {
-    path: PathBuf,
-    max_bytes: u64,
-    file: BufWriter<File>,
-    size: u64,
-    seq: u64,
-    prev: String,
 }
 
 /// The last line of an existing log, to continue its chain.
@@ -197,8 +145,28 @@ fn last_line(path: &Path) -> std::io::Result<Option<String>> {
     Ok(last)
 }
 
+/// Writes lines to the current file, rotating by size.
+pub(super) struct Writer {
+    path: PathBuf,
+    max_bytes: u64,
+    pub(super) file: BufWriter<File>,
+    size: u64,
+    seq: u64,
+    prev: String,
+    /// Where anchors get their signing key: the proxy's current SVID, if it has one.
+    signer: Box<dyn Fn() -> Option<Svid> + Send>,
+    /// Lines written since the last signed anchor.
+    pub(super) unproven: u64,
+}
+
 impl Writer {
-    fn open(path: &Path, max_bytes: u64) -> std::io::Result<Self> {
+    /// Opens `path`, continuing its chain if it has one (with a `restart` anchor) or starting
+    /// one (with a `start` anchor).
+    pub(super) fn open(
+        path: &Path,
+        max_bytes: u64,
+        signer: Box<dyn Fn() -> Option<Svid> + Send>,
+    ) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -223,9 +191,13 @@ impl Writer {
             size,
             seq,
             prev,
+            signer,
+            unproven: 0,
         };
         if size == 0 && seq == 0 {
-            w.anchor(None)?;
+            w.anchor("start", None)?;
+        } else {
+            w.anchor("restart", None)?;
         }
         Ok(w)
     }
@@ -237,11 +209,17 @@ impl Writer {
         self.size += text.len() as u64 + 1;
         self.prev = hash(&text);
         self.seq += 1;
+        self.unproven += 1;
         Ok(())
     }
 
-    fn anchor(&mut self, continues: Option<String>) -> std::io::Result<()> {
-        let line = Line {
+    /// Writes an anchor, signed with the SVID's key when there is one.
+    pub(super) fn anchor(
+        &mut self,
+        reason: &str,
+        continues: Option<String>,
+    ) -> std::io::Result<()> {
+        let mut line = Line {
             seq: self.seq,
             prev: self.prev.clone(),
             kind: "anchor".into(),
@@ -249,11 +227,31 @@ impl Writer {
             dropped: 0,
             access: None,
             continues,
+            reason: Some(reason.to_owned()),
+            signer: None,
+            x5c: None,
+            alg: None,
+            sig: None,
+        };
+        let signed = match (self.signer)() {
+            Some(svid) => match super::anchor::sign(&mut line, &svid) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "access log anchor could not be signed");
+                    false
+                }
+            },
+            None => false,
         };
         self.write_line(&line)?;
+        if signed {
+            self.unproven = 0;
+        }
         tracing::info!(
             file = %self.path.display(),
             seq = line.seq,
+            reason,
+            signed,
             anchor_prev = %line.prev,
             anchor_hash = %self.prev,
             "access log anchor"
@@ -261,8 +259,15 @@ impl Writer {
         Ok(())
     }
 
-    fn rotate(&mut self) -> std::io::Result<()> {
+    /// Syncs what was written to the disk.
+    pub(super) fn sync(&mut self) -> std::io::Result<()> {
         self.file.flush()?;
+        self.file.get_ref().sync_data()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.anchor("close", None)?;
+        self.sync()?;
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -275,15 +280,18 @@ impl Writer {
             .open(&self.path)?;
         self.file = BufWriter::new(file);
         self.size = 0;
-        self.anchor(Some(
-            rotated
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        ))
+        self.anchor(
+            "rotate",
+            Some(
+                rotated
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        )
     }
 
-    fn write(&mut self, e: Entry, dropped: u64) -> std::io::Result<()> {
+    pub(super) fn write(&mut self, e: Entry, dropped: u64) -> std::io::Result<()> {
         let line = Line {
             seq: self.seq,
             prev: self.prev.clone(),
@@ -313,6 +321,11 @@ impl Writer {
                 bytes_out: e.bytes_out,
             }),
             continues: None,
+            reason: None,
+            signer: None,
+            x5c: None,
+            alg: None,
+            sig: None,
         };
         self.write_line(&line)?;
         if self.size >= self.max_bytes {
@@ -322,164 +335,31 @@ impl Writer {
     }
 }
 
-/// Opens (continuing an existing chain) and starts the writer; returns the handle.
-pub fn start(
-    path: &Path,
-    max_bytes: u64,
-    queue: usize,
-    metrics: Metrics,
-) -> std::io::Result<AccessLog> {
-    let mut writer = Writer::open(path, max_bytes)?;
-    let (tx, mut rx) = mpsc::channel::<Entry>(queue);
-    let dropped = Arc::new(AtomicU64::new(0));
-    let d = dropped.clone();
-    // A dedicated thread: file I/O must not occupy the proxy's async workers.
-    std::thread::Builder::new()
-        .name("ward-access-log".into())
-        .spawn(move || {
-            while let Some(e) = rx.blocking_recv() {
-                let n = d.swap(0, Ordering::Relaxed);
-                if let Err(err) = writer.write(e, n) {
-                    tracing::error!(error = %err, "access log write failed");
-                }
-                // Drain what is queued, then flush once.
-                while let Ok(e) = rx.try_recv() {
-                    let n = d.swap(0, Ordering::Relaxed);
-                    if let Err(err) = writer.write(e, n) {
-                        tracing::error!(error = %err, "access log write failed");
-                    }
-                }
-                if let Err(err) = writer.file.flush() {
-                    tracing::error!(error = %err, "access log flush failed");
-                }
-            }
-            let _ = writer.file.flush();
-        })?;
-    Ok(AccessLog {
-        tx,
-        dropped,
-        metrics,
-    })
-}
-
-/// The result of verifying a log file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    /// Lines read.
-    pub lines: u64,
-    /// Records the proxy reported as dropped (not tampering).
-    pub dropped: u64,
-    /// The hash the first line says precedes it (the previous file's last line).
-    pub starts_after: Option<String>,
-    /// Hash of the last line (to compare with the next file's anchor).
-    pub last_hash: Option<String>,
-    /// The first problem: (1-based line number, description).
-    pub broken: Option<(u64, String)>,
-}
-
-/// Verifies the chain of one file.
-pub fn verify(path: &Path) -> std::io::Result<Report> {
-    let f = File::open(path)?;
-    let mut report = Report {
-        lines: 0,
-        dropped: 0,
-        starts_after: None,
-        last_hash: None,
-        broken: None,
-    };
-    let mut prev: Option<(u64, String)> = None;
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let n = i as u64 + 1;
-        let line = line?;
-        report.lines = n;
-        let parsed: Line = match serde_json::from_str(&line) {
-            Ok(l) => l,
-            Err(e) => {
-                report.broken = Some((n, format!("not a log record: {e}")));
-                return Ok(report);
-            }
-        };
-        match &prev {
-            None => report.starts_after = Some(parsed.prev.clone()),
-            Some((seq, h)) => {
-                if parsed.seq != seq + 1 {
-                    report.broken = Some((
-                        n,
-                        format!(
-                            "sequence jumps from {seq} to {}: records missing",
-                            parsed.seq
-                        ),
-                    ));
-                    return Ok(report);
-                }
-                if &parsed.prev != h {
-                    report.broken = Some((
-                        n,
-                        "hash chain broken: the previous line was altered, removed or inserted"
-                            .into(),
-                    ));
-                    return Ok(report);
-                }
-            }
-        }
-        report.dropped += parsed.dropped;
-        let h = hash(&line);
-        report.last_hash = Some(h.clone());
-        prev = Some((parsed.seq, h));
-    }
-    Ok(report)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(i: u64) -> Entry {
-        Entry {
-            time: SystemTime::now(),
-            listener: Arc::from("in"),
-            protocol: "http",
-            src: Some("spiffe://td/a".into()),
-            dst: Some("spiffe://td/b".into()),
-            method: Some("GET".into()),
-            path: Some(format!("/{i}")),
-            orig_dst: None,
-            plan: "deliver",
-            endpoint: None,
-            route: None,
-            host: None,
-            client: None,
-            status: 200,
-            decision: "allow",
-            policy: "p".into(),
-            reason: "allowed by policy p".into(),
-            audit: None,
-            latency: Duration::from_micros(5),
-            bytes_in: 0,
-            bytes_out: 2,
-        }
-    }
+    use crate::access_log::{test_entry, verify};
 
     #[test]
     fn chain_verifies_and_tampering_is_found() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
         {
-            let mut w = Writer::open(&p, 1 << 30).unwrap();
+            let mut w = Writer::open(&p, 1 << 30, Box::new(|| None)).unwrap();
             for i in 0..10 {
-                w.write(entry(i), if i == 5 { 3 } else { 0 }).unwrap();
+                w.write(test_entry(i), if i == 5 { 3 } else { 0 }).unwrap();
             }
             w.file.flush().unwrap();
         }
         // Reopen continues the chain.
         {
-            let mut w = Writer::open(&p, 1 << 30).unwrap();
-            w.write(entry(10), 0).unwrap();
+            let mut w = Writer::open(&p, 1 << 30, Box::new(|| None)).unwrap();
+            w.write(test_entry(10), 0).unwrap();
             w.file.flush().unwrap();
         }
         let r = verify(&p).unwrap();
         assert_eq!(r.broken, None);
-        assert_eq!(r.lines, 12);
+        assert_eq!(r.lines, 13, "start, 10 records, restart, 1 record");
         assert_eq!(r.dropped, 3);
         assert_eq!(r.starts_after.as_deref(), Some(ZERO));
 
@@ -504,9 +384,9 @@ mod tests {
     fn rotation_anchors_to_the_previous_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
-        let mut w = Writer::open(&p, 4096).unwrap();
+        let mut w = Writer::open(&p, 4096, Box::new(|| None)).unwrap();
         for i in 0..40 {
-            w.write(entry(i), 0).unwrap();
+            w.write(test_entry(i), 0).unwrap();
         }
         w.file.flush().unwrap();
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())

@@ -222,6 +222,10 @@ pub async fn tunnel(
     let Some(dst) = conn.orig_dst else {
         return;
     };
+    if rec.admit(obs).await.is_err() {
+        // Closed unrecorded: the access log cannot take its record (`on_full: refuse`).
+        return;
+    }
     let up = shared.upstreams.get(
         &gw.address,
         &gw.expected_ids,

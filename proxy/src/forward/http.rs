@@ -166,6 +166,14 @@ async fn handle_request(
     };
     let mut rec = Record::start(&l.name, "http", src, conn.orig_dst)
         .request(req.method().as_str(), req.uri().path());
+    if rec.admit(&l.shared.obs).await.is_err() {
+        let r = Refused {
+            refusal: Refusal::LogFull,
+            outcome: Outcome::plain("error", "access_log"),
+            path: None,
+        };
+        return refuse(l, rec, r, grpc);
+    }
     if gateway {
         rec.client = Some(conn.remote);
         rec.host = given_authority(&req).map(ToOwned::to_owned);

@@ -24,6 +24,10 @@ where
         own.as_ref()
     };
     let mut rec = Record::start(&l.name, "tcp", src, conn.orig_dst);
+    if rec.admit(&shared.obs).await.is_err() {
+        // Closed unrecorded: the access log cannot take its record (`on_full: refuse`).
+        return;
+    }
     let arrived = l.arrived(&conn, None);
     let destination = l.destination(&conn).await;
     let egress_set = shared.egress.as_ref().map(|e| e.set());

@@ -196,9 +196,9 @@ impl Mesh {
             },
             peer_id_header: HEADER.into(),
             access_log: Some(AccessLog {
-                path: dir.join("backend-access.jsonl"),
                 max_bytes: 1 << 30,
                 queue: 1024,
+                ..AccessLog::at(dir.join("backend-access.jsonl"))
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),
@@ -227,9 +227,9 @@ impl Mesh {
             authorization: Authorization::default(),
             peer_id_header: HEADER.into(),
             access_log: Some(AccessLog {
-                path: dir.join("frontend-access.jsonl"),
                 max_bytes: 1 << 30,
                 queue: 1024,
+                ..AccessLog::at(dir.join("frontend-access.jsonl"))
             }),
             log_level: "info".into(),
             drain_timeout: std::time::Duration::from_secs(1),

@@ -159,9 +159,9 @@ impl Pod {
         });
         cfg.admin_address = "127.0.0.1:15020".parse().unwrap();
         cfg.access_log = Some(AccessLog {
-            path: self.dir.join("access.jsonl"),
             max_bytes: 1 << 30,
             queue: 1024,
+            ..AccessLog::at(self.dir.join("access.jsonl"))
         });
         cfg.drain_timeout = Duration::from_secs(1);
         cfg.listeners = vec![
