@@ -12,9 +12,11 @@ mod egressbench;
 mod gatewaybench;
 mod k8sbench;
 mod lbbench;
+mod logbench;
 mod procs;
 mod proxybench;
 mod rotationbench;
+mod soakbench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +61,38 @@ enum Cmd {
         /// Workloads (child processes with distinct uids when run as root).
         #[arg(long, default_value_t = 100)]
         workloads: usize,
+    },
+    /// What the access log costs: the two-hop topology with the log off, on (default) and
+    /// on as evidence (refuse, fsync every record), one after the other (oha, nginx).
+    AccessLog {
+        /// The ward-proxy binary.
+        #[arg(long)]
+        ward_proxy: PathBuf,
+        /// An earlier ward-proxy binary, run with its access log on, for comparison.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// The nginx binary.
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Fixed rates.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<u32>,
+    },
+    /// A long run through two proxies fed by a real agent while SVIDs, policies and the root
+    /// rotate: failed requests, RSS and fds every minute, access logs verified at the end.
+    Soak {
+        /// Minutes of load.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// SVID lifetime in seconds (renewed at half-life).
+        #[arg(long, default_value_t = 240)]
+        svid_ttl: u64,
     },
     /// The two-hop proxy topology, Ward vs Envoy vs direct (oha, h2load, nginx).
     Proxy {
@@ -338,6 +372,34 @@ async fn main() -> Result<()> {
                 duration: Duration::from_secs(seconds),
                 rates,
                 handshake_clients,
+            })
+            .await
+        }
+        Cmd::Soak {
+            minutes,
+            rate,
+            svid_ttl,
+        } => {
+            soakbench::run(soakbench::Opts {
+                minutes,
+                rate,
+                svid_ttl: Duration::from_secs(svid_ttl),
+            })
+            .await
+        }
+        Cmd::AccessLog {
+            ward_proxy,
+            baseline,
+            nginx,
+            seconds,
+            rates,
+        } => {
+            logbench::run(logbench::Opts {
+                ward_proxy,
+                baseline,
+                nginx,
+                duration: Duration::from_secs(seconds),
+                rates,
             })
             .await
         }

@@ -217,6 +217,22 @@ impl Ward {
         Ok(token.agent_id)
     }
 
+    /// The CA's and the agent's process IDs (0 when not running).
+    pub(crate) fn pids(&self) -> (u32, u32) {
+        let agent = self
+            .agent
+            .try_lock()
+            .ok()
+            .and_then(|a| a.as_ref().and_then(Child::id))
+            .unwrap_or(0);
+        (self.ca.id().unwrap_or(0), agent)
+    }
+
+    /// The trust bundle file the CA writes (PEM).
+    pub(crate) fn bundle_path(&self) -> PathBuf {
+        self.dir.path().join("ca/bundle.pem")
+    }
+
     /// VmRSS of the CA in KiB.
     pub(crate) fn ca_rss(&self) -> Result<u64> {
         rss(self.ca.id().context("CA exited")?)

@@ -22,7 +22,7 @@ pub(crate) struct Opts {
     pub(crate) rates: Vec<u32>,
 }
 
-fn port() -> Result<u16> {
+pub(crate) fn port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -68,7 +68,7 @@ pub(crate) fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
     })
 }
 
-async fn wait_port(addr: SocketAddr) -> Result<()> {
+pub(crate) async fn wait_port(addr: SocketAddr) -> Result<()> {
     for _ in 0..300 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
@@ -122,7 +122,12 @@ pub(crate) struct Latency {
     pub(crate) ok: f64,
 }
 
-async fn oha(url: &str, rate: Option<u32>, conns: u32, dur: Duration) -> Result<Latency> {
+pub(crate) async fn oha(
+    url: &str,
+    rate: Option<u32>,
+    conns: u32,
+    dur: Duration,
+) -> Result<Latency> {
     let mut cmd = Command::new("oha");
     cmd.args([
         "--no-tui",
@@ -205,7 +210,7 @@ async fn h2load(url: &str, dur: Duration, grpc_body: Option<&Path>) -> Result<(f
     Ok((rps, if done > 0.0 { ok / done } else { 0.0 }))
 }
 
-fn nginx_conf(dir: &Path, h1: u16, h2: u16) -> String {
+pub(crate) fn nginx_conf(dir: &Path, h1: u16, h2: u16) -> String {
     let d = dir.display();
     format!(
         "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
@@ -217,7 +222,7 @@ fn nginx_conf(dir: &Path, h1: u16, h2: u16) -> String {
     )
 }
 
-fn ward_configs(
+pub(crate) fn ward_configs(
     dir: &Path,
     app: (u16, u16, u16),
     inb: (u16, u16, u16, u16),
@@ -247,7 +252,7 @@ fn ward_configs(
     (backend, frontend)
 }
 
-const POLICIES: &str = "policies:\n  - name: backend-allow-frontend\n    target: { spiffe_ids: [\"spiffe://bench.test/backend\"] }\n    action: ALLOW\n    rules:\n      - from: [ { principals: [\"spiffe://bench.test/frontend\"] } ]\n        to: [ { paths: [\"/*\"] } ]\n";
+pub(crate) const POLICIES: &str = "policies:\n  - name: backend-allow-frontend\n    target: { spiffe_ids: [\"spiffe://bench.test/backend\"] }\n    action: ALLOW\n    rules:\n      - from: [ { principals: [\"spiffe://bench.test/frontend\"] } ]\n        to: [ { paths: [\"/*\"] } ]\n";
 
 fn envoy_inbound(dir: &Path, admin: u16, listeners: &[(u16, u16, bool)]) -> String {
     let d = dir.display();
