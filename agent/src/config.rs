@@ -271,9 +271,41 @@ mod tests {
 
     #[test]
     fn env_overrides() {
-        let mut c = AgentConfig::from_toml(MIN, "t").unwrap();
-        c.apply_env(&|k| (k == "WARD_AGENT_JOIN_TOKEN").then(|| "tok".to_owned()))
-            .unwrap();
+        let mut c =
+            AgentConfig::from_toml(&format!("{MIN}[k8s]\nnode_name = \"n0\"\n"), "t").unwrap();
+        let vars = [
+            ("WARD_AGENT_TRUST_DOMAIN", "other.td"),
+            ("WARD_AGENT_SERVER_ADDRESS", "ca.example:8081"),
+            ("WARD_AGENT_DATA_DIR", "/data"),
+            ("WARD_AGENT_SOCKET_PATH", "/run/b.sock"),
+            ("WARD_AGENT_HEALTH_ADDRESS", "127.0.0.1:9000"),
+            ("WARD_AGENT_JOIN_TOKEN", "tok"),
+            ("WARD_AGENT_LOG_LEVEL", "debug"),
+            ("WARD_AGENT_NODE_NAME", "n1"),
+        ];
+        c.apply_env(&|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .unwrap();
+        assert_eq!(c.trust_domain.name(), "other.td");
+        assert_eq!(c.server_address, "ca.example:8081");
+        assert_eq!(c.data_dir, PathBuf::from("/data"));
+        assert_eq!(c.socket_path, PathBuf::from("/run/b.sock"));
+        assert_eq!(c.health_address, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.join_token.as_deref(), Some("tok"));
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.k8s.as_ref().unwrap().node_name, "n1");
+        // A bad value is refused, naming its variable.
+        for (k, v) in [
+            ("WARD_AGENT_TRUST_DOMAIN", "Not A Domain"),
+            ("WARD_AGENT_HEALTH_ADDRESS", "nope"),
+        ] {
+            let e = c
+                .apply_env(&|n| (n == k).then(|| v.to_owned()))
+                .unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
     }
 }

@@ -680,15 +680,36 @@ mod tests {
     #[test]
     fn env_overrides_apply_and_validate() {
         let mut c = CaConfig::new(TrustDomain::new("a").unwrap(), "/x".into());
-        let env = |k: &str| match k {
-            "WARD_CA_TRUST_DOMAIN" => Some("b.example".to_owned()),
-            "WARD_CA_BIND_ADDRESS" => Some("127.0.0.1:9999".to_owned()),
-            _ => None,
-        };
-        c.apply_env(&env).unwrap();
+        let vars = [
+            ("WARD_CA_TRUST_DOMAIN", "b.example"),
+            ("WARD_CA_DATA_DIR", "/data"),
+            ("WARD_CA_BIND_ADDRESS", "127.0.0.1:9999"),
+            ("WARD_CA_HEALTH_ADDRESS", "127.0.0.1:9998"),
+            ("WARD_CA_ADMIN_SOCKET", "/run/admin.sock"),
+            ("WARD_CA_LOG_LEVEL", "debug"),
+        ];
+        c.apply_env(&|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        })
+        .unwrap();
         assert_eq!(c.trust_domain.name(), "b.example");
-        assert_eq!(c.bind_address.port(), 9999);
-        let bad = |k: &str| (k == "WARD_CA_BIND_ADDRESS").then(|| "nope".to_owned());
-        assert!(c.apply_env(&bad).is_err());
+        assert_eq!(c.data_dir, PathBuf::from("/data"));
+        assert_eq!(c.bind_address, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.health_address, "127.0.0.1:9998".parse().unwrap());
+        assert_eq!(c.admin_socket, Some(PathBuf::from("/run/admin.sock")));
+        assert_eq!(c.log_level, "debug");
+        // A bad value is refused, naming its variable.
+        for (k, v) in [
+            ("WARD_CA_TRUST_DOMAIN", "Not A Domain"),
+            ("WARD_CA_BIND_ADDRESS", "nope"),
+            ("WARD_CA_HEALTH_ADDRESS", "nope"),
+        ] {
+            let e = c
+                .apply_env(&|n| (n == k).then(|| v.to_owned()))
+                .unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
     }
 }

@@ -38,43 +38,78 @@ async fn every_rpc_requires_the_security_header() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, agent) = setup(dir.path()).await;
     let mut c = common::workload_client(&agent.socket_path);
-    let codes = vec![
+    // Each RPC without the header: InvalidArgument naming the header (not some other check).
+    let errs = vec![
         c.fetch_x509svid(wl::X509svidRequest {})
             .await
             .map(|_| ())
-            .unwrap_err()
-            .code(),
+            .unwrap_err(),
         c.fetch_x509_bundles(wl::X509BundlesRequest {})
             .await
             .map(|_| ())
-            .unwrap_err()
-            .code(),
+            .unwrap_err(),
         c.fetch_jwtsvid(wl::JwtsvidRequest {
             audience: vec!["a".into()],
             spiffe_id: String::new(),
         })
         .await
         .map(|_| ())
-        .unwrap_err()
-        .code(),
+        .unwrap_err(),
         c.fetch_jwt_bundles(wl::JwtBundlesRequest {})
             .await
             .map(|_| ())
-            .unwrap_err()
-            .code(),
-        c.validate_jwtsvid(wl::ValidateJwtsvidRequest {
-            audience: "a".into(),
-            svid: "x.y.z".into(),
-        })
-        .await
-        .map(|_| ())
-        .unwrap_err()
-        .code(),
+            .unwrap_err(),
     ];
-    assert!(
-        codes.iter().all(|c| *c == Code::InvalidArgument),
-        "{codes:?}"
-    );
+    for e in &errs {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("security header"), "{e:?}");
+    }
+    // ValidateJWTSVID with a token that validates with the header: refused without it.
+    let parent = agent.identity.id().unwrap().to_string();
+    ca.core
+        .entries
+        .create(
+            &entry("hdr", &parent, vec![common::my_uid_selector()]),
+            "admin",
+            "e-hdr".into(),
+            ca.core.clock.now(),
+        )
+        .await
+        .unwrap();
+    let mut snaps = agent.cache.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snaps.wait_for(|s| s.entries.contains_key("e-hdr")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let jwt = c
+        .fetch_jwtsvid(common::with_header(wl::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids[0]
+        .svid
+        .clone();
+    let validate = |header: bool| {
+        let msg = wl::ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: jwt.clone(),
+        };
+        if header {
+            common::with_header(msg)
+        } else {
+            tonic::Request::new(msg)
+        }
+    };
+    c.validate_jwtsvid(validate(true)).await.unwrap();
+    let e = c.validate_jwtsvid(validate(false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("security header"), "{e:?}");
     // A wrong header value is no better.
     let mut r = tonic::Request::new(wl::X509svidRequest {});
     r.metadata_mut().insert(

@@ -1058,6 +1058,9 @@ access_log:
         c.apply_env(&|k| match k {
             "SPIFFE_ENDPOINT_SOCKET" => Some("unix:///run/agent.sock".into()),
             "WARD_PROXY_DEFAULT_POLICY" => Some("all-authenticated".into()),
+            "WARD_PROXY_ADMIN_ADDRESS" => Some("127.0.0.1:9901".into()),
+            "WARD_PROXY_LOG_LEVEL" => Some("debug".into()),
+            "WARD_PROXY_AUTHZ_MODE" => Some("dry-run".into()),
             _ => None,
         })
         .unwrap();
@@ -1069,5 +1072,31 @@ access_log:
             }
         );
         assert_eq!(c.authorization.default, DefaultPolicy::AllAuthenticated);
+        assert_eq!(c.admin_address, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.authorization.mode, AuthzMode::DryRun);
+        // A socket in the file wins over SPIFFE_ENDPOINT_SOCKET.
+        let mut c = ProxyConfig::from_yaml(
+            "identity:\n  workload_api: { socket: \"unix:///a.sock\" }\n",
+            "t",
+        )
+        .unwrap();
+        c.apply_env(&|k| (k == "SPIFFE_ENDPOINT_SOCKET").then(|| "unix:///b.sock".into()))
+            .unwrap();
+        assert!(matches!(
+            c.identity,
+            IdentitySource::WorkloadApi { socket: Some(ref s), .. } if s == "unix:///a.sock"
+        ));
+        // A bad value is refused, naming its variable.
+        for k in [
+            "WARD_PROXY_ADMIN_ADDRESS",
+            "WARD_PROXY_DEFAULT_POLICY",
+            "WARD_PROXY_AUTHZ_MODE",
+        ] {
+            let e = c
+                .apply_env(&|n| (n == k).then(|| "not-a-value".into()))
+                .unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
     }
 }
