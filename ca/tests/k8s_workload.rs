@@ -178,11 +178,17 @@ async fn workloads_are_attested_as_pods() {
     let e = fetch(&mut c).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
-    // A container that just started: the kubelet lists its pod a moment later.
+    // A container that just started: the kubelet lists its pod only after the agent has asked
+    // once without finding it, so the answer comes from the agent's retry (whatever the
+    // machine's speed), not from a race against a fixed pause.
     set_cgroup(&proc_root, LATE_UID);
     let f = fake.clone();
+    let hits = kubelet.hits.clone();
+    let before = hits.load(std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        while hits.load(std::sync::atomic::Ordering::Relaxed) <= before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         f.put(&pod("late-1", "shop", LATE_UID, "n1", "late"));
     });
     let m = fetch(&mut c).await.unwrap().unwrap();
