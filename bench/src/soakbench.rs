@@ -5,7 +5,8 @@
 //! rotates in full (prepare, activate a minute later, taint the old one a minute after, revoke
 //! it two minutes after that). Every minute: RSS and open file descriptors of the CA, the
 //! agent and both proxies. At the end: every request's status (from oha), and the backend's
-//! and frontend's access logs verified with `log verify --strict` against both roots.
+//! and frontend's access logs — every rotated file and the current one, as one chain —
+//! verified with `log verify --strict` against both roots.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -329,10 +330,23 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
         );
     }
     for side in ["backend", "frontend"] {
+        // Rotated files (`<side>.<nanos>.jsonl`, oldest first), then the current one.
+        let current = d.join(format!("{side}.jsonl"));
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(d)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{side}.")) && n.ends_with(".jsonl"))
+                    && *p != current
+            })
+            .collect();
+        files.sort();
+        files.push(current);
         let out = Command::new(bin("ward-proxy")?)
             .args(["log", "verify", "--strict", "--bundle"])
             .arg(&roots)
-            .arg(d.join(format!("{side}.jsonl")))
+            .args(&files)
             .output()
             .await?;
         println!(

@@ -245,8 +245,10 @@ enum LogCmd {
     /// anchors; reports the first broken or missing record and how many records after the
     /// last signed anchor are unproven.
     Verify {
-        /// The JSON-lines file.
-        file: PathBuf,
+        /// The JSON-lines files, oldest first: a rotated file and the ones after it (each
+        /// must continue the one before).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         /// The trust bundle (PEM X.509 authorities) the anchors' signers must chain to.
         #[arg(long)]
         bundle: Option<PathBuf>,
@@ -395,11 +397,11 @@ pub async fn main() -> ExitCode {
         Command::Log {
             cmd:
                 LogCmd::Verify {
-                    file,
+                    files,
                     bundle,
                     strict,
                 },
-        } => verify(&file, bundle.as_deref(), strict),
+        } => verify(&files, bundle.as_deref(), strict),
     }
 }
 
@@ -494,7 +496,7 @@ fn report(output: Output, allowed: bool, text: &str, json: serde_json::Value) ->
     }
 }
 
-fn verify(file: &std::path::Path, bundle: Option<&std::path::Path>, strict: bool) -> ExitCode {
+fn verify(files: &[PathBuf], bundle: Option<&std::path::Path>, strict: bool) -> ExitCode {
     let trust = match bundle {
         None => None,
         Some(b) => match std::fs::read(b)
@@ -511,9 +513,27 @@ fn verify(file: &std::path::Path, bundle: Option<&std::path::Path>, strict: bool
             Err(e) => return fail(2, &format!("{}: {e}", b.display())),
         },
     };
-    let r = match crate::access_log::verify_with(file, trust.as_ref()) {
+    let mut after: Option<String> = None;
+    for file in files {
+        match verify_file(file, trust.as_ref(), strict, after.as_deref()) {
+            Ok(last) => after = last,
+            Err(code) => return code,
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Verifies one file (which must continue the file whose last line hashes to `after`, when
+/// given) and prints what it found; the hash of its last line, or the exit code to stop with.
+fn verify_file(
+    file: &std::path::Path,
+    trust: Option<&crate::access_log::Trust>,
+    strict: bool,
+    after: Option<&str>,
+) -> Result<Option<String>, ExitCode> {
+    let r = match crate::access_log::verify_with(file, trust) {
         Ok(r) => r,
-        Err(e) => return fail(2, &format!("{}: {e}", file.display())),
+        Err(e) => return Err(fail(2, &format!("{}: {e}", file.display()))),
     };
     let mut text = format!("{}: {} records", file.display(), r.lines);
     if r.dropped > 0 {
@@ -544,7 +564,16 @@ fn verify(file: &std::path::Path, bundle: Option<&std::path::Path>, strict: bool
     ));
     if let Some((line, why)) = &r.broken {
         out(&format!("{text}\nBROKEN at line {line}: {why}"));
-        return ExitCode::from(1);
+        return Err(ExitCode::from(1));
+    }
+    if let Some(prev) = after
+        && r.starts_after.as_deref() != Some(prev)
+    {
+        out(&format!(
+            "{text}\nBROKEN at line 1: the file does not continue the one before it \
+             (a file between them is missing, or one was replaced)"
+        ));
+        return Err(ExitCode::from(1));
     }
     let mut proven = true;
     if r.unproven > 0 {
@@ -570,8 +599,8 @@ fn verify(file: &std::path::Path, bundle: Option<&std::path::Path>, strict: bool
                 "--strict needs --bundle"
             }
         ));
-        return ExitCode::from(1);
+        return Err(ExitCode::from(1));
     }
     out(&format!("{text}\nOK: hash chain intact"));
-    ExitCode::SUCCESS
+    Ok(r.last_hash)
 }

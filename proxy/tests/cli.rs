@@ -301,3 +301,92 @@ fn check_config_validates_policies_too() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `log verify` over a rotated log: the files, oldest first, verify as one chain with a signed
+/// close at the end of each; a missing file in between is found.
+#[test]
+fn log_verify_follows_rotated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.jsonl");
+    let pki = ward_testing::Pki::new("td");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, pki.bundle_pem()).unwrap();
+    let issued = pki.svid("/proxy");
+    let sink = ward_proxy::identity::new_sink(false);
+    let mut b = ward_spiffe::Bundle::new(ward_spiffe::TrustDomain::new("td").unwrap());
+    b.x509_authorities = vec![pki.root_der().to_vec()];
+    ward_proxy::identity::install(
+        &sink,
+        b,
+        ward_net::Svid::from_parts(issued.chain_der, issued.key_der).unwrap(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = ward_proxy::config::AccessLog {
+            max_bytes: 4096,
+            ..ward_proxy::config::AccessLog::at(path.clone())
+        };
+        let log =
+            ward_proxy::access_log::start(&cfg, Some(sink), ward_proxy::metrics::Metrics::new())
+                .unwrap();
+        for i in 0..60 {
+            log.log(
+                None,
+                ward_proxy::access_log::Entry {
+                    time: std::time::SystemTime::now(),
+                    listener: std::sync::Arc::from("in"),
+                    protocol: "http",
+                    src: Some("spiffe://td/a".into()),
+                    dst: Some("spiffe://td/proxy".into()),
+                    method: Some("GET".into()),
+                    path: Some(format!("/{i}")),
+                    orig_dst: None,
+                    plan: "deliver",
+                    endpoint: None,
+                    route: None,
+                    host: None,
+                    client: None,
+                    status: 200,
+                    decision: "allow",
+                    policy: "p".into(),
+                    reason: "r".into(),
+                    audit: None,
+                    latency: std::time::Duration::from_micros(1),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                },
+            );
+        }
+        log.close(std::time::Duration::from_secs(5)).await;
+    });
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl") && *p != path)
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    files.push(path.clone());
+    let verify = |files: &[std::path::PathBuf]| {
+        let out = bin()
+            .args(["log", "verify", "--strict", "--bundle"])
+            .arg(&bundle)
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = verify(&files);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(stdout.matches("OK: hash chain intact").count(), files.len());
+    // One file in the middle removed from the set: the next one does not continue.
+    let mut gap = files.clone();
+    gap.remove(1);
+    let (code, stdout) = verify(&gap);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("does not continue the one before it"), "{stdout}");
+}

@@ -27,7 +27,7 @@ use ward_net::CredentialSink;
 
 pub use anchor::Trust;
 pub use file::{AccessFields, Line};
-pub use verify::{Report, verify, verify_with};
+pub use verify::{Report, verify, verify_lines, verify_with};
 
 use crate::config::{Fsync, OnFull};
 use crate::metrics::Metrics;

@@ -44,7 +44,11 @@ pub struct Report {
 /// Verifies one file's chain and anchors; anchor signers are checked against `trust` when
 /// given.
 pub fn verify_with(path: &Path, trust: Option<&Trust>) -> std::io::Result<Report> {
-    let f = File::open(path)?;
+    verify_lines(BufReader::new(File::open(path)?), trust)
+}
+
+/// [`verify_with`] on the lines `r` holds (a file's contents).
+pub fn verify_lines(r: impl BufRead, trust: Option<&Trust>) -> std::io::Result<Report> {
     let mut report = Report {
         lines: 0,
         dropped: 0,
@@ -59,7 +63,7 @@ pub fn verify_with(path: &Path, trust: Option<&Trust>) -> std::io::Result<Report
     };
     let mut prev: Option<(u64, String)> = None;
     let mut after_close = false;
-    for (i, line) in BufReader::new(f).lines().enumerate() {
+    for (i, line) in r.lines().enumerate() {
         let n = i as u64 + 1;
         let text = line?;
         report.lines = n;
