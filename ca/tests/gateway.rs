@@ -397,6 +397,20 @@ routes:
         &["--http1.1", "--data-binary", &body],
     );
     assert_eq!(r.status, 413, "{r:?}");
+    // The same body sent chunked (no Content-Length to refuse up front): cut off as it
+    // streams, still a 413.
+    let r = get(
+        "shop.example.com",
+        "/",
+        &[
+            "--http1.1",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &body,
+        ],
+    );
+    assert_eq!(r.status, 413, "chunked: {r:?}");
 
     // A client over its rate gets 429 with Retry-After; another client is not affected.
     let urls: Vec<String> = (0..60).map(|_| url("shop.example.com", "/")).collect();

@@ -255,10 +255,13 @@ fn answered(l: &ListenerCtx, dest: &Destination, ep: &EndpointState, rtt: Durati
 }
 
 /// The request's body, and what is needed to send it again: with no body, or a declared
-/// length up to [`RETRY_BODY_LIMIT`] (buffered), it can be; otherwise it streams once.
+/// length up to [`RETRY_BODY_LIMIT`] (buffered), it can be; otherwise it streams once — cut
+/// off at `max_body` bytes when there is a limit (the gateway's: a body without a declared
+/// length is counted as it streams).
 async fn prepare(
     req: Request<Incoming>,
     bytes_in: &Arc<AtomicU64>,
+    max_body: Option<u64>,
 ) -> Result<(Request<Body>, Option<Again>), Refusal> {
     let small = req
         .headers()
@@ -292,7 +295,14 @@ async fn prepare(
         let a = again(b.clone());
         return Ok((Request::from_parts(parts, crate::http::full(b)), Some(a)));
     }
-    let streamed = boxed(Counted::new(body, bytes_in.clone(), None));
+    let counted = Counted::new(body, bytes_in.clone(), None);
+    let streamed = match max_body {
+        Some(max) => boxed(http_body_util::Limited::new(
+            counted,
+            usize::try_from(max).unwrap_or(usize::MAX),
+        )),
+        None => boxed(counted),
+    };
     Ok((Request::from_parts(parts, streamed), None))
 }
 
@@ -309,7 +319,12 @@ async fn attempts(
     let per_attempt = policy.attempt;
     dest.budget.deposit();
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let (first, again) = match prepare(req, &bytes_in).await {
+    let max_body = if l.role.is_gateway() {
+        shared.gateway.as_ref().and_then(|g| g.max_body)
+    } else {
+        None
+    };
+    let (first, again) = match prepare(req, &bytes_in, max_body).await {
         Ok(x) => x,
         Err(refusal) => {
             let r = Refused {
@@ -418,6 +433,25 @@ async fn attempts(
                 rec.observe_latency(&shared.obs);
                 count_retries(retried);
                 return from_peer(l, rec.clone(), resp, "balanced", bytes_in, grpc);
+            }
+            // The body went over the limit (what streamed through is counted before the limit
+            // is checked; HTTP/2 does not pass the body's error on as the send's cause): the
+            // client's body, not the endpoint, failed: 413, and no retry.
+            Ok(Err(_))
+                if max_body
+                    .is_some_and(|m| bytes_in.load(std::sync::atomic::Ordering::Relaxed) > m) =>
+            {
+                rec.observe_latency(&shared.obs);
+                count_retries(retried);
+                let r = Refused {
+                    refusal: Refusal::TooLarge(format!(
+                        "request body over the gateway's limit of {} bytes",
+                        max_body.unwrap_or_default()
+                    )),
+                    outcome: Outcome::plain("deny", "gateway:body_size"),
+                    path: None,
+                };
+                return refuse(l, rec.clone(), r, grpc);
             }
             Ok(Err(e)) => {
                 failed(l, dest, &ep, "error");
