@@ -388,5 +388,8 @@ fn log_verify_follows_rotated_files() {
     gap.remove(1);
     let (code, stdout) = verify(&gap);
     assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("does not continue the one before it"), "{stdout}");
+    assert!(
+        stdout.contains("does not continue the one before it"),
+        "{stdout}"
+    );
 }
