@@ -708,10 +708,9 @@ async fn a_long_lived_stream_survives_svid_rotation() {
 
     // 1. Same root, new SVIDs for the same IDs, on both sides.
     let b1 = rotate(&mesh, &mesh.pki, &mut watch, "same-root rotation").await;
-    let got = watch
-        .read_for(Duration::from_millis(2500), "after same-root rotation")
-        .await;
-    assert!(got >= 15, "only {got} messages in 2.5 s after rotation");
+    // The stream keeps going: 15 more messages in order, none more than 5 s apart (a count
+    // of messages, not a rate the machine's load could miss).
+    watch.read(15, "after same-root rotation").await;
     // New requests: through the proxies on a new client connection, and a fresh handshake
     // straight to the backend with the rotated SVIDs on both ends.
     let mut c2 = mesh.client().await;
@@ -745,13 +744,7 @@ async fn a_long_lived_stream_survives_svid_rotation() {
         }
     }
     let b2 = rotate(&mesh, &pki2, &mut watch, "new-root rotation").await;
-    let got = watch
-        .read_for(Duration::from_millis(2500), "after new-root rotation")
-        .await;
-    assert!(
-        got >= 15,
-        "only {got} messages in 2.5 s after new-root rotation"
-    );
+    watch.read(15, "after new-root rotation").await;
     let mut c3 = mesh.client().await;
     assert_eq!(
         fetch_jwt(&mut c3, &["after-2"]).await.hint,
