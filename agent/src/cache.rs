@@ -216,6 +216,56 @@ impl Cache {
     }
 }
 
+/// Values for the agent's unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// An entry `id` for `spiffe://td/<id>` requiring `selectors`, at `revision`.
+    pub(crate) fn entry(id: &str, selectors: &[&str], revision: u64) -> Arc<CachedEntry> {
+        Arc::new(CachedEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::new(&format!("spiffe://td/{id}")).unwrap(),
+            selectors: selectors
+                .iter()
+                .map(|s| ward_spiffe::Selector::parse(s).unwrap())
+                .collect(),
+            dns_names: vec![],
+            hint: String::new(),
+            revision,
+        })
+    }
+
+    /// An SVID issued for `e` as it is now, with `chain` and key `<id>-key`, rotating at
+    /// `rotate_at`.
+    pub(crate) fn svid(
+        e: &CachedEntry,
+        chain: Vec<Vec<u8>>,
+        rotate_at: SystemTime,
+    ) -> Arc<WorkloadSvid> {
+        Arc::new(WorkloadSvid {
+            entry_id: e.id.clone(),
+            entry_revision: e.revision,
+            spiffe_id: e.spiffe_id.clone(),
+            chain,
+            key: Arc::new(Zeroizing::new(format!("{}-key", e.id).into_bytes())),
+            not_before: SystemTime::UNIX_EPOCH,
+            not_after: rotate_at + Duration::from_secs(3600),
+            rotate_at,
+        })
+    }
+
+    /// `selectors` as a caller's set.
+    pub(crate) fn caller(selectors: &[&str]) -> SelectorSet {
+        selectors
+            .iter()
+            .map(|s| ward_spiffe::Selector::parse(s).unwrap())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

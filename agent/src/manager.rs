@@ -218,3 +218,195 @@ async fn sign(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use ward_testing::Pki;
+
+    use super::*;
+    use crate::cache::Taints;
+    use crate::cache::fixtures::{entry, svid};
+
+    const T0: Duration = Duration::from_secs(1_700_000_000);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(secs)
+    }
+
+    fn pair(id: &str, reason: &'static str) -> (String, &'static str) {
+        (id.to_owned(), reason)
+    }
+
+    /// A snapshot with one entry for each reason, one that is fresh, and the tainted key.
+    fn mixed() -> Snapshot {
+        let good = Pki::new("td");
+        let bad = Pki::new("td");
+        let mut s = Snapshot::default();
+        let new = entry("a-new", &[], 1);
+        s.entries.insert(new.id.clone(), new);
+        // Issued for revision 1; the entry is at 2 now.
+        let changed_old = entry("b-changed", &[], 1);
+        let changed = entry("b-changed", &[], 2);
+        s.svids.insert(
+            changed.id.clone(),
+            svid(&changed_old, good.svid("/b").chain_der, at(1000)),
+        );
+        s.entries.insert(changed.id.clone(), changed);
+        let tainted = entry("c-tainted", &[], 1);
+        s.svids.insert(
+            tainted.id.clone(),
+            svid(&tainted, bad.svid("/c").chain_der, at(1000)),
+        );
+        s.entries.insert(tainted.id.clone(), tainted);
+        let old = entry("d-rotation", &[], 1);
+        s.svids.insert(
+            old.id.clone(),
+            svid(&old, good.svid("/d").chain_der, at(100)),
+        );
+        s.entries.insert(old.id.clone(), old);
+        let fresh = entry("e-fresh", &[], 1);
+        s.svids.insert(
+            fresh.id.clone(),
+            svid(&fresh, good.svid("/e").chain_der, at(1000)),
+        );
+        s.entries.insert(fresh.id.clone(), fresh);
+        s.taints = Arc::new(Taints {
+            x509_keys: vec![ward_spiffe::x509::spki_der(bad.root_der()).unwrap()],
+            jwt_key_ids: vec![],
+        });
+        s
+    }
+
+    #[test]
+    fn each_reason_is_reported_and_fresh_svids_are_left_alone() {
+        let s = mixed();
+        assert_eq!(
+            due(&s, at(100), &HashMap::new()),
+            vec![
+                pair("a-new", "new"),
+                pair("b-changed", "entry_changed"),
+                pair("c-tainted", "tainted"),
+                pair("d-rotation", "rotation"),
+            ]
+        );
+        // Just before its rotation time the SVID is not due yet.
+        assert_eq!(
+            due(&s, at(99), &HashMap::new()),
+            vec![
+                pair("a-new", "new"),
+                pair("b-changed", "entry_changed"),
+                pair("c-tainted", "tainted"),
+            ]
+        );
+        // Without taints, the SVID of the formerly tainted authority is fresh.
+        let mut clean = s.clone();
+        clean.taints = Arc::default();
+        assert_eq!(
+            due(&clean, at(99), &HashMap::new()),
+            vec![pair("a-new", "new"), pair("b-changed", "entry_changed")]
+        );
+    }
+
+    #[test]
+    fn nothing_is_due_when_every_svid_is_fresh() {
+        let mut s = Snapshot::default();
+        assert!(due(&s, at(0), &HashMap::new()).is_empty());
+        for id in ["x", "y"] {
+            let e = entry(id, &[], 3);
+            s.svids.insert(e.id.clone(), svid(&e, vec![], at(500)));
+            s.entries.insert(e.id.clone(), e);
+        }
+        assert!(due(&s, at(499), &HashMap::new()).is_empty());
+        assert_eq!(
+            due(&s, at(500), &HashMap::new()),
+            vec![pair("x", "rotation"), pair("y", "rotation")]
+        );
+    }
+
+    #[test]
+    fn the_first_matching_reason_wins() {
+        let tainter = Pki::new("td");
+        let mut s = Snapshot {
+            taints: Arc::new(Taints {
+                x509_keys: vec![ward_spiffe::x509::spki_der(tainter.root_der()).unwrap()],
+                jwt_key_ids: vec![],
+            }),
+            ..Default::default()
+        };
+        // Old revision, tainted and past rotation: the entry change is what is reported.
+        let old = entry("e", &[], 1);
+        let now = entry("e", &[], 2);
+        s.svids
+            .insert("e".into(), svid(&old, tainter.svid("/e").chain_der, at(0)));
+        s.entries.insert("e".into(), now);
+        assert_eq!(
+            due(&s, at(10), &HashMap::new()),
+            vec![pair("e", "entry_changed")]
+        );
+        // Same revision, tainted and past rotation: tainted.
+        let cur = entry("e", &[], 2);
+        s.svids
+            .insert("e".into(), svid(&cur, tainter.svid("/e").chain_der, at(0)));
+        assert_eq!(due(&s, at(10), &HashMap::new()), vec![pair("e", "tainted")]);
+    }
+
+    #[test]
+    fn retry_after_suppresses_an_entry_until_its_time() {
+        let s = mixed();
+        let retry = HashMap::from([
+            ("a-new".to_owned(), at(150)),
+            ("d-rotation".to_owned(), at(120)),
+            // An entry the snapshot does not hold changes nothing.
+            ("zz-gone".to_owned(), at(10_000)),
+        ]);
+        assert_eq!(
+            due(&s, at(100), &retry),
+            vec![
+                pair("b-changed", "entry_changed"),
+                pair("c-tainted", "tainted")
+            ]
+        );
+        assert_eq!(
+            due(&s, at(120), &retry),
+            vec![
+                pair("b-changed", "entry_changed"),
+                pair("c-tainted", "tainted"),
+                pair("d-rotation", "rotation"),
+            ]
+        );
+        assert_eq!(due(&s, at(150), &retry), due(&s, at(150), &HashMap::new()));
+    }
+
+    #[test]
+    fn output_is_sorted_by_entry_id() {
+        let mut s = Snapshot::default();
+        // Enough entries that a hash map's order is never sorted by chance.
+        for i in (0..64).rev() {
+            let e = entry(&format!("e{i:02}"), &[], 1);
+            s.entries.insert(e.id.clone(), e);
+        }
+        let got = due(&s, at(0), &HashMap::new());
+        let want: Vec<_> = (0..64).map(|i| pair(&format!("e{i:02}"), "new")).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn next_wake_is_the_earliest_rotation_or_retry() {
+        let mut s = Snapshot::default();
+        assert_eq!(next_wake(&s, &HashMap::new()), None);
+        for (id, t) in [("a", 300), ("b", 200), ("c", 400)] {
+            let e = entry(id, &[], 1);
+            s.svids.insert(e.id.clone(), svid(&e, vec![], at(t)));
+            s.entries.insert(e.id.clone(), e);
+        }
+        assert_eq!(next_wake(&s, &HashMap::new()), Some(at(200)));
+        let later = HashMap::from([("a".to_owned(), at(250))]);
+        assert_eq!(next_wake(&s, &later), Some(at(200)));
+        let sooner = HashMap::from([("a".to_owned(), at(150))]);
+        assert_eq!(next_wake(&s, &sooner), Some(at(150)));
+        // Only retries pending (no SVID yet): the retry time.
+        assert_eq!(next_wake(&Snapshot::default(), &sooner), Some(at(150)));
+    }
+}

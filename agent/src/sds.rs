@@ -316,3 +316,198 @@ impl SecretDiscoveryService for SdsService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::SystemTime;
+
+    use ward_spiffe::bundle::pem_encode;
+    use ward_spiffe::{Bundle, TrustDomain};
+
+    use super::*;
+    use crate::cache::fixtures::{caller, entry, svid};
+
+    /// Entries `web` and `db` for the caller (uid 1, gid 5), `admin` for uid 0 only; an SVID
+    /// for each (chain `<id>-leaf`, key `<id>-key`); a bundle for `td`.
+    fn snapshot() -> Snapshot {
+        let mut s = Snapshot::default();
+        for (id, sel) in [
+            ("web", &["unix:uid:1"][..]),
+            ("db", &["unix:uid:1", "unix:gid:5"][..]),
+            ("admin", &["unix:uid:0"][..]),
+        ] {
+            let e = entry(id, sel, 1);
+            let chain = vec![format!("{id}-leaf").into_bytes()];
+            s.svids
+                .insert(e.id.clone(), svid(&e, chain, SystemTime::UNIX_EPOCH));
+            s.entries.insert(e.id.clone(), e);
+        }
+        let mut b = Bundle::new(TrustDomain::new("td").unwrap());
+        b.x509_authorities = vec![b"root-one".to_vec(), b"root-two".to_vec()];
+        s.bundle = Some(Arc::new(b));
+        s
+    }
+
+    fn me() -> SelectorSet {
+        caller(&["unix:uid:1", "unix:gid:5", "unix:user:app"])
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn bytes(d: &Option<DataSource>) -> String {
+        match d.as_ref().and_then(|d| d.specifier.as_ref()) {
+            Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("want inline bytes, got {other:?}"),
+        }
+    }
+
+    /// Each secret as (name, "cert:<chain>|<key>" or "ca:<bundle>").
+    fn summary(secrets: &[Secret]) -> Vec<(String, String)> {
+        secrets
+            .iter()
+            .map(|s| {
+                let body = match &s.r#type {
+                    Some(secret::Type::TlsCertificate(c)) => format!(
+                        "cert:{}|{}",
+                        bytes(&c.certificate_chain),
+                        bytes(&c.private_key)
+                    ),
+                    Some(secret::Type::ValidationContext(v)) => {
+                        format!("ca:{}", bytes(&v.trusted_ca))
+                    }
+                    other => panic!("unexpected secret type {other:?}"),
+                };
+                (s.name.clone(), body)
+            })
+            .collect()
+    }
+
+    fn cert(id: &str) -> String {
+        format!(
+            "cert:{}|{}",
+            pem_encode("CERTIFICATE", format!("{id}-leaf").as_bytes()),
+            pem_encode("PRIVATE KEY", format!("{id}-key").as_bytes())
+        )
+    }
+
+    fn ca() -> String {
+        format!(
+            "ca:{}{}",
+            pem_encode("CERTIFICATE", b"root-one"),
+            pem_encode("CERTIFICATE", b"root-two")
+        )
+    }
+
+    fn render_names(s: &Snapshot, want: &[&str]) -> Vec<(String, String)> {
+        summary(&render(s, &me(), &names(want), &SdsConfig::default()))
+    }
+
+    #[test]
+    fn a_named_svid_is_the_callers_certificate_and_key() {
+        let s = snapshot();
+        assert_eq!(
+            render_names(&s, &["spiffe://td/web"]),
+            vec![("spiffe://td/web".to_owned(), cert("web"))]
+        );
+        // The default SVID name: the first entitled entry (by SPIFFE ID) with a current SVID.
+        assert_eq!(
+            render_names(&s, &["default"]),
+            vec![("default".to_owned(), cert("db"))]
+        );
+    }
+
+    #[test]
+    fn bundle_names_give_the_validation_context() {
+        let s = snapshot();
+        assert_eq!(
+            render_names(&s, &["ROOTCA", "spiffe://td", "ALL"]),
+            vec![
+                ("ROOTCA".to_owned(), ca()),
+                ("spiffe://td".to_owned(), ca()),
+                ("ALL".to_owned(), ca()),
+            ]
+        );
+        // Configured names replace the defaults.
+        let cfg = SdsConfig {
+            default_svid_name: "mine".into(),
+            default_bundle_name: "trust".into(),
+            default_all_bundles_name: "everyone".into(),
+        };
+        let got = summary(&render(
+            &s,
+            &me(),
+            &names(&["trust", "mine", "ROOTCA", "default"]),
+            &cfg,
+        ));
+        assert_eq!(
+            got,
+            vec![("trust".to_owned(), ca()), ("mine".to_owned(), cert("db"))]
+        );
+    }
+
+    #[test]
+    fn no_names_means_everything_the_caller_is_entitled_to() {
+        let s = snapshot();
+        assert_eq!(
+            render_names(&s, &[]),
+            vec![
+                ("spiffe://td/db".to_owned(), cert("db")),
+                ("spiffe://td/web".to_owned(), cert("web")),
+                ("ROOTCA".to_owned(), ca()),
+            ]
+        );
+        // A caller entitled to nothing gets the bundle only.
+        let stranger = render(&s, &caller(&["unix:uid:9"]), &[], &SdsConfig::default());
+        assert_eq!(summary(&stranger), vec![("ROOTCA".to_owned(), ca())]);
+    }
+
+    #[test]
+    fn another_workloads_svid_is_never_sent() {
+        let s = snapshot();
+        assert_eq!(render_names(&s, &["spiffe://td/admin"]), vec![]);
+        // Nor with other names around it, nor unknown names.
+        assert_eq!(
+            render_names(&s, &["spiffe://td/admin", "nonsense", "spiffe://td/web"]),
+            vec![("spiffe://td/web".to_owned(), cert("web"))]
+        );
+        // Asking for everything does not reach it either.
+        let all = summary(&render(&s, &me(), &[], &SdsConfig::default()));
+        assert!(
+            all.iter().all(|(_, body)| *body != cert("admin")),
+            "{all:?}"
+        );
+    }
+
+    #[test]
+    fn an_svid_of_an_older_entry_version_is_not_sent() {
+        let mut s = snapshot();
+        // `db` changed (revision 2) and has not been re-issued yet.
+        let db = entry("db", &["unix:uid:1", "unix:gid:5"], 2);
+        s.entries.insert("db".into(), db);
+        assert_eq!(render_names(&s, &["spiffe://td/db"]), vec![]);
+        assert_eq!(
+            render_names(&s, &["default"]),
+            vec![("default".to_owned(), cert("web"))]
+        );
+    }
+
+    #[test]
+    fn without_a_bundle_nothing_is_sent() {
+        let mut s = snapshot();
+        s.bundle = None;
+        assert!(render(&s, &me(), &[], &SdsConfig::default()).is_empty());
+        assert!(
+            render(
+                &s,
+                &me(),
+                &names(&["spiffe://td/web", "ROOTCA"]),
+                &SdsConfig::default()
+            )
+            .is_empty()
+        );
+    }
+}

@@ -170,3 +170,240 @@ async fn follow_inner(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::SystemTime;
+
+    use ward_proto::types;
+    use ward_spiffe::{Bundle, TrustDomain};
+
+    use super::*;
+    use crate::cache::fixtures::svid;
+
+    fn entry(id: &str, path: &str, selectors: &[&str], revision: u64) -> types::Entry {
+        types::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://td{path}"),
+            selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+            revision,
+            ..Default::default()
+        }
+    }
+
+    fn bundle(sequence: u64) -> types::Bundle {
+        let mut b = Bundle::new(TrustDomain::new("td").unwrap());
+        b.x509_authorities = vec![format!("root-{sequence}").into_bytes()];
+        b.sequence = sequence;
+        ward_proto::convert::bundle_to_proto(&b)
+    }
+
+    /// The entries as (id, SPIFFE ID, revision), sorted.
+    fn entries(s: &Snapshot) -> Vec<(String, String, u64)> {
+        let mut v: Vec<_> = s
+            .entries
+            .values()
+            .map(|e| (e.id.clone(), e.spiffe_id.to_string(), e.revision))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn row(id: &str, spiffe_id: &str, revision: u64) -> (String, String, u64) {
+        (id.into(), spiffe_id.into(), revision)
+    }
+
+    fn first() -> SyncUpdate {
+        SyncUpdate {
+            revision: 10,
+            full: true,
+            upserted: vec![
+                entry("a", "/a", &["unix:uid:1"], 3),
+                entry("b", "/b", &["unix:uid:2"], 7),
+            ],
+            bundle: Some(bundle(1)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_full_update_replaces_everything_and_marks_the_cache_synced() {
+        let mut s = Snapshot::default();
+        assert!(!s.synced);
+        apply(&mut s, &first()).unwrap();
+        assert!(s.synced);
+        assert_eq!(s.revision, 10);
+        assert_eq!(
+            entries(&s),
+            vec![row("a", "spiffe://td/a", 3), row("b", "spiffe://td/b", 7)]
+        );
+        let b = s.bundle.as_ref().unwrap();
+        assert_eq!(b.sequence, 1);
+        assert_eq!(b.x509_authorities, vec![b"root-1".to_vec()]);
+        assert_eq!(
+            s.entries["a"].selectors,
+            crate::cache::fixtures::caller(&["unix:uid:1"])
+        );
+        // A later full update drops what it does not list.
+        apply(
+            &mut s,
+            &SyncUpdate {
+                revision: 20,
+                full: true,
+                upserted: vec![entry("c", "/c", &[], 20)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(entries(&s), vec![row("c", "spiffe://td/c", 20)]);
+        assert_eq!(s.revision, 20);
+        // No bundle in the update: the one held stays.
+        assert_eq!(s.bundle.as_ref().unwrap().sequence, 1);
+    }
+
+    #[test]
+    fn an_incremental_update_adds_updates_and_deletes() {
+        let mut s = Snapshot::default();
+        apply(&mut s, &first()).unwrap();
+        let u = SyncUpdate {
+            revision: 11,
+            full: false,
+            upserted: vec![
+                // b changed its SPIFFE ID.
+                entry("b", "/b2", &["unix:uid:2"], 11),
+                entry("c", "/c", &["unix:uid:3"], 11),
+            ],
+            removed: vec!["a".into(), "never-held".into()],
+            ..Default::default()
+        };
+        apply(&mut s, &u).unwrap();
+        assert_eq!(
+            entries(&s),
+            vec![
+                row("b", "spiffe://td/b2", 11),
+                row("c", "spiffe://td/c", 11)
+            ]
+        );
+        assert_eq!(s.revision, 11);
+        assert_eq!(s.bundle.as_ref().unwrap().sequence, 1);
+        // An empty update still advances the revision the agent resumes from.
+        apply(
+            &mut s,
+            &SyncUpdate {
+                revision: 12,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.revision, 12);
+        assert_eq!(entries(&s).len(), 2);
+    }
+
+    #[test]
+    fn invalid_entries_are_ignored_and_the_rest_applied() {
+        let mut s = Snapshot::default();
+        let u = SyncUpdate {
+            revision: 5,
+            full: true,
+            upserted: vec![
+                entry("ok", "/ok", &["unix:uid:1"], 5),
+                // No path: a trust domain, not a workload.
+                entry("root", "", &[], 5),
+                entry("badsel", "/x", &["no-colon"], 5),
+            ],
+            ..Default::default()
+        };
+        apply(&mut s, &u).unwrap();
+        assert_eq!(entries(&s), vec![row("ok", "spiffe://td/ok", 5)]);
+        assert_eq!(s.revision, 5);
+    }
+
+    #[test]
+    fn a_bundle_brings_its_taints_and_an_invalid_bundle_is_an_error() {
+        let mut s = Snapshot::default();
+        apply(&mut s, &first()).unwrap();
+        assert_eq!(*s.taints, crate::cache::Taints::default());
+        apply(
+            &mut s,
+            &SyncUpdate {
+                revision: 11,
+                bundle: Some(bundle(2)),
+                tainted_x509_keys: vec![b"old-key".to_vec()],
+                tainted_jwt_key_ids: vec!["old-kid".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.bundle.as_ref().unwrap().sequence, 2);
+        assert_eq!(s.taints.x509_keys, vec![b"old-key".to_vec()]);
+        assert_eq!(s.taints.jwt_key_ids, vec!["old-kid".to_owned()]);
+        // Taints come with bundles only: an update without one keeps them...
+        apply(
+            &mut s,
+            &SyncUpdate {
+                revision: 12,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.taints.jwt_key_ids, vec!["old-kid".to_owned()]);
+        // ...and the next bundle without taints clears them.
+        apply(
+            &mut s,
+            &SyncUpdate {
+                revision: 13,
+                bundle: Some(bundle(3)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(*s.taints, crate::cache::Taints::default());
+
+        let mut bad = bundle(4);
+        bad.trust_domain = "Not A Domain".into();
+        let e = apply(
+            &mut s,
+            &SyncUpdate {
+                revision: 14,
+                bundle: Some(bad),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.starts_with("bundle trust domain \"Not A Domain\""), "{e}");
+        // Refused: neither the bundle nor the revision moved.
+        assert_eq!(s.bundle.as_ref().unwrap().sequence, 3);
+        assert_eq!(s.revision, 13);
+    }
+
+    #[test]
+    fn removing_an_entry_through_the_cache_drops_its_svid() {
+        let cache = Cache::new();
+        cache.update(|s| apply(s, &first()).unwrap());
+        cache.update(|s| {
+            for id in ["a", "b"] {
+                let e = s.entries[id].clone();
+                s.svids
+                    .insert(id.into(), svid(&e, vec![], SystemTime::UNIX_EPOCH));
+            }
+        });
+        cache.update(|s| {
+            apply(
+                s,
+                &SyncUpdate {
+                    revision: 11,
+                    removed: vec!["a".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        });
+        let snap = cache.snapshot();
+        let mut held: Vec<_> = snap.svids.keys().cloned().collect();
+        held.sort();
+        assert_eq!(held, vec!["b".to_owned()]);
+        assert_eq!(snap.revision, 11);
+    }
+}

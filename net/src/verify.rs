@@ -326,3 +326,293 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         self.algs.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::SystemTime;
+
+    use ward_testing::{Issued, LeafOpts, Pki};
+
+    use super::*;
+
+    fn td(name: &str) -> TrustDomain {
+        TrustDomain::new(name).unwrap()
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).unwrap()
+    }
+
+    fn bundle_of(pki: &Pki) -> Bundle {
+        let mut b = Bundle::new(td(&pki.trust_domain));
+        b.x509_authorities = vec![pki.root_der().to_vec()];
+        b
+    }
+
+    fn store(pkis: &[&Pki]) -> TrustStore {
+        let t = TrustStore::new();
+        for p in pkis {
+            assert!(t.set(bundle_of(p)));
+        }
+        t
+    }
+
+    fn now() -> UnixTime {
+        UnixTime::since_unix_epoch(
+            SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap(),
+        )
+    }
+
+    fn leaf(i: &Issued) -> CertificateDer<'static> {
+        CertificateDer::from(i.chain_der[0].clone())
+    }
+
+    fn check(
+        trust: &TrustStore,
+        policy: &PeerPolicy,
+        i: &Issued,
+        usage: Usage,
+    ) -> Result<SpiffeId, PeerError> {
+        verify_peer(trust, policy, &leaf(i), &[], now(), usage)
+    }
+
+    #[test]
+    fn a_good_peer_is_accepted_by_each_policy() {
+        let pki = Pki::new("mesh.test");
+        let trust = store(&[&pki]);
+        let svid = pki.svid("/api");
+        let want = id("spiffe://mesh.test/api");
+        for policy in [
+            PeerPolicy::TrustDomain(td("mesh.test")),
+            PeerPolicy::AnyTrusted,
+            PeerPolicy::OneOf(vec![id("spiffe://mesh.test/web"), want.clone()]),
+            PeerPolicy::Custom(Arc::new(|i: &SpiffeId| i.path() == "/api")),
+        ] {
+            for usage in [Usage::Client, Usage::Server] {
+                assert_eq!(
+                    check(&trust, &policy, &svid, usage),
+                    Ok(want.clone()),
+                    "{policy:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_outside_the_allowed_set_is_refused() {
+        let pki = Pki::new("mesh.test");
+        let trust = store(&[&pki]);
+        let svid = pki.svid("/api");
+        let e = check(
+            &trust,
+            &PeerPolicy::OneOf(vec![id("spiffe://mesh.test/web")]),
+            &svid,
+            Usage::Client,
+        )
+        .unwrap_err();
+        assert_eq!(e, PeerError::NotAuthorized("spiffe://mesh.test/api".into()));
+        assert_eq!(e.reason(), "unauthorized_id");
+        assert_eq!(
+            check(&trust, &PeerPolicy::OneOf(vec![]), &svid, Usage::Client),
+            Err(PeerError::NotAuthorized("spiffe://mesh.test/api".into()))
+        );
+        assert_eq!(
+            check(
+                &trust,
+                &PeerPolicy::Custom(Arc::new(|_: &SpiffeId| false)),
+                &svid,
+                Usage::Client
+            ),
+            Err(PeerError::NotAuthorized("spiffe://mesh.test/api".into()))
+        );
+    }
+
+    #[test]
+    fn trust_domain_mismatches_are_refused() {
+        let ours = Pki::new("mesh.test");
+        let theirs = Pki::new("other.test");
+        // A peer of a trust domain we hold no bundle for.
+        let e = check(
+            &store(&[&ours]),
+            &PeerPolicy::AnyTrusted,
+            &theirs.svid("/api"),
+            Usage::Client,
+        )
+        .unwrap_err();
+        assert_eq!(e, PeerError::UnknownTrustDomain("other.test".into()));
+        assert_eq!(e.reason(), "unknown_trust_domain");
+        // Trusted (we hold its bundle), but the policy names our trust domain only.
+        let both = store(&[&ours, &theirs]);
+        assert_eq!(
+            check(
+                &both,
+                &PeerPolicy::TrustDomain(td("mesh.test")),
+                &theirs.svid("/api"),
+                Usage::Client
+            ),
+            Err(PeerError::NotAuthorized("spiffe://other.test/api".into()))
+        );
+        // Claims our trust domain but chains to another root of that name: the chain decides.
+        let forged = Pki::new("mesh.test");
+        let e = check(
+            &both,
+            &PeerPolicy::AnyTrusted,
+            &forged.svid("/api"),
+            Usage::Client,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, PeerError::Svid(SvidError::Chain(m))
+                if m.contains("InvalidSignatureForPublicKey")),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "bad_chain");
+    }
+
+    #[test]
+    fn refusals_carry_their_reason() {
+        let pki = Pki::new("mesh.test");
+        let trust = store(&[&pki]);
+        let refused = |opts: LeafOpts, usage| {
+            check(
+                &trust,
+                &PeerPolicy::AnyTrusted,
+                &pki.leaf("/api", &opts),
+                usage,
+            )
+            .unwrap_err()
+            .reason()
+        };
+        let now = SystemTime::now();
+        assert_eq!(
+            refused(
+                LeafOpts {
+                    not_before: Some(now - std::time::Duration::from_secs(7200)),
+                    not_after: Some(now - std::time::Duration::from_secs(3600)),
+                    ..Default::default()
+                },
+                Usage::Client
+            ),
+            "expired"
+        );
+        assert_eq!(
+            refused(
+                LeafOpts {
+                    extra_uri: Some("spiffe://mesh.test/admin".into()),
+                    ..Default::default()
+                },
+                Usage::Client
+            ),
+            "multiple_uri_sans"
+        );
+        assert_eq!(
+            refused(
+                LeafOpts {
+                    ca: true,
+                    ..Default::default()
+                },
+                Usage::Client
+            ),
+            "ca_as_leaf"
+        );
+        assert_eq!(
+            refused(
+                LeafOpts {
+                    server_auth_only: true,
+                    ..Default::default()
+                },
+                Usage::Client
+            ),
+            "wrong_eku"
+        );
+    }
+
+    #[test]
+    fn the_rustls_verifiers_apply_the_policy_and_report_why() {
+        let pki = Pki::new("mesh.test");
+        let trust = Arc::new(store(&[&pki]));
+        let svid = pki.svid("/api");
+        let server = SpiffeServerVerifier::new(
+            trust.clone(),
+            PeerPolicy::OneOf(vec![id("spiffe://mesh.test/api")]),
+        );
+        let name = ServerName::try_from("ignored.example").unwrap();
+        assert!(
+            server
+                .verify_server_cert(&leaf(&svid), &[], &name, &[], now())
+                .is_ok()
+        );
+        let e = server
+            .verify_server_cert(&leaf(&pki.svid("/web")), &[], &name, &[], now())
+            .unwrap_err();
+        assert_eq!(
+            peer_error(&e),
+            Some(&PeerError::NotAuthorized("spiffe://mesh.test/web".into()))
+        );
+
+        // A server-only certificate passes as a server but not as a client.
+        let server_only = pki.leaf(
+            "/api",
+            &LeafOpts {
+                server_auth_only: true,
+                ..Default::default()
+            },
+        );
+        assert!(
+            server
+                .verify_server_cert(&leaf(&server_only), &[], &name, &[], now())
+                .is_ok()
+        );
+        let client = SpiffeClientVerifier::new(trust.clone(), PeerPolicy::AnyTrusted, true);
+        assert!(client.client_auth_mandatory());
+        assert!(
+            !SpiffeClientVerifier::new(trust, PeerPolicy::AnyTrusted, false)
+                .client_auth_mandatory()
+        );
+        assert!(client.verify_client_cert(&leaf(&svid), &[], now()).is_ok());
+        let e = client
+            .verify_client_cert(&leaf(&server_only), &[], now())
+            .unwrap_err();
+        assert_eq!(peer_error(&e).map(PeerError::reason), Some("wrong_eku"));
+        // Errors not made by these verifiers carry no PeerError.
+        assert_eq!(peer_error(&rustls::Error::DecryptError), None);
+    }
+
+    #[test]
+    fn a_bundle_change_applies_to_the_next_verification() {
+        let old = Pki::new("mesh.test");
+        let new = Pki::new("mesh.test");
+        let trust = store(&[&old]);
+        let svid = new.svid("/api");
+        assert_eq!(
+            check(&trust, &PeerPolicy::AnyTrusted, &svid, Usage::Client)
+                .unwrap_err()
+                .reason(),
+            "bad_chain"
+        );
+        assert!(trust.set(bundle_of(&new)));
+        // Setting the same bundle again changes nothing.
+        assert!(!trust.set(bundle_of(&new)));
+        assert_eq!(trust.get(&td("mesh.test")), Some(bundle_of(&new)));
+        assert_eq!(
+            check(&trust, &PeerPolicy::AnyTrusted, &svid, Usage::Client),
+            Ok(id("spiffe://mesh.test/api"))
+        );
+    }
+
+    #[test]
+    fn peer_id_reads_the_leaf() {
+        let pki = Pki::new("mesh.test");
+        let certs = [leaf(&pki.svid("/api"))];
+        assert_eq!(
+            peer_id(Some(&certs[..])),
+            Some(id("spiffe://mesh.test/api"))
+        );
+        assert_eq!(peer_id(Some(&certs[..0])), None);
+        assert_eq!(peer_id(None), None);
+    }
+}

@@ -250,3 +250,241 @@ mod fuzz_regressions {
         assert!(super::unverified_expiry(&t).is_err());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use jsonwebtoken::{EncodingKey, Header};
+    use ring::rand::SystemRandom;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use serde_json::json;
+
+    use super::*;
+    use crate::bundle::JwtAuthority;
+
+    /// Time is injected: every check runs at this instant, never the system clock.
+    const NOW: u64 = 1_700_000_000;
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(NOW)
+    }
+
+    /// A P-256 JWT authority: PKCS#8 key for signing, SPKI for the bundle.
+    struct Authority {
+        kid: String,
+        pkcs8: Vec<u8>,
+        spki: Vec<u8>,
+    }
+
+    fn authority(kid: &str) -> Authority {
+        let rng = SystemRandom::new();
+        let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let spki = PublicKey::Ec {
+            curve: "P-256",
+            point: pair.public_key().as_ref().to_vec(),
+        }
+        .to_spki_der()
+        .unwrap();
+        Authority {
+            kid: kid.to_owned(),
+            pkcs8: pkcs8.as_ref().to_vec(),
+            spki,
+        }
+    }
+
+    fn bundle(authorities: &[&Authority]) -> Bundle {
+        let mut b = Bundle::new(TrustDomain::new("example.org").unwrap());
+        b.jwt_authorities = authorities
+            .iter()
+            .map(|a| JwtAuthority {
+                key_id: a.kid.clone(),
+                public_key: a.spki.clone(),
+            })
+            .collect();
+        b
+    }
+
+    fn sign(a: &Authority, kid: &str, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_der(&a.pkcs8)).unwrap()
+    }
+
+    fn claims(aud: Value, exp: u64) -> Value {
+        json!({"sub": "spiffe://example.org/web", "aud": aud, "exp": exp, "iat": NOW - 10})
+    }
+
+    fn b64(s: &str) -> String {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn a_good_token_verifies() {
+        let a = authority("k1");
+        let other = authority("k0");
+        let b = bundle(&[&other, &a]);
+        let t = sign(&a, "k1", &claims(json!("db"), NOW + 300));
+        let v = verify(&t, "db", &b, now()).unwrap();
+        assert_eq!(v.id.as_str(), "spiffe://example.org/web");
+        assert_eq!(v.expiry, UNIX_EPOCH + Duration::from_secs(NOW + 300));
+        assert_eq!(v.claims["aud"], json!("db"));
+        // An audience list holding ours.
+        let t = sign(&a, "k1", &claims(json!(["cache", "db"]), NOW + 300));
+        assert_eq!(
+            verify(&t, "db", &b, now()).unwrap().id.as_str(),
+            "spiffe://example.org/web"
+        );
+    }
+
+    #[test]
+    fn wrong_audience_is_refused() {
+        let a = authority("k1");
+        let b = bundle(&[&a]);
+        let t = sign(&a, "k1", &claims(json!(["cache", "db"]), NOW + 300));
+        assert_eq!(
+            verify(&t, "web", &b, now()),
+            Err(JwtError::Audience("web".into()))
+        );
+        let no_aud = json!({"sub": "spiffe://example.org/web", "exp": NOW + 300});
+        assert_eq!(
+            verify(&sign(&a, "k1", &no_aud), "db", &b, now()),
+            Err(JwtError::Audience("db".into()))
+        );
+    }
+
+    #[test]
+    fn expiry_is_checked_against_the_given_time() {
+        let a = authority("k1");
+        let b = bundle(&[&a]);
+        let t = sign(&a, "k1", &claims(json!("db"), NOW + 60));
+        assert!(verify(&t, "db", &b, now()).is_ok());
+        let at = |secs: u64| verify(&t, "db", &b, UNIX_EPOCH + Duration::from_secs(secs));
+        assert!(at(NOW + 59).is_ok());
+        // At exp the token is no longer valid.
+        assert_eq!(at(NOW + 60), Err(JwtError::Expired));
+        assert_eq!(at(NOW + 3600), Err(JwtError::Expired));
+        let no_exp = json!({"sub": "spiffe://example.org/web", "aud": "db"});
+        assert_eq!(
+            verify(&sign(&a, "k1", &no_exp), "db", &b, now()),
+            Err(JwtError::Expired)
+        );
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_key_are_refused() {
+        let a = authority("k1");
+        let b = bundle(&[&a]);
+        let t = sign(&a, "k9", &claims(json!("db"), NOW + 300));
+        assert_eq!(
+            verify(&t, "db", &b, now()),
+            Err(JwtError::UnknownKey("k9".into()))
+        );
+        // Signed by another key under a known kid.
+        let mallory = authority("k1");
+        let t = sign(&mallory, "k1", &claims(json!("db"), NOW + 300));
+        assert_eq!(verify(&t, "db", &b, now()), Err(JwtError::Signature));
+        // A payload changed after signing.
+        let good = sign(&a, "k1", &claims(json!("db"), NOW + 300));
+        let parts: Vec<&str> = good.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(&claims(json!("admin"), NOW + 300).to_string()),
+            parts[2]
+        );
+        assert_eq!(
+            verify(&forged, "admin", &b, now()),
+            Err(JwtError::Signature)
+        );
+    }
+
+    #[test]
+    fn alg_none_and_hmac_are_refused() {
+        let a = authority("k1");
+        let b = bundle(&[&a]);
+        let body = b64(&claims(json!("db"), NOW + 300).to_string());
+        let none = format!(
+            "{}.{body}.",
+            b64(r#"{"alg":"none","kid":"k1","typ":"JWT"}"#)
+        );
+        assert_eq!(
+            verify(&none, "db", &b, now()),
+            Err(JwtError::Algorithm("none".into()))
+        );
+        // HS256 keyed with the public key (the classic key-confusion forgery).
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("k1".into());
+        let hs = jsonwebtoken::encode(
+            &h,
+            &claims(json!("db"), NOW + 300),
+            &EncodingKey::from_secret(&a.spki),
+        )
+        .unwrap();
+        assert_eq!(
+            verify(&hs, "db", &b, now()),
+            Err(JwtError::Algorithm("HS256".into()))
+        );
+        // ES384 named for a P-256 key.
+        let es384 = format!(
+            "{}.{body}.AAAA",
+            b64(r#"{"alg":"ES384","kid":"k1","typ":"JWT"}"#)
+        );
+        assert_eq!(
+            verify(&es384, "db", &b, now()),
+            Err(JwtError::KeyMismatch("k1".into(), "ES384".into()))
+        );
+    }
+
+    #[test]
+    fn header_and_subject_rules() {
+        let a = authority("k1");
+        let b = bundle(&[&a]);
+        let body = b64(&claims(json!("db"), NOW + 300).to_string());
+        let jku = format!(
+            "{}.{body}.AAAA",
+            b64(r#"{"alg":"ES256","kid":"k1","jku":"https://evil"}"#)
+        );
+        assert_eq!(
+            verify(&jku, "db", &b, now()),
+            Err(JwtError::Header("unexpected member `jku`".into()))
+        );
+        let no_kid = format!("{}.{body}.AAAA", b64(r#"{"alg":"ES256"}"#));
+        assert_eq!(
+            verify(&no_kid, "db", &b, now()),
+            Err(JwtError::Header("kid missing".into()))
+        );
+        assert!(matches!(
+            verify("a.b", "db", &b, now()),
+            Err(JwtError::Malformed(_))
+        ));
+        // A subject of another trust domain is not verified with this bundle.
+        let foreign = json!({"sub": "spiffe://other.test/web", "aud": "db", "exp": NOW + 300});
+        assert_eq!(
+            verify(&sign(&a, "k1", &foreign), "db", &b, now()),
+            Err(JwtError::NoBundle("other.test".into()))
+        );
+        let rootish = json!({"sub": "spiffe://example.org", "aud": "db", "exp": NOW + 300});
+        assert!(matches!(
+            verify(&sign(&a, "k1", &rootish), "db", &b, now()),
+            Err(JwtError::Subject(_))
+        ));
+    }
+
+    #[test]
+    fn verify_with_chooses_the_bundle_of_the_subject() {
+        let a = authority("k1");
+        let b = bundle(&[&a]);
+        let t = sign(&a, "k1", &claims(json!("db"), NOW + 300));
+        let pick = |td: &TrustDomain| (td == &b.trust_domain).then_some(&b);
+        assert!(verify_with(&t, "db", pick, now()).is_ok());
+        assert_eq!(
+            verify_with(&t, "db", |_| None, now()),
+            Err(JwtError::NoBundle("example.org".into()))
+        );
+    }
+}

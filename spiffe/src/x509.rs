@@ -491,3 +491,6 @@ pub fn verify_path(
     .map_err(|e| SvidError::Chain(e.to_string()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

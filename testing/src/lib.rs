@@ -42,6 +42,12 @@ pub struct LeafOpts {
     pub not_after: Option<SystemTime>,
     /// Only the serverAuth extended key usage (no clientAuth).
     pub server_auth_only: bool,
+    /// Leave out the SPIFFE ID URI SAN (only `extra_uri`, if set, remains).
+    pub no_uri_san: bool,
+    /// A keyUsage without digitalSignature (keyEncipherment only).
+    pub no_digital_signature: bool,
+    /// A leaf (not a CA) whose keyUsage also has keyCertSign.
+    pub key_cert_sign: bool,
 }
 
 /// An issued certificate with its key.
@@ -124,11 +130,14 @@ impl Pki {
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name
             .push(DnType::OrganizationName, "Ward test");
-        let mut sans = vec![SanType::URI(
-            format!("spiffe://{}{path}", self.trust_domain)
-                .try_into()
-                .unwrap(),
-        )];
+        let mut sans = Vec::new();
+        if !opts.no_uri_san {
+            sans.push(SanType::URI(
+                format!("spiffe://{}{path}", self.trust_domain)
+                    .try_into()
+                    .unwrap(),
+            ));
+        }
         if let Some(u) = &opts.extra_uri {
             sans.push(SanType::URI(u.as_str().try_into().unwrap()));
         }
@@ -141,7 +150,14 @@ impl Pki {
             ];
         } else {
             p.is_ca = IsCa::ExplicitNoCa;
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.key_usages = if opts.no_digital_signature {
+                vec![KeyUsagePurpose::KeyEncipherment]
+            } else {
+                vec![KeyUsagePurpose::DigitalSignature]
+            };
+            if opts.key_cert_sign {
+                p.key_usages.push(KeyUsagePurpose::KeyCertSign);
+            }
             p.extended_key_usages = if opts.server_auth_only {
                 vec![ExtendedKeyUsagePurpose::ServerAuth]
             } else {
