@@ -33,7 +33,7 @@ for t in "${targets[@]}"; do
         tail -40 "corpus/$t.log"
         failed+=("$t")
     else
-        grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ *DONE)" "corpus/$t.log" | tr '\n' ' '
+        grep -aE "^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+[[:space:]]+DONE)" "corpus/$t.log" | tr '\n' ' '
         echo
     fi
 done
