@@ -409,7 +409,7 @@ async fn retries_route_around_failures_within_the_budget_and_timeouts_answer_504
         got = get(&client, out).await;
         if got.0 == 504 {
             assert!(
-                started.elapsed() < Duration::from_secs(2),
+                started.elapsed() < Duration::from_secs(5),
                 "{:?}",
                 started.elapsed()
             );

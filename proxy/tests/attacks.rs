@@ -1035,7 +1035,8 @@ async fn broken_policy_files_keep_the_last_good_policies() {
         );
     }
 
-    // A valid change takes effect within a second.
+    // A valid change takes effect at the next reload (every 100 ms here; the bound is wide so
+    // a loaded machine does not fail it — the test is that it applies, not how fast).
     let changed = POLICIES.replace(r#""/grpc.*"]"#, r#""/grpc.*", "/other"]"#);
     assert_ne!(changed, POLICIES);
     let written = Instant::now();
@@ -1045,8 +1046,8 @@ async fn broken_policy_files_keep_the_last_good_policies() {
             break;
         }
         assert!(
-            written.elapsed() < Duration::from_secs(1),
-            "the valid policy change was not applied within a second"
+            written.elapsed() < Duration::from_secs(10),
+            "the valid policy change was not applied within 10 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
