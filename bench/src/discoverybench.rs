@@ -163,7 +163,7 @@ fn load(
     })
 }
 
-async fn metric(admin: u16, line_prefix: &str) -> Option<f64> {
+pub(crate) async fn metric(admin: u16, line_prefix: &str) -> Option<f64> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let r = client
@@ -181,7 +181,7 @@ fn rss_kib(c: &Child) -> Result<u64> {
     status_kib(c.id().context("exited")?, "VmRSS")
 }
 
-async fn requests(port: u16, n: usize) -> Result<usize> {
+pub(crate) async fn requests(port: u16, n: usize) -> Result<usize> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let mut ok = 0;

@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use tokio::process::Command;
 
-use crate::proxybench::{
-    POLICIES, cpu_ticks, nginx_conf, oha, port, spawn, stop, wait_port, ward_configs,
-};
+use crate::proxybench::{Stage, cpu_ticks, oha, port, spawn, stage, stop, wait_port, ward_configs};
 
 /// Options from the command line.
 #[derive(Debug, Clone)]
@@ -48,24 +46,15 @@ struct Row {
 }
 
 pub(crate) async fn run(o: Opts) -> Result<()> {
-    let dir = tempfile::tempdir()?;
+    let Stage {
+        dir,
+        bundle,
+        ng1,
+        ng2,
+        mut nginx,
+        ..
+    } = stage(&o.nginx).await?;
     let d = dir.path();
-    let pki = ward_testing::Pki::new("bench.test");
-    pki.svid("/frontend").write(d, "frontend");
-    pki.svid("/backend").write(d, "backend");
-    let bundle = pki.write_bundle(d);
-    std::fs::write(d.join("policies.yaml"), POLICIES)?;
-    let (ng1, ng2) = (port()?, port()?);
-    std::fs::write(d.join("nginx.conf"), nginx_conf(d, ng1, ng2))?;
-    let mut nginx = spawn(
-        "nginx",
-        Command::new(&o.nginx)
-            .arg("-p")
-            .arg(d)
-            .arg("-c")
-            .arg(d.join("nginx.conf")),
-    )?;
-    wait_port(SocketAddr::from(([127, 0, 0, 1], ng1))).await?;
 
     let mut modes = vec![
         Mode {

@@ -473,31 +473,66 @@ fn ms(v: f64) -> String {
     format!("{v:.3}")
 }
 
-/// Runs everything and prints the report.
-pub(crate) async fn run(o: Opts) -> Result<()> {
+/// What the proxy benchmarks start from: a directory with the frontend's and backend's SVIDs,
+/// the bundle and the policy file, and nginx answering on an HTTP/1.1 and an h2c port.
+pub(crate) struct Stage {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) pki: ward_testing::Pki,
+    pub(crate) fe: ward_testing::Issued,
+    pub(crate) be: ward_testing::Issued,
+    pub(crate) bundle: PathBuf,
+    pub(crate) ng1: u16,
+    pub(crate) ng2: u16,
+    pub(crate) nginx: Proc,
+}
+
+/// Writes the PKI and policies and starts nginx (`nginx` is its binary).
+pub(crate) async fn stage(nginx: &Path) -> Result<Stage> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    // PKI.
     let pki = ward_testing::Pki::new("bench.test");
     let fe = pki.svid("/frontend");
     let be = pki.svid("/backend");
     fe.write(d, "frontend");
     be.write(d, "backend");
-    pki.write_bundle(d);
+    let bundle = pki.write_bundle(d);
     std::fs::write(d.join("policies.yaml"), POLICIES)?;
-
-    // Servers.
     let (ng1, ng2) = (port()?, port()?);
     std::fs::write(d.join("nginx.conf"), nginx_conf(d, ng1, ng2))?;
-    let mut nginx = spawn(
+    let nginx = spawn(
         "nginx",
-        Command::new(&o.nginx)
+        Command::new(nginx)
             .arg("-p")
             .arg(d)
             .arg("-c")
             .arg(d.join("nginx.conf")),
     )?;
     wait_port(SocketAddr::from(([127, 0, 0, 1], ng1))).await?;
+    Ok(Stage {
+        dir,
+        pki,
+        fe,
+        be,
+        bundle,
+        ng1,
+        ng2,
+        nginx,
+    })
+}
+
+/// Runs everything and prints the report.
+pub(crate) async fn run(o: Opts) -> Result<()> {
+    let Stage {
+        dir,
+        pki,
+        fe,
+        be,
+        ng1,
+        ng2,
+        mut nginx,
+        ..
+    } = stage(&o.nginx).await?;
+    let d = dir.path();
     let grpc = grpc_backend().await?;
 
     // Ward.

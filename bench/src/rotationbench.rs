@@ -37,7 +37,12 @@ pub(crate) struct Opts {
     pub(crate) rounds: usize,
 }
 
-async fn change(adm: &mut Admin, action: &str, id: &str, force: bool) -> Result<admin::Authority> {
+pub(crate) async fn change(
+    adm: &mut Admin,
+    action: &str,
+    id: &str,
+    force: bool,
+) -> Result<admin::Authority> {
     Ok(adm
         .change_authority(admin::ChangeAuthorityRequest {
             kind: "x509".into(),
@@ -50,7 +55,7 @@ async fn change(adm: &mut Admin, action: &str, id: &str, force: bool) -> Result<
         .into_inner())
 }
 
-async fn active(adm: &mut Admin) -> Result<String> {
+pub(crate) async fn active(adm: &mut Admin) -> Result<String> {
     let list = adm
         .list_authorities(admin::ListAuthoritiesRequest {
             kind: "x509".into(),

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
+use crate::discoverybench::{metric, requests};
 use crate::lbbench::{app_named, proxy_yaml, spawn};
 use crate::procs::{Ward, bin, free_port};
+use crate::rotationbench::{active, change};
 
 const TD: &str = "soak.test";
 
@@ -28,7 +30,8 @@ pub(crate) struct Opts {
 }
 
 const POLICY_A: &str = "policies:\n  - name: api-allow-client\n    target: { spiffe_ids: [\"spiffe://soak.test/api\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://soak.test/client\"] } ] } ]\n";
-const POLICY_B: &str = "policies:\n  - name: api-allow-client\n    target: { spiffe_ids: [\"spiffe://soak.test/api\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://soak.test/client\"] } ] } ]\n  - name: api-deny-admin\n    target: { spiffe_ids: [\"spiffe://soak.test/api\"] }\n    action: DENY\n    rules: [ { to: [ { paths: [\"/admin/*\"] } ] } ]\n";
+/// Added to POLICY_A every other minute: a DENY for a path the load never asks for.
+const DENY_ADMIN: &str = "  - name: api-deny-admin\n    target: { spiffe_ids: [\"spiffe://soak.test/api\"] }\n    action: DENY\n    rules: [ { to: [ { paths: [\"/admin/*\"] } ] } ]\n";
 
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -38,75 +41,10 @@ fn rss_mib(pid: u32) -> f64 {
     crate::procs::status_kib(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0
 }
 
-async fn metric(admin: u16, name: &str) -> Option<f64> {
-    let body = reqwest_free_get(admin, "/metrics").await?;
-    body.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// `GET http://127.0.0.1:<port><path>` with hyper (the body as text).
-async fn reqwest_free_get(port: u16, path: &str) -> Option<String> {
-    use http_body_util::BodyExt as _;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let (mut s, c) =
-        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .ok()?;
-    tokio::spawn(c);
-    let r = s
-        .send_request(
-            hyper::Request::get(path)
-                .header("host", "x")
-                .body(http_body_util::Empty::new())
-                .ok()?,
-        )
-        .await
-        .ok()?;
-    let b = r.into_body().collect().await.ok()?.to_bytes();
-    Some(String::from_utf8_lossy(&b).into_owned())
-}
-
-async fn authority(ward: &Ward, action: &str, id: &str) -> Result<String> {
-    Ok(ward
-        .admin()
-        .change_authority(ward_proto::admin::ChangeAuthorityRequest {
-            kind: "x509".into(),
-            action: action.into(),
-            id: id.into(),
-            force: false,
-        })
-        .await
-        .with_context(|| format!("authority {action} {id}"))?
-        .into_inner()
-        .id)
-}
-
-async fn active_authority(ward: &Ward) -> Result<String> {
-    Ok(ward
-        .admin()
-        .list_authorities(ward_proto::admin::ListAuthoritiesRequest {
-            kind: "x509".into(),
-        })
-        .await?
-        .into_inner()
-        .authorities
-        .into_iter()
-        .find(|a| a.state == "active")
-        .context("no active authority")?
-        .id)
-}
-
-fn proxy(ward: &Ward, d: &Path, name: &str, id: &str, admin: u16, body: &str) -> Result<Child> {
+/// Starts a proxy process from `yaml` (written to `<name>.yaml` in `d`).
+fn proxy(d: &Path, name: &str, yaml: &str) -> Result<Child> {
     let f = d.join(format!("{name}.yaml"));
-    std::fs::write(
-        &f,
-        proxy_yaml(TD, &ward.agent_socket(), id, admin, body, ""),
-    )?;
+    std::fs::write(&f, yaml)?;
     spawn(
         Command::new(bin("ward-proxy")?)
             .env("WARD_PROXY_WORKER_THREADS", "1")
@@ -152,30 +90,28 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
     );
     let backend_yaml = proxy_yaml(TD, &ward.agent_socket(), "api", badmin, &backend_body, "")
         .replace("authorization:\n  default: all-authenticated\n", "");
-    let bfile = d.join("backend.yaml");
-    std::fs::write(&bfile, backend_yaml)?;
-    let mut backend = spawn(
-        Command::new(bin("ward-proxy")?)
-            .env("WARD_PROXY_WORKER_THREADS", "1")
-            .args(["run", "--config"])
-            .arg(&bfile),
-    )?;
+    let mut backend = proxy(d, "backend", &backend_yaml)?;
+    let frontend_body = format!(
+        "  - {{ role: outbound, name: api, listen: 127.0.0.1:{fport}, upstream: \"127.0.0.1:{bport}\", expected_ids: [\"spiffe://{TD}/api\"] }}\n{}",
+        log("frontend")
+    );
     let mut frontend = proxy(
-        &ward,
         d,
         "frontend",
-        "client",
-        fadmin,
-        &format!(
-            "  - {{ role: outbound, name: api, listen: 127.0.0.1:{fport}, upstream: \"127.0.0.1:{bport}\", expected_ids: [\"spiffe://{TD}/api\"] }}\n{}",
-            log("frontend")
+        &proxy_yaml(
+            TD,
+            &ward.agent_socket(),
+            "client",
+            fadmin,
+            &frontend_body,
+            "",
         ),
     )?;
     // Ready: a request goes through.
     let url = format!("http://127.0.0.1:{fport}/");
     let t0 = Instant::now();
     loop {
-        if reqwest_free_get(fport, "/").await.as_deref() == Some("ok\n") {
+        if requests(fport, 1).await? == 1 {
             break;
         }
         if t0.elapsed() > Duration::from_secs(60) {
@@ -227,6 +163,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
     let start = Instant::now();
     let mid = o.minutes / 2;
     let mut old_root = String::new();
+    let mut adm = ward.admin();
     let mut samples: Vec<Vec<(f64, usize)>> = Vec::new();
     let mut expiries = std::collections::BTreeSet::new();
     for minute in 0..=o.minutes {
@@ -234,22 +171,26 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
         tokio::time::sleep_until(at.into()).await;
         let mut event = String::new();
         if minute > 0 && minute < o.minutes {
-            let p = if minute % 2 == 1 { POLICY_B } else { POLICY_A };
+            let p = if minute % 2 == 1 {
+                format!("{POLICY_A}{DENY_ADMIN}")
+            } else {
+                POLICY_A.to_owned()
+            };
             ward_testing::write_atomic(&policies, p.as_bytes());
             event.push_str("policy changed");
         }
         if minute == mid && mid > 0 {
-            old_root = active_authority(&ward).await?;
-            let new = authority(&ward, "prepare", "").await?;
+            old_root = active(&mut adm).await?;
+            let new = change(&mut adm, "prepare", "", false).await?.id;
             event.push_str(&format!("; root prepared ({new})"));
         } else if minute == mid + 1 && mid > 0 {
-            authority(&ward, "activate", "").await?;
+            change(&mut adm, "activate", "", false).await?;
             event.push_str("; new root activated");
         } else if minute == mid + 2 && mid > 0 {
-            authority(&ward, "taint", &old_root).await?;
+            change(&mut adm, "taint", &old_root, false).await?;
             event.push_str(&format!("; old root {old_root} tainted"));
         } else if minute == mid + 4 && mid > 0 && minute < o.minutes {
-            match authority(&ward, "revoke", &old_root).await {
+            match change(&mut adm, "revoke", &old_root, false).await {
                 Ok(_) => event.push_str(&format!("; old root {old_root} revoked")),
                 Err(e) => event.push_str(&format!("; revoke refused: {e:#}")),
             }
