@@ -89,8 +89,15 @@ pub(super) fn check(line: &Line, trust: Option<&Trust>) -> Result<SpiffeId, Stri
     if let Some(t) = trust {
         let at = ward_net::process::parse_rfc3339(&line.time)
             .ok_or_else(|| format!("anchor time {:?} is not RFC 3339", line.time))?;
-        x509::verify_chain(&chain, &t.roots, &info.id.trust_domain(), at, Usage::Client)
-            .map_err(|e| format!("anchor signer {signer} is not trusted by the bundle: {e}"))?;
+        x509::verify_path(
+            &info,
+            &chain,
+            &t.roots,
+            &info.id.trust_domain(),
+            at,
+            Usage::Client,
+        )
+        .map_err(|e| format!("anchor signer {signer} is not trusted by the bundle: {e}"))?;
     }
     Ok(info.id)
 }
