@@ -24,6 +24,35 @@ async fn setup(dir: &std::path::Path) -> (ward_ca::CaServer, ward_agent::Agent) 
     (ca, agent)
 }
 
+/// Creates entry `key` (`spiffe://wl.test/<name>`, this process's uid) and waits until the
+/// agent holds it.
+async fn entry_for_me(
+    ca: &ward_ca::CaServer,
+    agent: &ward_agent::Agent,
+    parent: &str,
+    name: &str,
+    key: &str,
+) {
+    ca.core
+        .entries
+        .create(
+            &entry(name, parent, vec![common::my_uid_selector()]),
+            "admin",
+            key.into(),
+            ca.core.clock.now(),
+        )
+        .await
+        .unwrap();
+    let mut snaps = agent.cache.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snaps.wait_for(|s| s.entries.contains_key(key)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}
+
 fn entry(id: &str, parent: &str, selectors: Vec<String>) -> EntrySpec {
     EntrySpec {
         spiffe_id: format!("spiffe://wl.test/{id}"),
@@ -66,24 +95,7 @@ async fn every_rpc_requires_the_security_header() {
     }
     // ValidateJWTSVID with a token that validates with the header: refused without it.
     let parent = agent.identity.id().unwrap().to_string();
-    ca.core
-        .entries
-        .create(
-            &entry("hdr", &parent, vec![common::my_uid_selector()]),
-            "admin",
-            "e-hdr".into(),
-            ca.core.clock.now(),
-        )
-        .await
-        .unwrap();
-    let mut snaps = agent.cache.subscribe();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        snaps.wait_for(|s| s.entries.contains_key("e-hdr")),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    entry_for_me(&ca, &agent, &parent, "hdr", "e-hdr").await;
     let jwt = c
         .fetch_jwtsvid(common::with_header(wl::JwtsvidRequest {
             audience: vec!["a".into()],
@@ -177,26 +189,9 @@ async fn streams_follow_entry_changes() {
     let (ca, agent) = setup(dir.path()).await;
     let parent = agent.identity.id().unwrap().to_string();
     let now = ca.core.clock.now();
-    ca.core
-        .entries
-        .create(
-            &entry("one", &parent, vec![common::my_uid_selector()]),
-            "admin",
-            "e1".into(),
-            now,
-        )
-        .await
-        .unwrap();
     // The stream answers "no identity" to a caller without entries: wait until the agent has
     // the entry before opening it.
-    let mut snaps = agent.cache.subscribe();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        snaps.wait_for(|s| s.entries.contains_key("e1")),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    entry_for_me(&ca, &agent, &parent, "one", "e1").await;
 
     let mut c = common::workload_client(&agent.socket_path);
     let mut s = c
@@ -353,24 +348,7 @@ async fn a_caller_cannot_hold_more_streams_than_its_limit() {
     cfg.limits.max_streams_per_caller = 3;
     let agent = common::start_agent(cfg).await;
     let parent = agent.identity.id().unwrap().to_string();
-    ca.core
-        .entries
-        .create(
-            &entry("one", &parent, vec![common::my_uid_selector()]),
-            "admin",
-            "e1".into(),
-            ca.core.clock.now(),
-        )
-        .await
-        .unwrap();
-    let mut snaps = agent.cache.subscribe();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        snaps.wait_for(|s| s.entries.contains_key("e1")),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    entry_for_me(&ca, &agent, &parent, "one", "e1").await;
     let mut c = common::workload_client(&agent.socket_path);
     let open =
         |c: &mut ward_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<

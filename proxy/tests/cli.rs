@@ -8,6 +8,48 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ward-proxy"))
 }
 
+/// A record of request `i` for the access-log tests.
+fn entry(i: u64) -> ward_proxy::access_log::Entry {
+    ward_proxy::access_log::Entry {
+        time: std::time::SystemTime::now(),
+        listener: std::sync::Arc::from("in"),
+        protocol: "http",
+        src: Some("spiffe://td/a".into()),
+        dst: Some("spiffe://td/proxy".into()),
+        method: Some("GET".into()),
+        path: Some(format!("/{i}")),
+        orig_dst: None,
+        plan: "deliver",
+        endpoint: None,
+        route: None,
+        host: None,
+        client: None,
+        status: 200,
+        decision: "allow",
+        policy: "p".into(),
+        reason: "r".into(),
+        audit: None,
+        latency: std::time::Duration::from_micros(1),
+        bytes_in: 0,
+        bytes_out: 0,
+    }
+}
+
+/// A credential sink holding `spiffe://td/proxy`'s SVID from `pki`: what signs the anchors.
+fn signing_sink(pki: &ward_testing::Pki) -> std::sync::Arc<ward_net::CredentialSink> {
+    let issued = pki.svid("/proxy");
+    let sink = ward_proxy::identity::new_sink(false);
+    let mut b = ward_spiffe::Bundle::new(ward_spiffe::TrustDomain::new("td").unwrap());
+    b.x509_authorities = vec![pki.root_der().to_vec()];
+    ward_proxy::identity::install(
+        &sink,
+        b,
+        ward_net::Svid::from_parts(issued.chain_der, issued.key_der).unwrap(),
+    )
+    .unwrap();
+    sink
+}
+
 const POLICIES: &str = r#"
 policies:
   - name: allow-frontend
@@ -124,16 +166,7 @@ fn log_verify_reports_the_first_broken_record() {
     let pki = ward_testing::Pki::new("td");
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, pki.bundle_pem()).unwrap();
-    let issued = pki.svid("/proxy");
-    let sink = ward_proxy::identity::new_sink(false);
-    let mut b = ward_spiffe::Bundle::new(ward_spiffe::TrustDomain::new("td").unwrap());
-    b.x509_authorities = vec![pki.root_der().to_vec()];
-    ward_proxy::identity::install(
-        &sink,
-        b,
-        ward_net::Svid::from_parts(issued.chain_der, issued.key_der).unwrap(),
-    )
-    .unwrap();
+    let sink = signing_sink(&pki);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let cfg = ward_proxy::config::AccessLog {
@@ -147,32 +180,7 @@ fn log_verify_reports_the_first_broken_record() {
         )
         .unwrap();
         for i in 0..5 {
-            log.log(
-                None,
-                ward_proxy::access_log::Entry {
-                    time: std::time::SystemTime::now(),
-                    listener: std::sync::Arc::from("in"),
-                    protocol: "http",
-                    src: None,
-                    dst: None,
-                    method: Some("GET".into()),
-                    path: Some(format!("/{i}")),
-                    orig_dst: None,
-                    plan: "deliver",
-                    endpoint: None,
-                    route: None,
-                    host: None,
-                    client: None,
-                    status: 200,
-                    decision: "allow",
-                    policy: "p".into(),
-                    reason: "r".into(),
-                    audit: None,
-                    latency: std::time::Duration::from_micros(1),
-                    bytes_in: 0,
-                    bytes_out: 0,
-                },
-            );
+            log.log(None, entry(i));
         }
         // Still open: the records after the (signed) start anchor are unproven; --strict
         // refuses that.
@@ -311,16 +319,7 @@ fn log_verify_follows_rotated_files() {
     let pki = ward_testing::Pki::new("td");
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, pki.bundle_pem()).unwrap();
-    let issued = pki.svid("/proxy");
-    let sink = ward_proxy::identity::new_sink(false);
-    let mut b = ward_spiffe::Bundle::new(ward_spiffe::TrustDomain::new("td").unwrap());
-    b.x509_authorities = vec![pki.root_der().to_vec()];
-    ward_proxy::identity::install(
-        &sink,
-        b,
-        ward_net::Svid::from_parts(issued.chain_der, issued.key_der).unwrap(),
-    )
-    .unwrap();
+    let sink = signing_sink(&pki);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let cfg = ward_proxy::config::AccessLog {
@@ -331,32 +330,7 @@ fn log_verify_follows_rotated_files() {
             ward_proxy::access_log::start(&cfg, Some(sink), ward_proxy::metrics::Metrics::new())
                 .unwrap();
         for i in 0..60 {
-            log.log(
-                None,
-                ward_proxy::access_log::Entry {
-                    time: std::time::SystemTime::now(),
-                    listener: std::sync::Arc::from("in"),
-                    protocol: "http",
-                    src: Some("spiffe://td/a".into()),
-                    dst: Some("spiffe://td/proxy".into()),
-                    method: Some("GET".into()),
-                    path: Some(format!("/{i}")),
-                    orig_dst: None,
-                    plan: "deliver",
-                    endpoint: None,
-                    route: None,
-                    host: None,
-                    client: None,
-                    status: 200,
-                    decision: "allow",
-                    policy: "p".into(),
-                    reason: "r".into(),
-                    audit: None,
-                    latency: std::time::Duration::from_micros(1),
-                    bytes_in: 0,
-                    bytes_out: 0,
-                },
-            );
+            log.log(None, entry(i));
         }
         log.close(std::time::Duration::from_secs(5)).await;
     });

@@ -9,6 +9,17 @@ mod common;
 use common::{HEADER, Mesh, get, request};
 use std::time::Duration;
 
+/// A policy file letting the frontend reach the backend over opaque TCP; returns its path.
+fn tcp_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("tcp-policies.yaml");
+    std::fs::write(
+        &p,
+        "policies:\n  - name: frontend\n    target: { spiffe_ids: [\"spiffe://mesh.test/backend\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://mesh.test/frontend\"] } ] } ]\n",
+    )
+    .unwrap();
+    p
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_authorized_and_carry_the_peer_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -131,12 +142,7 @@ async fn a_full_access_log_refuses_or_holds_what_it_cannot_record() {
         ward_proxy::config::OnFull::Block,
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let tcp_policy = dir.path().join("tcp-policies.yaml");
-        std::fs::write(
-            &tcp_policy,
-            "policies:\n  - name: frontend\n    target: { spiffe_ids: [\"spiffe://mesh.test/backend\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://mesh.test/frontend\"] } ] } ]\n",
-        )
-        .unwrap();
+        let tcp_policy = tcp_policy(dir.path());
         let mesh = Mesh::start_with(
             dir.path(),
             ward_proxy::config::Protocol::Tcp,
@@ -558,12 +564,7 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
 
     // Opaque TCP through both proxies: echoed while in use, closed when quiet.
     let dir = tempfile::tempdir().unwrap();
-    let tcp_policy = dir.path().join("tcp-policies.yaml");
-    std::fs::write(
-        &tcp_policy,
-        "policies:\n  - name: frontend\n    target: { spiffe_ids: [\"spiffe://mesh.test/backend\"] }\n    action: ALLOW\n    rules: [ { from: [ { principals: [\"spiffe://mesh.test/frontend\"] } ] } ]\n",
-    )
-    .unwrap();
+    let tcp_policy = tcp_policy(dir.path());
     let mesh = Mesh::start_with(
         dir.path(),
         ward_proxy::config::Protocol::Tcp,
