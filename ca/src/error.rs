@@ -91,6 +91,10 @@ impl From<ward_store::StoreError> for ApiError {
             ward_store::StoreError::Conflict { .. } => {
                 ApiError::Aborted(format!("concurrent modification: {e}"))
             }
+            // Over the store's per-transaction limits (etcd): the request must be smaller.
+            ward_store::StoreError::TooLarge(_) => ApiError::InvalidArgument(e.to_string()),
+            // The store cannot be reached or failed: fail closed, the caller may retry.
+            ward_store::StoreError::Backend(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -146,7 +146,7 @@ pub async fn ordered_scan(h: &dyn Harness) {
 /// Paged reads through [`scan_all`] see every key exactly once.
 pub async fn scan_all_pages(h: &dyn Harness) {
     let s = h.fresh().store;
-    for chunk in (0..2500u32).collect::<Vec<_>>().chunks(500) {
+    for chunk in (0..2500u32).collect::<Vec<_>>().chunks(100) {
         let mut b = Batch::new();
         for i in chunk {
             b.put(format!("n/{i:05}").into_bytes(), i.to_be_bytes().to_vec());
@@ -246,6 +246,39 @@ pub async fn reopen_keeps_acknowledged_writes(h: &dyn Harness) {
     assert_eq!(all[0].0, b"r/001".to_vec());
 }
 
+/// A batch over the backend's limits is refused whole; one at the limit is applied.
+pub async fn oversize_batch_is_refused(h: &dyn Harness) {
+    let s = h.fresh().store;
+    let limits = s.limits();
+    if limits == crate::Limits::UNBOUNDED {
+        return; // nothing to exceed
+    }
+    let mut b = Batch::new();
+    for i in 0..=limits.max_ops {
+        b.put(format!("o/{i:05}").into_bytes(), b"v".to_vec());
+    }
+    match s.commit(b).await {
+        Err(StoreError::TooLarge(why)) => assert!(why.contains("operations"), "{why}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(s.scan(b"o/", None, 10).await.unwrap().is_empty());
+    // Writes of one key count once.
+    let mut b = Batch::new();
+    for i in 0..limits.max_ops {
+        b.put(format!("o/{i:05}").into_bytes(), b"v".to_vec());
+    }
+    b.put(b"o/00000".to_vec(), b"w".to_vec());
+    s.commit(b).await.unwrap();
+    assert_eq!(s.get(b"o/00000").await.unwrap(), Some(b"w".to_vec()));
+    let mut b = Batch::new();
+    b.put(b"o/big".to_vec(), vec![7; limits.max_bytes + 1]);
+    match s.commit(b).await {
+        Err(StoreError::TooLarge(why)) => assert!(why.contains("bytes"), "{why}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(s.get(b"o/big").await.unwrap(), None);
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend.
 ///
 /// `$harness` is an expression producing a value that implements [`Harness`].
@@ -254,7 +287,7 @@ macro_rules! store_conformance {
     ($harness:expr) => {
         $crate::store_conformance!(@tests $harness;
             get_and_put, compare_and_swap, batch_atomicity, ordered_scan, scan_all_pages,
-            watch_prefix, concurrent_cas, reopen_keeps_acknowledged_writes);
+            watch_prefix, concurrent_cas, reopen_keeps_acknowledged_writes, oversize_batch_is_refused);
     };
     (@tests $harness:expr; $($name:ident),*) => {
         $(

@@ -2,19 +2,22 @@
 //! batches and change notification.
 //!
 //! Everything durable in the CA goes through [`Store`]. Backends: [`SledStore`] (the embedded
-//! default) and [`MemStore`] (volatile, for tests). Every backend must pass the one suite in
+//! default), [`EtcdStore`] (shared by several CA replicas) and [`MemStore`] (volatile, for
+//! tests). Every backend must pass the one suite in
 //! [`conformance`]. No backend type appears in this trait, so a distributed backend can be
 //! added without touching callers.
 //!
 //! Contract: when a write method returns `Ok`, the write is durable (for durable backends) and
 //! watchers of the touched prefixes have been notified.
 
+mod etcd;
 mod mem;
 mod notify;
 mod sled_store;
 
 pub mod conformance;
 
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use mem::MemStore;
 pub use sled_store::SledStore;
 
@@ -30,6 +33,10 @@ pub enum StoreError {
     /// The backend failed (I/O, corruption). The write may not have happened.
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The batch is over the backend's [`Limits`]; nothing was written. Callers make their
+    /// batches fit ([`Store::limits`]); a batch is never split, which would break atomicity.
+    #[error("batch too large: {0}")]
+    TooLarge(String),
     /// The store could not be opened.
     #[error("cannot open store at {path}: {reason}")]
     Open {
@@ -38,6 +45,29 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+}
+
+/// The most one batch may hold on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Writes (after collapsing writes of one key) and, separately, conditions.
+    pub max_ops: usize,
+    /// Encoded size of the request.
+    pub max_bytes: usize,
+}
+
+impl Limits {
+    /// No limit (the embedded backends).
+    pub const UNBOUNDED: Self = Self {
+        max_ops: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+    /// etcd's defaults: `--max-txn-ops=128`, `--max-request-bytes=1572864` (less a margin
+    /// for the request's envelope).
+    pub const ETCD_DEFAULT: Self = Self {
+        max_ops: 128,
+        max_bytes: 1_572_864 - 4096,
+    };
 }
 
 /// One write in a batch.
@@ -145,8 +175,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Applies a batch atomically if all its conditions hold.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 
-    /// Subscribes to changes of keys under `prefix`.
+    /// Subscribes to changes of keys under `prefix`, whoever wrote them (for a shared backend,
+    /// other processes too).
     fn watch(&self, prefix: &[u8]) -> Watch;
+
+    /// The most one batch may hold; a larger one is refused with [`StoreError::TooLarge`].
+    fn limits(&self) -> Limits {
+        Limits::UNBOUNDED
+    }
 }
 
 /// Reads every pair under `prefix` (convenience over [`Store::scan`]).

@@ -29,4 +29,12 @@ impl Notifier {
             }
         }
     }
+
+    /// Wakes every watcher: for a backend that may have missed changes (a compacted watch).
+    pub(crate) fn notify_all(&self) {
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, tx) in w.iter() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
 }

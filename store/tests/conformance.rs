@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ward_store::conformance::{Harness, Subject};
-use ward_store::{MemStore, SledStore, Store};
+use ward_store::{EtcdOptions, EtcdStore, MemStore, SledStore, Store};
 
 struct Mem;
 
@@ -43,4 +43,43 @@ mod mem {
 
 mod sled {
     ward_store::store_conformance!(super::Sled::default());
+}
+
+/// A real etcd per test process; each fresh store is its own key prefix in it.
+struct Etcd {
+    server: ward_testing::etcd::Etcd,
+    n: std::sync::atomic::AtomicUsize,
+}
+
+impl Etcd {
+    fn start() -> Self {
+        Self {
+            server: ward_testing::etcd::Etcd::start(),
+            n: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+fn open_etcd(endpoints: &[String], prefix: &[u8]) -> Arc<dyn Store> {
+    let opts = EtcdOptions::plaintext(endpoints, prefix).unwrap();
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current()
+            .block_on(async { Arc::new(EtcdStore::open(opts).await.unwrap()) })
+    })
+}
+
+impl Harness for Etcd {
+    fn fresh(&self) -> Subject {
+        let i = self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("/ward-test/{i}/").into_bytes();
+        let endpoints = self.server.endpoints();
+        Subject {
+            store: open_etcd(&endpoints, &prefix),
+            reopen: Some(Box::new(move || open_etcd(&endpoints, &prefix))),
+        }
+    }
+}
+
+mod etcd {
+    ward_store::store_conformance!(super::Etcd::start());
 }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod etcd;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
