@@ -17,7 +17,8 @@ use crate::error::ApiError;
 
 /// The schema this build reads and writes.
 pub const SCHEMA: &str = "ward-ca/1";
-const SCHEMA_KEY: &[u8] = b"meta/schema";
+/// Where the schema version is kept.
+pub const SCHEMA_KEY: &[u8] = b"meta/schema";
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -51,12 +52,24 @@ pub async fn check_schema(store: &dyn Store, path: &str) -> Result<(), SchemaErr
         }),
         None => {
             if !store.scan(b"", None, 1).await?.is_empty() {
+                // Unless another replica on the same store initialised it meanwhile.
+                if store.get(SCHEMA_KEY).await?.as_deref() == Some(SCHEMA.as_bytes()) {
+                    return Ok(());
+                }
                 return Err(SchemaError::Foreign(path.to_owned()));
             }
-            store
+            match store
                 .compare_and_swap(SCHEMA_KEY, None, Some(SCHEMA.as_bytes()))
-                .await?;
-            Ok(())
+                .await
+            {
+                Ok(()) => Ok(()),
+                // Another replica starting on the same shared store won the race: its
+                // version is checked like any found one.
+                Err(ward_store::StoreError::Conflict { .. }) => {
+                    Box::pin(check_schema(store, path)).await
+                }
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod oidc;
 pub mod policies;
 pub mod server;
 pub mod services;
+mod store_open;
 pub mod sync;
 
 pub use config::CaConfig;

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use ward_net::{ClientAuth, CredentialSink, PeerPolicy, Svid, TlsSettings, TrustStore};
 use ward_spiffe::{Clock, SystemClock};
-use ward_store::{SledStore, Store};
+use ward_store::{EtcdStore, Store};
 
 use crate::admin_api::AdminService;
 use crate::config::CaConfig;
@@ -127,10 +127,11 @@ impl CaServer {
         std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(dd)?;
 
-        let store_path = cfg.data_dir.join("store");
-        let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(&store_path).map_err(|e| StartError::Store(e.to_string()))?);
-        crate::db::check_schema(store.as_ref(), &store_path.display().to_string())
+        let opened = crate::store_open::open(&cfg)
+            .await
+            .map_err(StartError::Store)?;
+        let store: Arc<dyn Store> = opened.store.clone();
+        crate::db::check_schema(store.as_ref(), &opened.name)
             .await
             .map_err(|e| StartError::Store(e.to_string()))?;
         let keys = Arc::new(
@@ -261,7 +262,14 @@ impl CaServer {
                 source,
             })?;
         let health_addr = health.local_addr().map_err(dd)?;
-        let (_ready_tx, ready_rx) = watch::channel(Ok(()));
+        let (ready_tx, ready_rx) = watch::channel(Ok(()));
+        if let Some(etcd) = opened.etcd.clone() {
+            tasks.push(tokio::spawn(store_readiness(
+                etcd,
+                ready_tx.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             ward_net::health::serve_admin(
@@ -274,7 +282,7 @@ impl CaServer {
                 },
             )
             .await;
-            drop(_ready_tx);
+            drop(ready_tx);
         }));
 
         // Background: rotation, bundle publication, server SVID renewal, log compaction.
@@ -418,4 +426,44 @@ fn refresh_server_svid(core: &CaCore, sink: &CredentialSink) -> Result<(), Strin
     let svid = Svid::from_parts(chain, key).map_err(|e| e.to_string())?;
     sink.update_svid(svid, core.clock.now())
         .map_err(|e| e.to_string())
+}
+
+/// How often a shared store's reachability is checked for `/readyz`.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps `/readyz` failing while the etcd cluster cannot be read or the watch that follows
+/// other replicas is down (the CA would serve stale state); requests meanwhile fail with
+/// `UNAVAILABLE` on their own. Logs each change of state once.
+async fn store_readiness(
+    etcd: Arc<EtcdStore>,
+    ready: watch::Sender<Result<(), String>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(STORE_PROBE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let state = match etcd.get(crate::db::SCHEMA_KEY).await {
+            Err(e) => Err(format!("store unreachable: {e}")),
+            Ok(_) if !etcd.watching() => {
+                Err("store: the etcd watch that follows other replicas is not connected".into())
+            }
+            Ok(_) => Ok(()),
+        };
+        let changed = ready.send_if_modified(|cur| {
+            if *cur == state {
+                return false;
+            }
+            *cur = state.clone();
+            true
+        });
+        if changed {
+            match &state {
+                Err(reason) => tracing::warn!(%reason, "not ready"),
+                Ok(()) => tracing::info!("store reachable again; ready"),
+            }
+        }
+    }
 }

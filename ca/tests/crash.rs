@@ -3,7 +3,9 @@
 //! data directory, many times. After every restart the store opens, every entry whose
 //! CreateEntry call was acknowledged is there (same ID and SPIFFE ID, with its uniqueness
 //! index), nothing appears that was never asked for, nothing is stored twice, revisions are
-//! never reused, and whatever a restart showed is still there after the next crash.
+//! never reused, and whatever a restart showed is still there after the next crash. The same
+//! rounds run on the etcd backend, where every other round also SIGKILLs the etcd member while
+//! the writes are in flight.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,10 +40,14 @@ struct CaProcess {
 }
 
 impl CaProcess {
-    fn start(data_dir: &Path, log: &Path) -> CaProcess {
+    fn start(data_dir: &Path, log: &Path, config: Option<&Path>) -> CaProcess {
         let log_file = File::options().create(true).append(true).open(log).unwrap();
-        let child = Command::new(common::ca_bin())
-            .arg("run")
+        let mut cmd = Command::new(common::ca_bin());
+        cmd.arg("run");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
             .args(["--trust-domain", TD])
             .arg("--data-dir")
             .arg(data_dir)
@@ -278,6 +284,30 @@ async fn check_uniqueness(client: &mut Client, ledger: &Ledger, round: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_entries_survive_sigkill() {
+    crash_rounds(None, ROUNDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_entries_survive_sigkill_on_etcd() {
+    let mut etcd = ward_testing::etcd::Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[store]\nbackend = \"etcd\"\n\
+             [store.etcd]\nendpoints = [\"{}\"]\nprefix = \"/crash/\"\n",
+            dir.path().join("unused").display(),
+            etcd.endpoints()[0]
+        ),
+    )
+    .unwrap();
+    crash_rounds(Some((config, &mut etcd)), ROUNDS / 2).await;
+}
+
+/// `rounds` rounds of writes and a SIGKILL of the CA (and, on etcd, of the etcd member every
+/// other round), each followed by a restart and a full check.
+async fn crash_rounds(mut etcd: Option<(PathBuf, &mut ward_testing::etcd::Etcd)>, rounds: usize) {
     let started = Instant::now();
     let root = tempfile::tempdir().unwrap();
     let data_dir = root.path().join("data");
@@ -288,8 +318,9 @@ async fn acknowledged_entries_survive_sigkill() {
     let mut rng = rand::rng();
     let mut per_round = Vec::new();
 
-    for round in 0..=ROUNDS {
-        let mut ca = CaProcess::start(&data_dir, &log);
+    let config = etcd.as_ref().map(|(c, _)| c.clone());
+    for round in 0..=rounds {
+        let mut ca = CaProcess::start(&data_dir, &log, config.as_deref());
         let mut client = wait_ready(&mut ca, &socket, round).await;
         {
             let l = ledger.lock().unwrap().clone_view();
@@ -297,7 +328,7 @@ async fn acknowledged_entries_survive_sigkill() {
             check_uniqueness(&mut client, &l, round).await;
             assert!(l.early_errors.is_empty(), "{:?}", l.early_errors);
         }
-        if round == ROUNDS {
+        if round == rounds {
             // Last start: only verification, then a clean stop by the guard.
             ca.assert_running("after the final verification");
             break;
@@ -332,7 +363,15 @@ async fn acknowledged_entries_survive_sigkill() {
         tokio::time::sleep(delay).await;
         ca.assert_running("before the kill");
         killed.store(true, Ordering::SeqCst);
+        let kill_etcd = round % 2 == 1;
+        if let Some((_, etcd)) = etcd.as_mut().filter(|_| kill_etcd) {
+            etcd.kill(0); // under the CA's in-flight transactions
+        }
         ca.sigkill();
+        if let Some((_, etcd)) = etcd.as_mut().filter(|_| kill_etcd) {
+            etcd.restart(0);
+            etcd.wait_healthy(0);
+        }
         for t in tasks {
             tokio::time::timeout(Duration::from_secs(10), t)
                 .await
@@ -348,14 +387,15 @@ async fn acknowledged_entries_survive_sigkill() {
 
     let l = ledger.lock().unwrap();
     eprintln!(
-        "crash test: {ROUNDS} SIGKILLs, {} acknowledged and {} attempted creates, {} entries \
+        "crash test: {rounds} SIGKILLs (etcd: {}), {} acknowledged and {} attempted creates, {} entries \
          stored at the end; per round (kill delay, acks): {per_round:?}; took {:?}",
+        config.is_some(),
         l.acked.len(),
         l.attempted.len(),
         seen.len(),
         started.elapsed()
     );
-    assert!(l.acked.len() >= ROUNDS, "too few writes to mean anything");
+    assert!(l.acked.len() >= rounds, "too few writes to mean anything");
 }
 
 impl Ledger {

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod store;
+
+pub use store::{EtcdConfig, EtcdTls, StoreBackend, StoreConfig};
+
 use serde::{Deserialize, Serialize};
 use ward_net::duration::serde_str;
 use ward_spiffe::TrustDomain;
@@ -284,8 +288,11 @@ fn default_oidc_max_age() -> Duration {
 pub struct CaConfig {
     /// The trust domain this CA issues for.
     pub trust_domain: TrustDomain,
-    /// Directory for the store, keys and the admin socket.
+    /// Directory for the store (with the default backend), keys and the admin socket.
     pub data_dir: PathBuf,
+    /// Where the CA's state lives: sled under `data_dir` (default) or a shared etcd.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Address of the node API (TLS).
     #[serde(default = "default_bind")]
     pub bind_address: SocketAddr,
@@ -408,6 +415,7 @@ impl CaConfig {
         Self {
             trust_domain,
             data_dir,
+            store: StoreConfig::default(),
             bind_address: default_bind(),
             health_address: default_health(),
             admin_socket: None,
@@ -532,6 +540,7 @@ impl CaConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir must be set".into()));
         }
+        self.store.validate()?;
         let mut names = std::collections::HashSet::new();
         for c in &self.kubernetes.clusters {
             let inv = |m: String| {

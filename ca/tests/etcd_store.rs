@@ -1,0 +1,147 @@
+//! A CA whose state lives in a real etcd (Debian's etcd-server): a real agent attests, syncs
+//! and gets SVIDs through it; with etcd gone the CA reports not-ready with the reason and
+//! refuses writes with UNAVAILABLE (fail closed), and it recovers without a restart; its
+//! state is in etcd, under its prefix, after the CA process is gone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use ward_ca::config::{EtcdConfig, StoreBackend};
+use ward_proto::admin::admin_client::AdminClient;
+use ward_proto::workload as wl;
+use ward_store::Store;
+use ward_testing::etcd::Etcd;
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+async fn until_ready(addr: SocketAddr, want: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = get(addr, "/readyz").await;
+        if status == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed {status} ({body}), want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn entry(id: &str, parent: &str) -> ward_proto::admin::EntrySpec {
+    ward_proto::admin::EntrySpec {
+        spiffe_id: format!("spiffe://etcd.test/{id}"),
+        parent_id: parent.to_owned(),
+        selectors: vec![common::my_uid_selector()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_on_etcd_serves_agents_and_fails_closed_without_it() {
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "etcd.test");
+    cfg.store.backend = StoreBackend::Etcd;
+    let mut e = EtcdConfig::new(etcd.endpoints());
+    e.prefix = "/td/etcd.test/".into();
+    e.request_timeout = Duration::from_secs(1);
+    cfg.store.etcd = Some(e);
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    until_ready(ca.health_addr, 200).await;
+    assert!(
+        !dir.path().join("ca").join("store").exists(),
+        "a sled store was made beside etcd"
+    );
+
+    // A real agent attests, syncs and serves an SVID through the CA on etcd.
+    let agent = common::start_agent(common::agent_config(&ca, dir.path()).await).await;
+    let parent = agent.identity.id().unwrap().to_string();
+    let mut admin = AdminClient::new(ward_net::process::unix_channel(&ca.admin_socket));
+    admin.create_entry(entry("web", &parent)).await.unwrap();
+    let mut wl_client = common::workload_client(&agent.socket_path);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = wl_client
+            .fetch_x509svid(common::with_header(wl::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        if let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(2), s.message()).await {
+            assert_eq!(m.svids[0].spiffe_id, "spiffe://etcd.test/web");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no SVID through a CA on etcd");
+    }
+
+    // etcd gone: not ready, with the reason; writes refused as UNAVAILABLE, not lost later.
+    etcd.kill(0);
+    let body = until_ready(ca.health_addr, 503).await;
+    assert!(body.contains("store"), "{body}");
+    let err = admin.create_entry(entry("db", &parent)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The agent keeps serving what it has.
+    let mut s = wl_client
+        .fetch_x509svid(common::with_header(wl::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_some());
+
+    // Back: ready again without a restart, and writes go through.
+    etcd.restart(0);
+    etcd.wait_healthy(0);
+    until_ready(ca.health_addr, 200).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin.create_entry(entry("db", &parent)).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    agent.shutdown().await;
+    ca.shutdown().await;
+
+    // The state is in etcd under the prefix (and nothing outside it).
+    let store = ward_store::EtcdStore::open(
+        ward_store::EtcdOptions::plaintext(&etcd.endpoints(), b"/td/etcd.test/").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store.get(b"meta/schema").await.unwrap().as_deref(),
+        Some(&b"ward-ca/1"[..])
+    );
+    let entries = ward_store::scan_all(&store, b"entry/").await.unwrap();
+    assert!(entries.len() >= 2, "{} entries stored", entries.len());
+    let outside = ward_store::EtcdStore::open(
+        ward_store::EtcdOptions::plaintext(&etcd.endpoints(), b"/other/").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(outside.scan(b"", None, 1).await.unwrap().is_empty());
+}
