@@ -23,7 +23,17 @@ pub(crate) async fn open(cfg: &CaConfig) -> Result<Opened, String> {
         (StoreBackend::Etcd, Some(e)) => {
             let name = format!("etcd {} prefix {}", e.endpoints.join(","), e.prefix);
             let opts = options(e).map_err(|m| format!("{name}: {m}"))?;
-            let store = Arc::new(EtcdStore::open(opts).await.map_err(|e| e.to_string())?);
+            let store = Arc::new(EtcdStore::open(opts).await.map_err(|err| {
+                // TLS 1.3 reports a missing client certificate only after the handshake, as a
+                // cancelled request: say what is likely.
+                match &e.tls {
+                    Some(t) if t.cert.is_none() => format!(
+                        "{err} (if the members run with --client-cert-auth, set \
+                         store.etcd.tls.cert and store.etcd.tls.key)"
+                    ),
+                    _ => err.to_string(),
+                }
+            })?);
             Ok(Opened {
                 store: store.clone(),
                 name,

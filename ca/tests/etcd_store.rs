@@ -145,3 +145,67 @@ async fn a_ca_on_etcd_serves_agents_and_fails_closed_without_it() {
     .unwrap();
     assert!(outside.scan(b"", None, 1).await.unwrap().is_empty());
 }
+
+/// `https://` endpoints with `[store.etcd.tls]`: the CA verifies the members' certificate
+/// against `tls.ca` and presents its client certificate (etcd runs `--client-cert-auth`).
+/// Without the client certificate, or trusting another CA, start-up fails and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_reaches_etcd_over_tls_with_a_client_certificate() {
+    let etcd = Etcd::start_tls();
+    let files = etcd.tls().unwrap().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |tls: ward_ca::config::EtcdTls| {
+        let mut cfg = common::ca_config(&dir.path().join("ca"), "etcd.test");
+        cfg.store.backend = StoreBackend::Etcd;
+        let mut e = EtcdConfig::new(etcd.endpoints());
+        e.request_timeout = Duration::from_secs(2);
+        e.tls = Some(tls);
+        cfg.store.etcd = Some(e);
+        cfg.validate().unwrap();
+        cfg
+    };
+    let start_err = |cfg| async move {
+        match ward_ca::CaServer::start_with_clock(cfg, Arc::new(ward_spiffe::SystemClock)).await {
+            Ok(ca) => {
+                ca.shutdown().await;
+                panic!("started")
+            }
+            Err(e) => e.to_string(),
+        }
+    };
+
+    let no_client_cert = ward_ca::config::EtcdTls {
+        ca: files.ca.clone(),
+        cert: None,
+        key: None,
+    };
+    let e = start_err(config(no_client_cert)).await;
+    assert!(e.contains(&etcd.endpoints()[0]), "{e}");
+    assert!(e.contains("store.etcd.tls.cert"), "{e}");
+
+    let other = ward_testing::Pki::new("other.test");
+    std::fs::create_dir_all(dir.path().join("other")).unwrap();
+    let other_ca = other.write_bundle(&dir.path().join("other"));
+    let wrong_ca = ward_ca::config::EtcdTls {
+        ca: other_ca,
+        cert: Some(files.client_cert.clone()),
+        key: Some(files.client_key.clone()),
+    };
+    let e = start_err(config(wrong_ca)).await;
+    assert!(e.contains(&etcd.endpoints()[0]), "{e}");
+    assert!(e.contains("certificate"), "{e}");
+
+    let good = ward_ca::config::EtcdTls {
+        ca: files.ca.clone(),
+        cert: Some(files.client_cert.clone()),
+        key: Some(files.client_key.clone()),
+    };
+    let ca = common::start_ca(config(good), Arc::new(ward_spiffe::SystemClock)).await;
+    until_ready(ca.health_addr, 200).await;
+    let mut admin = AdminClient::new(ward_net::process::unix_channel(&ca.admin_socket));
+    admin
+        .create_entry(entry("tls", "spiffe://etcd.test/ward/agent/x"))
+        .await
+        .unwrap();
+    ca.shutdown().await;
+}

@@ -17,7 +17,23 @@ struct Member {
     name: String,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Plain-HTTP `/health` (`--listen-metrics-urls`), whatever the client URLs speak.
+    metrics: SocketAddr,
     child: Option<Child>,
+}
+
+/// PEM files of a TLS cluster: the CA that signed the members' serving certificates, and a
+/// client certificate the members require (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// A client certificate it signed.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
 }
 
 /// A running etcd cluster.
@@ -25,6 +41,7 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<TlsFiles>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -48,12 +65,47 @@ impl Etcd {
 
     /// Starts an `n`-member cluster and waits until every member serves.
     pub fn cluster(n: usize) -> Self {
+        Self::build(n, false)
+    }
+
+    /// A one-member cluster whose clients must speak TLS with a client certificate.
+    pub fn start_tls() -> Self {
+        Self::build(1, true)
+    }
+
+    /// The TLS files of a [`start_tls`](Self::start_tls) cluster.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    fn build(n: usize, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tls = tls.then(|| {
+            let pki = crate::Pki::new("etcd.test");
+            let ca = pki.write_bundle(dir.path());
+            let server = pki.leaf(
+                "/etcd",
+                &crate::LeafOpts {
+                    ip_sans: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+                    ..Default::default()
+                },
+            );
+            let (server_cert, server_key) = server.write(dir.path(), "server");
+            let (client_cert, client_key) = pki.svid("/client").write(dir.path(), "client");
+            TlsFiles {
+                ca,
+                client_cert,
+                client_key,
+                server_cert,
+                server_key,
+            }
+        });
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: free_port(),
                 peer: free_port(),
+                metrics: free_port(),
                 child: None,
             })
             .collect();
@@ -66,6 +118,7 @@ impl Etcd {
             dir,
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..n {
             etcd.spawn(i);
@@ -78,18 +131,34 @@ impl Etcd {
 
     fn spawn(&mut self, i: usize) {
         let data = self.dir.path().join(&self.members[i].name);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let m = &mut self.members[i];
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name)))
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
             .expect("etcd log file");
-        let child = Command::new(etcd_bin())
+        let mut cmd = Command::new(etcd_bin());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&t.ca);
+        }
+        let child = cmd
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://{}", m.metrics))
             .arg("--listen-peer-urls")
             .arg(format!("http://{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -118,7 +187,7 @@ impl Etcd {
     /// Waits until member `i` answers `/health` with `"health":"true"` (it has a leader).
     pub fn wait_healthy(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = self.members[i].client;
+        let addr = self.members[i].metrics;
         while Instant::now() < deadline {
             if health(addr) {
                 return;
@@ -134,11 +203,12 @@ impl Etcd {
         panic!("etcd member {i} at {addr} not healthy in 30 s; its log:\n{log}");
     }
 
-    /// Client URLs, one per member (`http://127.0.0.1:port`).
+    /// Client URLs, one per member (`http://127.0.0.1:port`, `https://` with TLS).
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{scheme}://{}", m.client))
             .collect()
     }
 

@@ -50,6 +50,8 @@ pub struct LeafOpts {
     pub no_digital_signature: bool,
     /// A leaf (not a CA) whose keyUsage also has keyCertSign.
     pub key_cert_sign: bool,
+    /// IP address SANs (a server certificate for loopback, e.g. etcd's).
+    pub ip_sans: Vec<std::net::IpAddr>,
 }
 
 /// An issued certificate with its key.
@@ -143,6 +145,7 @@ impl Pki {
         if let Some(u) = &opts.extra_uri {
             sans.push(SanType::URI(u.as_str().try_into().unwrap()));
         }
+        sans.extend(opts.ip_sans.iter().map(|ip| SanType::IpAddress(*ip)));
         p.subject_alt_names = sans;
         if opts.ca {
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
