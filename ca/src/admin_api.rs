@@ -57,6 +57,7 @@ fn authority_to_proto(kind: Kind, v: &View, live: Live) -> admin::Authority {
         upstream: v.upstream,
         live_svids: live.count,
         live_until: live.until.map_or(0, crate::db::unix),
+        holder: v.holder.clone(),
     }
 }
 

@@ -119,13 +119,21 @@ pub trait KeyManager: Send + Sync + std::fmt::Debug {
     fn load(&self, id: &str) -> Result<PrivateKey, KeyError>;
     /// Deletes the key `id` (no error if absent).
     fn remove(&self, id: &str) -> Result<(), KeyError>;
+    /// The name of this key store, stable across restarts. Authorities are recorded under the
+    /// holder of their private key: with several CA replicas on one store, each replica signs
+    /// with, rotates and reports its own (SPIRE's model; keys never enter the shared store).
+    fn holder(&self) -> &str;
 }
 
 /// One 0600 PEM file per key in a 0700 directory.
 #[derive(Debug, Clone)]
 pub struct DiskKeyManager {
     dir: PathBuf,
+    holder: String,
 }
+
+/// The file in the key directory that names its holder.
+const HOLDER_FILE: &str = "holder";
 
 fn check_id(id: &str) -> Result<(), KeyError> {
     let ok = !id.is_empty()
@@ -150,9 +158,59 @@ impl DiskKeyManager {
         };
         fs::create_dir_all(dir).map_err(io)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        let holder = Self::holder_name(dir).map_err(io)?;
         Ok(Self {
             dir: dir.to_owned(),
+            holder,
         })
+    }
+
+    /// Reads `<dir>/holder`, or names a new key store (`ca-` and 12 random hex digits) and
+    /// writes it durably before any key is made.
+    fn holder_name(dir: &Path) -> std::io::Result<String> {
+        let path = dir.join(HOLDER_FILE);
+        match fs::read_to_string(&path) {
+            Ok(s) => {
+                let name = s.trim().to_owned();
+                let ok = !name.is_empty()
+                    && name.len() <= 63
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                if ok {
+                    Ok(name)
+                } else {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} does not hold a key store name", path.display()),
+                    ))
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use rand::Rng;
+                let mut rng = rand::rng();
+                let name = format!(
+                    "ca-{}",
+                    (0..6)
+                        .map(|_| format!("{:02x}", rng.random::<u8>()))
+                        .collect::<String>()
+                );
+                let tmp = dir.join(".holder.tmp");
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(format!("{name}\n").as_bytes())?;
+                f.sync_all()?;
+                drop(f);
+                fs::rename(&tmp, &path)?;
+                fs::File::open(dir)?.sync_all()?;
+                Ok(name)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -161,6 +219,10 @@ impl DiskKeyManager {
 }
 
 impl KeyManager for DiskKeyManager {
+    fn holder(&self) -> &str {
+        &self.holder
+    }
+
     fn generate(&self, id: &str) -> Result<PrivateKey, KeyError> {
         check_id(id)?;
         let key = PrivateKey::generate(id)?;

@@ -298,8 +298,16 @@ impl CaServer {
             let mut tick = tokio::time::interval(every);
             let mut compact = 0u32;
             let mut renew_at = server_renew_at(&c, &s);
+            let mut others = c.authorities.record_changes();
             loop {
                 tokio::select! {
+                    alive = others.changed() => {
+                        if !alive { return; }
+                        // Another replica's (or this one's) authority write: rebuild at once.
+                        if let Err(e) = c.authorities.refresh().await {
+                            tracing::error!(error = %e, "authority refresh failed");
+                        }
+                    }
                     _ = tick.tick() => {
                         if let Err(e) = c.authorities.maintain().await {
                             tracing::error!(error = %e, "authority maintenance failed");

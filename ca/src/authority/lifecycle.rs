@@ -196,6 +196,7 @@ mod tests {
             not_before: t(nb),
             not_after: t(na),
             upstream: false,
+            holder: String::new(),
         }
     }
 

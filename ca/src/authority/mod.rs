@@ -143,6 +143,10 @@ pub struct X509Record {
     pub not_after: i64,
     /// True if signed by an upstream CA.
     pub upstream: bool,
+    /// The key store holding the private key (the replica that signs with it); empty in
+    /// records written before replicas (the one replica there was).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub holder: String,
 }
 
 /// A stored JWT authority.
@@ -161,6 +165,9 @@ pub struct JwtRecord {
     pub not_before: i64,
     /// Expiry, Unix seconds.
     pub not_after: i64,
+    /// The key store holding the private key; empty in records written before replicas.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub holder: String,
 }
 
 /// What the lifecycle needs to know about one authority of either kind.
@@ -176,6 +183,8 @@ pub struct View {
     pub not_after: SystemTime,
     /// True for an X.509 authority signed by an upstream CA.
     pub upstream: bool,
+    /// The replica (key store) that holds its key and signs with it.
+    pub holder: String,
 }
 
 impl X509Record {
@@ -186,6 +195,7 @@ impl X509Record {
             not_before: from_unix(self.not_before),
             not_after: from_unix(self.not_after),
             upstream: self.upstream,
+            holder: self.holder.clone(),
         }
     }
 }
@@ -198,6 +208,7 @@ impl JwtRecord {
             not_before: from_unix(self.not_before),
             not_after: from_unix(self.not_after),
             upstream: false,
+            holder: self.holder.clone(),
         }
     }
 }
@@ -317,6 +328,24 @@ impl Authorities {
             .clone()
     }
 
+    /// Wakes when any replica changes an authority record; the caller then runs
+    /// [`refresh`](Self::refresh), so another replica's rotation, taint or revoke reaches this
+    /// one's signer, bundle and sync streams at once rather than at the next maintenance tick.
+    pub fn record_changes(&self) -> ward_store::Watch {
+        self.records.store.watch(b"authority/")
+    }
+
+    /// Rebuilds the set in force from the store (after [`record_changes`](Self::record_changes)).
+    pub async fn refresh(&self) -> Result<(), ApiError> {
+        let _g = self.lock.lock().await;
+        self.publish().await
+    }
+
+    /// This replica's key store name: the holder of the authorities it signs with.
+    pub fn holder(&self) -> &str {
+        self.records.holder()
+    }
+
     /// Subscribes to changes of the published set (bundle, taints, revocations).
     pub fn watch(&self) -> watch::Receiver<Arc<ActiveSet>> {
         self.set_tx.subscribe()
@@ -352,7 +381,29 @@ impl Authorities {
     pub async fn operate(&self, kind: Kind, op: Op, force: bool) -> Result<View, ApiError> {
         let _g = self.lock.lock().await;
         let now = self.clock.now();
-        let views = self.records.views(kind).await?;
+        let all = self.records.views(kind).await?;
+        // Each replica's authorities follow the rails among themselves: Prepare and Activate
+        // act on this replica's (it holds the keys); Taint and Revoke on the named authority's
+        // holder's, from any replica (an operator reacting to a compromise uses any replica).
+        let me = self.records.holder().to_owned();
+        let holder = match &op {
+            Op::Taint(id) | Op::Revoke(id) => all
+                .iter()
+                .find(|a| &a.id == id)
+                .map_or(me.clone(), |a| a.holder.clone()),
+            Op::Activate(Some(id)) => match all.iter().find(|a| &a.id == id) {
+                Some(a) if a.holder != me => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "{} authority {id} is held by replica {}; activate it there",
+                        kind.as_str(),
+                        a.holder
+                    )));
+                }
+                _ => me.clone(),
+            },
+            Op::Prepare | Op::Activate(None) => me.clone(),
+        };
+        let views: Vec<View> = all.into_iter().filter(|a| a.holder == holder).collect();
         let changes = transition(kind, &views, &op)?;
         let id = match &op {
             Op::Prepare => {

@@ -92,20 +92,46 @@ pub(super) struct Records {
 }
 
 impl Records {
-    pub(super) async fn x509_records(&self) -> Result<Vec<X509Record>, ApiError> {
-        scan_all(self.store.as_ref(), Kind::X509.prefix())
-            .await?
-            .iter()
-            .map(|(k, v)| db::decode(k, v))
-            .collect()
+    /// This replica's key store name.
+    pub(super) fn holder(&self) -> &str {
+        self.keys.holder()
     }
 
-    pub(super) async fn jwt_records(&self) -> Result<Vec<JwtRecord>, ApiError> {
-        scan_all(self.store.as_ref(), Kind::Jwt.prefix())
+    /// Every X.509 authority of every replica (records from before replicas are this one's).
+    pub(super) async fn x509_records(&self) -> Result<Vec<X509Record>, ApiError> {
+        let mut out: Vec<X509Record> = scan_all(self.store.as_ref(), Kind::X509.prefix())
             .await?
             .iter()
             .map(|(k, v)| db::decode(k, v))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        for r in &mut out {
+            if r.holder.is_empty() {
+                r.holder = self.holder().to_owned();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every JWT authority of every replica.
+    pub(super) async fn jwt_records(&self) -> Result<Vec<JwtRecord>, ApiError> {
+        let mut out: Vec<JwtRecord> = scan_all(self.store.as_ref(), Kind::Jwt.prefix())
+            .await?
+            .iter()
+            .map(|(k, v)| db::decode(k, v))
+            .collect::<Result<_, _>>()?;
+        for r in &mut out {
+            if r.holder.is_empty() {
+                r.holder = self.holder().to_owned();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The authorities of `kind` held by `holder`.
+    pub(super) async fn views_of(&self, kind: Kind, holder: &str) -> Result<Vec<View>, ApiError> {
+        let mut v = self.views(kind).await?;
+        v.retain(|a| a.holder == holder);
+        Ok(v)
     }
 
     pub(super) async fn views(&self, kind: Kind) -> Result<Vec<View>, ApiError> {
@@ -139,7 +165,19 @@ impl Records {
     }
 
     pub(super) async fn run_kind(&self, kind: Kind, now: SystemTime) -> Result<(), ApiError> {
-        let views = self.views(kind).await?;
+        let all = self.views(kind).await?;
+        // Another replica's authority that has expired verifies nothing any more; if that
+        // replica is gone, nobody else would ever remove it from the bundle.
+        for a in all
+            .iter()
+            .filter(|a| a.holder != self.holder() && a.not_after <= now)
+        {
+            self.drop_foreign(kind, a, now).await?;
+        }
+        let views: Vec<View> = all
+            .into_iter()
+            .filter(|a| a.holder == self.holder())
+            .collect();
         for step in plan(&views, self.schedule, now) {
             match step {
                 Step::Prepare => {
@@ -163,6 +201,26 @@ impl Records {
         Ok(())
     }
 
+    /// Removes another replica's expired authority, only as it was read (two replicas may
+    /// both try; one wins, the other finds it changed and leaves it).
+    async fn drop_foreign(&self, kind: Kind, a: &View, now: SystemTime) -> Result<(), ApiError> {
+        let key = kind.key(&a.id);
+        let Some(raw) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let mut b = Batch::new();
+        b.require(key.clone(), Some(raw)).delete(key);
+        journal(&mut b, now, kind, &a.id, "dropped", Actor::Schedule)?;
+        match self.store.commit(b).await {
+            Ok(()) => {
+                tracing::info!(kind = kind.as_str(), authority = %a.id, holder = %a.holder, "another replica's expired authority removed");
+                Ok(())
+            }
+            Err(ward_store::StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Adds a new authority of `kind` to `b`: prepared, or active if there is no active one.
     pub(super) async fn prepare(
         &self,
@@ -171,7 +229,7 @@ impl Records {
         actor: Actor,
         b: &mut Batch,
     ) -> Result<String, ApiError> {
-        let views = self.views(kind).await?;
+        let views = self.views_of(kind, self.holder()).await?;
         let state = if views.iter().any(|v| v.state == AuthorityState::Active) {
             AuthorityState::Prepared
         } else {
@@ -191,6 +249,7 @@ impl Records {
                     not_before: unix(now),
                     not_after: unix(signer.not_after),
                     upstream: !signer.self_signed,
+                    holder: self.holder().to_owned(),
                 };
                 b.require(kind.key(&id), None)
                     .put(kind.key(&id), db::encode(&rec)?);
@@ -207,6 +266,7 @@ impl Records {
                     public_key: vec![key.public_key_der()],
                     not_before: unix(now),
                     not_after: unix(now + self.ca_ttl),
+                    holder: self.holder().to_owned(),
                 };
                 b.require(kind.key(&kid), None)
                     .put(kind.key(&kid), db::encode(&rec)?);
@@ -374,17 +434,34 @@ impl Records {
     /// Builds the active signers and the bundle from the stored records; bumps and stores the
     /// bundle sequence if the published keys or the taints changed.
     pub(super) async fn load_set(&self) -> Result<ActiveSet, ApiError> {
+        // Replicas on one store race to publish a new sequence; the loser reads again.
+        for _ in 0..8 {
+            if let Some(set) = self.try_load_set().await? {
+                return Ok(set);
+            }
+        }
+        Err(ApiError::Aborted(
+            "the trust bundle kept changing under this replica; try again".into(),
+        ))
+    }
+
+    /// One attempt: `None` when another replica stored a bundle meanwhile. The stored bundle
+    /// is read before the authorities, so a bundle computed here is never older than the one
+    /// it replaces, and it replaces only the one that was read (compare-and-swap).
+    async fn try_load_set(&self) -> Result<Option<ActiveSet>, ApiError> {
         use AuthorityState::*;
+        let stored_raw = self.store.get(BUNDLE_KEY).await?;
         let x509 = self.x509_records().await?;
         let jwt = self.jwt_records().await?;
+        let me = self.holder();
         let active_x509 = x509
             .iter()
-            .find(|r| r.state == Active)
-            .ok_or_else(|| ApiError::Internal("no active X.509 authority".into()))?;
+            .find(|r| r.state == Active && r.holder == me)
+            .ok_or_else(|| ApiError::Internal(format!("no active X.509 authority held by {me}")))?;
         let active_jwt = jwt
             .iter()
-            .find(|r| r.state == Active)
-            .ok_or_else(|| ApiError::Internal("no active JWT authority".into()))?;
+            .find(|r| r.state == Active && r.holder == me)
+            .ok_or_else(|| ApiError::Internal(format!("no active JWT authority held by {me}")))?;
         let key = self.keys.load(&active_x509.id).map_err(|e| {
             ApiError::FailedPrecondition(format!(
                 "the key of the active X.509 authority cannot be loaded: {e}"
@@ -448,7 +525,10 @@ impl Records {
             .filter_map(|r| r.signing_chain.first().cloned())
             .collect();
 
-        let stored: Option<BundleRecord> = db::get(self.store.as_ref(), BUNDLE_KEY).await?;
+        let stored: Option<BundleRecord> = stored_raw
+            .as_deref()
+            .map(|raw| db::decode(BUNDLE_KEY, raw))
+            .transpose()?;
         let record = match stored {
             Some(s) if s.x509 == roots && s.jwt == jwt_keys && s.tainted == tainted => s,
             prev => {
@@ -458,9 +538,15 @@ impl Records {
                     jwt: jwt_keys,
                     tainted,
                 };
-                let mut b = Batch::new();
-                b.put(BUNDLE_KEY.to_vec(), db::encode(&rec)?);
-                self.store.commit(b).await?;
+                match self
+                    .store
+                    .compare_and_swap(BUNDLE_KEY, stored_raw.as_deref(), Some(&db::encode(&rec)?))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(ward_store::StoreError::Conflict { .. }) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
                 tracing::info!(sequence = rec.sequence, "trust bundle updated");
                 rec
             }
@@ -481,14 +567,14 @@ impl Records {
         let mut authorities: Vec<(Kind, View)> =
             x509.iter().map(|r| (Kind::X509, r.view())).collect();
         authorities.extend(jwt.iter().map(|r| (Kind::Jwt, r.view())));
-        Ok(ActiveSet {
+        Ok(Some(ActiveSet {
             x509: Arc::new(signer),
             jwt: Arc::new(jwt_signer),
             bundle: Arc::new(bundle),
             taints: Arc::new(taints),
             revoked_signing,
             authorities,
-        })
+        }))
     }
 }
 

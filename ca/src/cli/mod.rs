@@ -1006,6 +1006,7 @@ fn authority_json(a: &admin::Authority) -> serde_json::Value {
         "not_before": time(a.not_before),
         "not_after": time(a.not_after),
         "upstream": a.upstream,
+        "holder": a.holder,
         "live_svids": a.live_svids,
         "live_until": (a.live_until != 0).then(|| time(a.live_until)),
     })
@@ -1018,12 +1019,13 @@ fn authority_text(a: &admin::Authority) -> String {
     };
     format!(
         "ID               : {}\nState            : {}\nValid            : {} .. {}\n\
-         Upstream         : {}\nLive SVIDs       : {live}\n",
+         Upstream         : {}\nHeld by          : {}\nLive SVIDs       : {live}\n",
         a.id,
         a.state,
         time(a.not_before),
         time(a.not_after),
-        a.upstream
+        a.upstream,
+        a.holder
     )
 }
 

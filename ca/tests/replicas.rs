@@ -1,0 +1,212 @@
+//! Several `ward-ca` replicas on one 3-member etcd cluster (Debian's etcd-server): each signs
+//! with its own authority (its key never leaves its data directory) and the bundle every
+//! replica publishes is the union; an agent attested at one replica is served by another;
+//! a join token is consumed once when two replicas race for it; an operator's revoke on one
+//! replica reaches the other's signer at once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use ward_ca::CaServer;
+use ward_ca::authority::{AuthorityState, Kind, Op};
+use ward_ca::config::{EtcdConfig, StoreBackend};
+use ward_testing::etcd::Etcd;
+
+async fn replica(etcd: &Etcd, dir: &std::path::Path, name: &str) -> CaServer {
+    let mut cfg = common::ca_config(&dir.join(name), "ha.test");
+    cfg.store.backend = StoreBackend::Etcd;
+    let mut e = EtcdConfig::new(etcd.endpoints());
+    e.prefix = "/ha/".into();
+    cfg.store.etcd = Some(e);
+    common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await
+}
+
+async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn active_holders(ca: &CaServer) -> Vec<String> {
+    let mut h: Vec<String> = ca
+        .core
+        .authorities
+        .current()
+        .authorities
+        .iter()
+        .filter(|(k, v)| *k == Kind::X509 && v.state == AuthorityState::Active)
+        .map(|(_, v)| v.holder.clone())
+        .collect();
+    h.sort();
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sign_with_their_own_authorities_and_share_everything_else() {
+    let etcd = Etcd::cluster(3);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::join!(
+        replica(&etcd, dir.path(), "a"),
+        replica(&etcd, dir.path(), "b")
+    );
+    let (ha, hb) = (
+        a.core.authorities.holder().to_owned(),
+        b.core.authorities.holder().to_owned(),
+    );
+    assert_ne!(ha, hb);
+
+    // One active X.509 authority per replica, both in one bundle both replicas publish.
+    let mut both = vec![ha.clone(), hb.clone()];
+    both.sort();
+    eventually("both replicas see both active authorities", || {
+        active_holders(&a) == both && active_holders(&b) == both
+    })
+    .await;
+    eventually("one bundle with both roots", || {
+        let (ba, bb) = (a.core.bundle(), b.core.bundle());
+        ba.x509_authorities.len() == 2
+            && ba.x509_authorities == bb.x509_authorities
+            && ba.sequence == bb.sequence
+            && ba.jwt_authorities.len() == 2
+    })
+    .await;
+    assert_ne!(
+        a.core.authorities.current().x509.id,
+        b.core.authorities.current().x509.id,
+        "two replicas sign with one authority"
+    );
+    // Neither replica's key is anywhere but its own data directory.
+    let a_id = a.core.authorities.current().x509.id.clone();
+    assert!(
+        dir.path()
+            .join("a/keys")
+            .join(format!("{a_id}.key"))
+            .exists()
+    );
+    assert!(
+        !dir.path()
+            .join("b/keys")
+            .join(format!("{a_id}.key"))
+            .exists()
+    );
+
+    // A token made at A, raced at A and B: consumed once.
+    let (token, _) = a
+        .core
+        .agents
+        .create_join_token(Duration::from_secs(600), a.core.clock.now())
+        .await
+        .unwrap();
+    let attest = |ca: &CaServer, token: String| {
+        let mut c = common::node_client(ca, None);
+        let (key, csr) = common::key_and_csr(None);
+        async move {
+            c.attest(ward_proto::node::AttestRequest {
+                method: Some(ward_proto::node::attest_request::Method::JoinToken(
+                    ward_proto::node::JoinTokenAttestation { token },
+                )),
+                csr,
+            })
+            .await
+            .map(|r| (r.into_inner(), key))
+        }
+    };
+    let (ra, rb) = tokio::join!(attest(&a, token.clone()), attest(&b, token.clone()));
+    let wins = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "a join token attested twice: {ra:?} / {rb:?}");
+    let lost = if ra.is_ok() { &rb } else { &ra };
+    assert_eq!(lost.as_ref().unwrap_err().code(), Code::PermissionDenied);
+    let (resp, key) = if let Ok(r) = ra { r } else { rb.unwrap() };
+    let svid =
+        ward_net::Svid::from_parts(resp.svid.unwrap().cert_chain, key.serialize_der()).unwrap();
+
+    // That agent renews at the other replica (its record is shared); the new SVID is signed by
+    // that replica's authority and verifies against the bundle of the first.
+    for ca in [&a, &b] {
+        let mut c = common::node_client(ca, Some(svid.clone()));
+        let (_k, csr) = common::key_and_csr(None);
+        let r = c
+            .renew_agent(ward_proto::node::RenewAgentRequest { csr })
+            .await
+            .unwrap_or_else(|e| panic!("renew at {}: {e:?}", ca.node_addr))
+            .into_inner();
+        let chain: Vec<rustls_pki_types::CertificateDer<'_>> = r
+            .svid
+            .unwrap()
+            .cert_chain
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let bundle = a.core.bundle();
+        let roots: Vec<rustls_pki_types::CertificateDer<'_>> = bundle
+            .x509_authorities
+            .iter()
+            .map(|r| r.clone().into())
+            .collect();
+        ward_spiffe::x509::verify_chain(
+            &chain,
+            &roots,
+            &bundle.trust_domain,
+            std::time::SystemTime::now(),
+            ward_spiffe::x509::Usage::Client,
+        )
+        .unwrap_or_else(|e| panic!("an SVID of {} does not verify: {e}", ca.node_addr));
+    }
+
+    // B rotates; its old authority, revoked from A with --force, is revoked in B's signer at
+    // once (a store watch, not the next maintenance tick).
+    let old_b = b.core.authorities.current().x509.id.clone();
+    b.core
+        .authorities
+        .operate(Kind::X509, Op::Prepare, false)
+        .await
+        .unwrap();
+    b.core
+        .authorities
+        .operate(Kind::X509, Op::Activate(None), false)
+        .await
+        .unwrap();
+    let e = a
+        .core
+        .authorities
+        .operate(Kind::X509, Op::Activate(None), false)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no prepared"), "{e}"); // A's rails see only A's
+    a.core
+        .authorities
+        .operate(Kind::X509, Op::Revoke(old_b.clone()), true)
+        .await
+        .unwrap();
+    let revoked_b = b
+        .core
+        .authorities
+        .current()
+        .authorities
+        .iter()
+        .any(|(_, v)| v.id == old_b && v.state == AuthorityState::Revoked);
+    let started = Instant::now();
+    eventually("B learns of A's revoke", || {
+        b.core
+            .authorities
+            .current()
+            .authorities
+            .iter()
+            .any(|(_, v)| v.id == old_b && v.state == AuthorityState::Revoked)
+    })
+    .await;
+    eprintln!(
+        "revoke on A reached B after {:?} (already: {revoked_b})",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    a.shutdown().await;
+    b.shutdown().await;
+}
