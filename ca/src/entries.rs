@@ -565,14 +565,23 @@ impl EntryRepo {
         }
     }
 
-    /// Drops change records, keeping the newest `keep`.
-    pub async fn compact_changes(&self, keep: u64) -> Result<usize, ApiError> {
+    /// Drops change records, keeping the newest `keep`. Singleton work: with replicas only the
+    /// leader runs it, each batch carrying `fence` (the leadership condition), so a deposed
+    /// leader's late batch is refused.
+    pub async fn compact_changes(
+        &self,
+        keep: u64,
+        fence: Option<ward_store::Condition>,
+    ) -> Result<usize, ApiError> {
         let rev = self.revision().await?;
         let cutoff = rev.saturating_sub(keep);
         let mut removed = 0;
         loop {
-            let rows = self.store.scan(CHANGE_PREFIX, None, 512).await?;
+            // Within etcd's operations per transaction.
+            let page = self.store.limits().max_ops.saturating_sub(1).clamp(1, 512);
+            let rows = self.store.scan(CHANGE_PREFIX, None, page).await?;
             let mut b = Batch::new();
+            b.conditions.extend(fence.clone());
             for (k, v) in &rows {
                 let c: Change = db::decode(k, v)?;
                 if c.revision > cutoff {
@@ -773,7 +782,7 @@ mod tests {
         assert_eq!(changes[3].new_parent, None);
         assert_eq!(repo.changes_since(3, 100).await.unwrap().len(), 2);
         assert_eq!(repo.changes_floor().await.unwrap(), 0);
-        assert_eq!(repo.compact_changes(2).await.unwrap(), 3);
+        assert_eq!(repo.compact_changes(2, None).await.unwrap(), 3);
         assert_eq!(repo.changes_floor().await.unwrap(), 3);
         assert!(matches!(
             repo.get("../x").await,

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub attestations: Family<AttestLabel, Counter>,
     /// Open agent sync streams.
     pub sync_streams: Gauge,
+    /// 1 while this replica leads (runs the singleton work), else 0.
+    pub leader: Gauge,
     /// Current bundle sequence.
     pub bundle_sequence: Gauge,
     /// Unix time at which the active X.509 authority expires.
@@ -111,6 +113,7 @@ impl Metrics {
             refused: Family::default(),
             attestations: Family::default(),
             sync_streams: Gauge::default(),
+            leader: Gauge::default(),
             bundle_sequence: Gauge::default(),
             x509_authority_expiry: Gauge::default(),
             authority_state: Family::default(),
@@ -144,6 +147,11 @@ impl Metrics {
             "sync_streams",
             "Open agent sync streams",
             self.sync_streams.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica leads and runs the singleton work (Kubernetes controllers, bundle ConfigMap, change-log compaction)",
+            self.leader.clone(),
         );
         r.register(
             "bundle_sequence",

@@ -17,7 +17,7 @@ use ward_store::{EtcdStore, Store};
 use crate::admin_api::AdminService;
 use crate::config::CaConfig;
 use crate::core::CaCore;
-use crate::keys::DiskKeyManager;
+use crate::keys::{DiskKeyManager, KeyManager};
 use crate::node_api::NodeService;
 
 /// Why the CA could not start.
@@ -138,6 +138,9 @@ impl CaServer {
             DiskKeyManager::open(&cfg.data_dir.join("keys"))
                 .map_err(|e| StartError::Authority(e.to_string()))?,
         );
+        // Singleton work (Kubernetes controllers, the bundle ConfigMap, change-log
+        // compaction) runs on one elected replica; an embedded store's only one leads at once.
+        let leadership = Arc::new(store.elect("ca-singletons", keys.holder()));
         let core = Arc::new(
             CaCore::open(cfg.clone(), store, keys, clock.clone())
                 .await
@@ -288,6 +291,7 @@ impl CaServer {
         // Background: rotation, bundle publication, server SVID renewal, log compaction.
         let mut rx = shutdown_rx.clone();
         let (c, s, bp) = (core.clone(), sink.clone(), bundle_path.clone());
+        let lead = leadership.clone();
         tasks.push(tokio::spawn(async move {
             let mut sets = c.authorities.watch();
             let mut published = sets.borrow_and_update().bundle.sequence;
@@ -319,7 +323,7 @@ impl CaServer {
                             }
                         }
                         compact += 1;
-                        if compact.is_multiple_of(30) && let Err(e) = c.entries.compact_changes(KEEP_CHANGES).await {
+                        if compact.is_multiple_of(30) && lead.is_leader() && let Err(e) = c.entries.compact_changes(KEEP_CHANGES, Some(lead.fence())).await {
                             tracing::warn!(error = %e, "change log compaction failed");
                         }
                         c.update_gauges();
@@ -350,48 +354,17 @@ impl CaServer {
             }
         }));
 
-        // Kubernetes identity controllers and bundle ConfigMaps.
-        for cluster in core.clusters.all() {
-            let cc = cluster.config();
-            if let (Some(target), Some(client)) = (&cc.bundle_config_map, cluster.client()) {
-                tasks.push(tokio::spawn(crate::k8s::bundle_cm::run(
-                    core.clone(),
-                    client.clone(),
-                    cluster.name().to_owned(),
-                    target.clone(),
-                    shutdown_rx.clone(),
-                )));
-            }
-            if !cc.controller_enabled() {
-                continue;
-            }
-            let Some(client) = cluster.client() else {
-                continue;
-            };
-            if cc.controller.egress {
-                tasks.push(tokio::spawn(crate::k8s::egress::run(
-                    core.clone(),
-                    client.clone(),
-                    cluster.name().to_owned(),
-                    shutdown_rx.clone(),
-                )));
-            }
-            if cc.controller.services {
-                tasks.push(tokio::spawn(crate::k8s::services::run(
-                    core.clone(),
-                    client.clone(),
-                    cluster.name().to_owned(),
-                    shutdown_rx.clone(),
-                )));
-            }
-            let ctl = crate::k8s::controller::Controller::new(
-                core.clone(),
-                client.clone(),
-                cluster.name(),
-                cc.controller.clone(),
-            );
-            tasks.push(tokio::spawn(ctl.run(shutdown_rx.clone())));
-        }
+        // Kubernetes identity controllers and bundle ConfigMaps: on the leader only.
+        let singletons = {
+            let core = core.clone();
+            move |stop: watch::Receiver<bool>| singleton_tasks(&core, &stop)
+        };
+        tasks.push(tokio::spawn(while_leading(
+            leadership.clone(),
+            core.metrics.leader.clone(),
+            shutdown_rx.clone(),
+            singletons,
+        )));
 
         tracing::info!(
             trust_domain = %cfg.trust_domain,
@@ -472,6 +445,99 @@ async fn store_readiness(
                 Err(reason) => tracing::warn!(%reason, "not ready"),
                 Ok(()) => tracing::info!("store reachable again; ready"),
             }
+        }
+    }
+}
+
+/// The singleton tasks of every configured cluster, stopped by `stop`.
+fn singleton_tasks(
+    core: &Arc<CaCore>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for cluster in core.clusters.all() {
+        let cc = cluster.config();
+        if let (Some(target), Some(client)) = (&cc.bundle_config_map, cluster.client()) {
+            tasks.push(tokio::spawn(crate::k8s::bundle_cm::run(
+                core.clone(),
+                client.clone(),
+                cluster.name().to_owned(),
+                target.clone(),
+                stop.clone(),
+            )));
+        }
+        if !cc.controller_enabled() {
+            continue;
+        }
+        let Some(client) = cluster.client() else {
+            continue;
+        };
+        if cc.controller.egress {
+            tasks.push(tokio::spawn(crate::k8s::egress::run(
+                core.clone(),
+                client.clone(),
+                cluster.name().to_owned(),
+                stop.clone(),
+            )));
+        }
+        if cc.controller.services {
+            tasks.push(tokio::spawn(crate::k8s::services::run(
+                core.clone(),
+                client.clone(),
+                cluster.name().to_owned(),
+                stop.clone(),
+            )));
+        }
+        let ctl = crate::k8s::controller::Controller::new(
+            core.clone(),
+            client.clone(),
+            cluster.name(),
+            cc.controller.clone(),
+        );
+        tasks.push(tokio::spawn(ctl.run(stop.clone())));
+    }
+    tasks
+}
+
+/// Runs the singleton tasks `start` makes while this replica leads: started on election,
+/// stopped (and awaited) when leadership is lost or the CA stops, started again on the next
+/// election.
+async fn while_leading<F>(
+    leadership: Arc<ward_store::Leadership>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    mut shutdown: watch::Receiver<bool>,
+    start: F,
+) where
+    F: Fn(watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>>,
+{
+    let mut lead = leadership.subscribe();
+    loop {
+        let elected = tokio::select! {
+            r = lead.wait_for(|l| *l) => r.is_ok(),
+            _ = shutdown.wait_for(|s| *s) => false,
+        };
+        if !elected {
+            leadership.resign().await;
+            return;
+        }
+        tracing::info!("this replica leads: starting singleton work");
+        gauge.set(1);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let tasks = start(stop_rx);
+        let stopping = tokio::select! {
+            _ = lead.wait_for(|l| !*l) => {
+                tracing::warn!("this replica no longer leads: stopping singleton work");
+                false
+            }
+            _ = shutdown.wait_for(|s| *s) => true,
+        };
+        gauge.set(0);
+        let _ = stop_tx.send(true);
+        ward_net::process::join_with_deadline(tasks, DRAIN).await;
+        if stopping {
+            // Hand over at once instead of after the lease lapses.
+            leadership.resign().await;
+            return;
         }
     }
 }

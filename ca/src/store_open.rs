@@ -76,6 +76,7 @@ fn options(e: &EtcdConfig) -> Result<EtcdOptions, String> {
                 prefix: e.prefix.as_bytes().to_vec(),
                 request_timeout: e.request_timeout,
                 limits: Limits::ETCD_DEFAULT,
+                lease_ttl: std::time::Duration::from_secs(5),
             }
         }
     };

@@ -2,7 +2,8 @@
 //! with its own authority (its key never leaves its data directory) and the bundle every
 //! replica publishes is the union; an agent attested at one replica is served by another;
 //! a join token is consumed once when two replicas race for it; an operator's revoke on one
-//! replica reaches the other's signer at once.
+//! replica reaches the other's signer at once; one replica leads the singleton work, and
+//! another takes over when it stops.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -207,6 +208,25 @@ async fn replicas_sign_with_their_own_authorities_and_share_everything_else() {
         started.elapsed()
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    a.shutdown().await;
-    b.shutdown().await;
+
+    // Exactly one replica leads the singleton work; when it stops, the other takes over.
+    eventually("one leader", || {
+        a.core.metrics.leader.get() + b.core.metrics.leader.get() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.core.metrics.leader.get() + b.core.metrics.leader.get(), 1);
+    let (leader, other) = if a.core.metrics.leader.get() == 1 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let started = Instant::now();
+    leader.shutdown().await;
+    eventually("the other replica leads", || {
+        other.core.metrics.leader.get() == 1
+    })
+    .await;
+    eprintln!("leadership moved in {:?}", started.elapsed());
+    other.shutdown().await;
 }

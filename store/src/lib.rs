@@ -11,6 +11,7 @@
 //! watchers of the touched prefixes have been notified.
 
 mod etcd;
+mod lease;
 mod mem;
 mod notify;
 mod sled_store;
@@ -18,6 +19,7 @@ mod sled_store;
 pub mod conformance;
 
 pub use etcd::{EtcdOptions, EtcdStore};
+pub use lease::{Leadership, leader_key};
 pub use mem::MemStore;
 pub use sled_store::SledStore;
 
@@ -182,6 +184,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The most one batch may hold; a larger one is refused with [`StoreError::TooLarge`].
     fn limits(&self) -> Limits {
         Limits::UNBOUNDED
+    }
+
+    /// Campaigns for leadership of the singleton `name` as `candidate` (a name unique to this
+    /// process and stable across its restarts). An embedded store has one process, which
+    /// leads at once; a shared one elects one candidate at a time.
+    fn elect(&self, name: &str, candidate: &str) -> Leadership {
+        let _ = candidate;
+        Leadership::sole(name)
     }
 }
 

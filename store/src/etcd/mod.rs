@@ -15,6 +15,7 @@
 //! Ward's own protos): the `etcd-client` crate's build needs a system `protoc`, which would
 //! break Ward's one-command build.
 
+mod lease;
 mod watch;
 
 use std::collections::HashMap;
@@ -61,6 +62,8 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// The cluster's `--max-txn-ops` and `--max-request-bytes`.
     pub limits: Limits,
+    /// Lifetime of a leader's lease: how long a dead leader holds its singletons.
+    pub lease_ttl: Duration,
 }
 
 impl EtcdOptions {
@@ -86,6 +89,7 @@ impl EtcdOptions {
             prefix: prefix.to_vec(),
             request_timeout: Duration::from_secs(5),
             limits: Limits::ETCD_DEFAULT,
+            lease_ttl: Duration::from_secs(5),
         })
     }
 }
@@ -96,6 +100,7 @@ pub struct EtcdStore {
     members: Arc<Members>,
     prefix: Vec<u8>,
     limits: Limits,
+    lease_ttl: Duration,
     shared: Arc<watch::Shared>,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -270,6 +275,7 @@ impl EtcdStore {
             members,
             prefix: opts.prefix,
             limits: opts.limits,
+            lease_ttl: opts.lease_ttl,
             shared,
             watcher,
         })
@@ -505,6 +511,24 @@ impl Store for EtcdStore {
 
     fn limits(&self) -> Limits {
         self.limits
+    }
+
+    fn elect(&self, name: &str, candidate: &str) -> crate::Leadership {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let (resign_tx, resign_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(lease::campaign(
+            lease::Candidacy {
+                members: self.members.clone(),
+                shared: self.shared.clone(),
+                prefix: self.prefix.clone(),
+                name: name.to_owned(),
+                candidate: candidate.to_owned(),
+                ttl: self.lease_ttl,
+            },
+            tx,
+            resign_rx,
+        ));
+        crate::Leadership::campaigning(name, candidate, rx, resign_tx, task)
     }
 }
 

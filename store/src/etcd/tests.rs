@@ -119,10 +119,23 @@ async fn a_dead_member_is_skipped_and_the_watch_resumes() {
     a.compare_and_swap(b"k/0", None, Some(b"0")).await.unwrap();
     assert!(woke(&mut w, Duration::from_secs(2)).await);
     etcd.kill(0); // a's current member and its watch's
+    // While the survivors elect a new raft leader a write may time out; it is retried (a
+    // timed-out write may have been applied: then the retry's conflict is its success).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     for i in 1..20u32 {
-        b.compare_and_swap(format!("k/{i}").as_bytes(), None, Some(b"v"))
-            .await
-            .unwrap();
+        let key = format!("k/{i}");
+        let mut tried = false;
+        loop {
+            match b.compare_and_swap(key.as_bytes(), None, Some(b"v")).await {
+                Ok(()) => break,
+                Err(StoreError::Conflict { .. }) if tried => break,
+                Err(StoreError::Backend(e)) if tokio::time::Instant::now() < deadline => {
+                    tried = true;
+                    eprintln!("retrying {key}: {e}");
+                }
+                Err(e) => panic!("{key}: {e}"),
+            }
+        }
     }
     assert!(
         woke(&mut w, Duration::from_secs(10)).await,
@@ -186,4 +199,69 @@ async fn a_compacted_watch_wakes_every_watcher() {
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(next, head, "restarts at the oldest revision etcd kept");
     assert!(woke(&mut unrelated, Duration::from_millis(100)).await);
+}
+
+async fn until_leader(l: &crate::Leadership, within: Duration) -> bool {
+    let mut rx = l.subscribe();
+    tokio::time::timeout(within, rx.wait_for(|v| *v))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// One leader at a time; only the leader's fence holds; when the leader dies without a word
+/// (its campaign aborted, its lease left to lapse) the other candidate leads within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_fenced_and_replaced_when_it_dies() {
+    let etcd = Etcd::cluster(3);
+    let mut oa = EtcdOptions::plaintext(&etcd.endpoints(), b"/ward/").unwrap();
+    oa.lease_ttl = Duration::from_secs(2);
+    let mut ob = oa.clone();
+    ob.members.reverse();
+    let a = EtcdStore::open(oa).await.unwrap();
+    let b = EtcdStore::open(ob).await.unwrap();
+    let la = a.elect("singleton", "a");
+    let lb = b.elect("singleton", "b");
+    assert!(
+        until_leader(&la, Duration::from_secs(5)).await
+            || until_leader(&lb, Duration::from_secs(5)).await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(la.is_leader() != lb.is_leader(), "two leaders or none");
+    let (leader, follower, lf, ff) = if la.is_leader() {
+        (&a, &b, la, lb)
+    } else {
+        (&b, &a, lb, la)
+    };
+    let fenced = |f: &crate::Leadership| {
+        let mut batch = Batch::new();
+        batch.conditions.push(f.fence());
+        batch.put(b"singleton/out".to_vec(), b"x".to_vec());
+        batch
+    };
+    leader.commit(fenced(&lf)).await.unwrap();
+    assert!(matches!(
+        follower.commit(fenced(&ff)).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let started = std::time::Instant::now();
+    drop(lf);
+    assert!(
+        until_leader(&ff, Duration::from_secs(10)).await,
+        "no takeover"
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+    follower.commit(fenced(&ff)).await.unwrap();
+}
+
+/// An embedded store's only process leads at once.
+#[tokio::test]
+async fn an_embedded_store_leads_alone() {
+    let s = crate::MemStore::new();
+    let l = s.elect("x", "me");
+    assert!(l.is_leader());
+    let mut b = Batch::new();
+    b.conditions.push(l.fence());
+    b.put(b"k".to_vec(), b"v".to_vec());
+    s.commit(b).await.unwrap();
 }
