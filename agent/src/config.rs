@@ -82,7 +82,9 @@ pub enum LogFormat {
 pub struct AgentConfig {
     /// Trust domain of the CA.
     pub trust_domain: TrustDomain,
-    /// The CA's node API, `host:port`.
+    /// The CA's node API, `host:port`; with several CA replicas, a comma-separated list (or
+    /// one name with several addresses): the agent stays with the one that answers and moves
+    /// to the next when it cannot be reached, without attesting again.
     pub server_address: String,
     /// Where the agent keeps its SVID, key and bundle.
     pub data_dir: PathBuf,
@@ -208,6 +210,14 @@ impl AgentConfig {
         self.validate()
     }
 
+    /// The CA addresses in `server_address`, in order.
+    pub fn server_addresses(&self) -> Vec<String> {
+        self.server_address
+            .split(',')
+            .map(|a| a.trim().to_owned())
+            .collect()
+    }
+
     /// Checks consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.limits.max_streams_per_caller == 0 {
@@ -215,14 +225,15 @@ impl AgentConfig {
                 "limits.max_streams_per_caller must be > 0".into(),
             ));
         }
-        let (host, port) = self
-            .server_address
-            .rsplit_once(':')
-            .ok_or_else(|| ConfigError::Invalid("server_address must be host:port".into()))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(ConfigError::Invalid(
-                "server_address must be host:port".into(),
-            ));
+        for a in self.server_addresses() {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "server_address {a:?} must be host:port (several: comma-separated)"
+                )));
+            }
         }
         if !self.socket_path.is_absolute() {
             return Err(ConfigError::Invalid(

@@ -128,7 +128,7 @@ impl Identity {
             Some(c) => Some(c.client.clone()),
             None => s.client_config(None).ok(),
         });
-        ward_net::connector::tls_channel(&cfg.server_address, source)
+        ward_net::connector::tls_channel_any(&cfg.server_addresses(), source)
             .map_err(|e| IdentityError::Local(e.to_string()))
     }
 

@@ -230,3 +230,121 @@ async fn replicas_sign_with_their_own_authorities_and_share_everything_else() {
     eprintln!("leadership moved in {:?}", started.elapsed());
     other.shutdown().await;
 }
+
+fn leaf_of(m: &ward_proto::workload::X509svidResponse) -> Vec<u8> {
+    ward_spiffe::x509::split_der(&m.svids[0].x509_svid).unwrap()[0].clone()
+}
+
+/// The Workload API's current X.509-SVID leaf.
+async fn current_leaf(socket: &std::path::Path) -> Option<Vec<u8>> {
+    let mut c = common::workload_client(socket);
+    let mut s = c
+        .fetch_x509svid(common::with_header(
+            ward_proto::workload::X509svidRequest {},
+        ))
+        .await
+        .ok()?
+        .into_inner();
+    let m = tokio::time::timeout(Duration::from_secs(2), s.message())
+        .await
+        .ok()?
+        .ok()??;
+    Some(leaf_of(&m))
+}
+
+/// An agent given both replicas' addresses: when the one it talks to dies, it renews and
+/// syncs at the other without attesting again (new entries reach it, its SVIDs are renewed
+/// by the other replica's authority); with no CA at all, it keeps serving what it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_to_another_replica_without_attesting_again() {
+    let etcd = Etcd::cluster(3);
+    let dir = tempfile::tempdir().unwrap();
+    let short = |mut cfg: ward_ca::CaConfig| {
+        cfg.ttl.x509_svid = Duration::from_secs(6);
+        cfg
+    };
+    let mk = |name: &'static str| {
+        let mut cfg = short(common::ca_config(&dir.path().join(name), "ha.test"));
+        cfg.store.backend = StoreBackend::Etcd;
+        let mut e = EtcdConfig::new(etcd.endpoints());
+        e.prefix = "/ha/".into();
+        cfg.store.etcd = Some(e);
+        cfg
+    };
+    let a = common::start_ca(mk("a"), Arc::new(ward_spiffe::SystemClock)).await;
+    let b = common::start_ca(mk("b"), Arc::new(ward_spiffe::SystemClock)).await;
+    eventually("both roots in A's bundle file", || {
+        std::fs::read_to_string(&a.bundle_path)
+            .map(|p| p.matches("BEGIN CERTIFICATE").count() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    let mut cfg = common::agent_config(&a, dir.path()).await;
+    cfg.server_address = format!("{},{}", a.node_addr, b.node_addr);
+    let agent = common::start_agent(cfg).await;
+    let agent_id = agent.identity.id().unwrap();
+    let parent = agent_id.to_string();
+    let entry = |name: &str| ward_proto::admin::EntrySpec {
+        spiffe_id: format!("spiffe://ha.test/{name}"),
+        parent_id: parent.clone(),
+        selectors: vec![common::my_uid_selector()],
+        ..Default::default()
+    };
+    let mut admin_b = ward_proto::admin::admin_client::AdminClient::new(
+        ward_net::process::unix_channel(&b.admin_socket),
+    );
+    admin_b.create_entry(entry("one")).await.unwrap();
+    let mut snaps = agent.cache.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snaps.wait_for(|s| {
+            s.entries
+                .values()
+                .any(|e| e.spiffe_id.to_string().ends_with("/one"))
+        }),
+    )
+    .await
+    .expect("entry made at B reaches an agent synced to A")
+    .unwrap();
+
+    // A dies. The next entry and the next SVID come through B.
+    let b_signing = b.core.authorities.current().x509.signing_chain[0].clone();
+    let b_spki = ward_spiffe::x509::spki_der(&b_signing).unwrap();
+    let killed = Instant::now();
+    a.shutdown().await;
+    admin_b.create_entry(entry("two")).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        snaps.wait_for(|s| {
+            s.entries
+                .values()
+                .any(|e| e.spiffe_id.to_string().ends_with("/two"))
+        }),
+    )
+    .await
+    .expect("sync resumed at B")
+    .unwrap();
+    let synced = killed.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let renewed = loop {
+        if let Some(leaf) = current_leaf(&agent.socket_path).await
+            && ward_spiffe::x509::signed_by(&leaf, &b_spki)
+        {
+            break killed.elapsed();
+        }
+        assert!(Instant::now() < deadline, "no SVID renewed by B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("after the replica died: synced at the other in {synced:?}, renewed in {renewed:?}");
+    assert_eq!(
+        agent.identity.id().unwrap(),
+        agent_id,
+        "the agent attested again"
+    );
+
+    // No CA at all: the Workload API still serves the SVIDs it has.
+    b.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(current_leaf(&agent.socket_path).await.is_some());
+    agent.shutdown().await;
+}

@@ -30,33 +30,83 @@ pub enum ConnectError {
 /// A lazily-connecting channel to `addr` (`host:port`) over TLS. Each (re)connection asks
 /// `configs` for the client config to use.
 pub fn tls_channel(addr: &str, configs: ConfigSource) -> Result<Channel, ConnectError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| ConnectError::Address(addr.to_owned()))?
+    tls_channel_any(&[addr.to_owned()], configs)
+}
+
+/// Like [`tls_channel`], over several equivalent servers (CA replicas): a connection goes to
+/// the one that answered last, and when it cannot be reached to the next, in order, so a
+/// client fails over when the channel reconnects. A host name with several addresses is
+/// tried address by address as well.
+pub fn tls_channel_any(addrs: &[String], configs: ConfigSource) -> Result<Channel, ConnectError> {
+    let first = addrs
+        .first()
+        .ok_or_else(|| ConnectError::Address(String::new()))?;
+    for a in addrs {
+        if a.rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(ConnectError::Address(a.clone()));
+        }
+    }
+    let endpoint = Endpoint::from_shared(format!("http://{first}"))
+        .map_err(|_| ConnectError::Address(first.clone()))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    let target = addr.to_owned();
+    let targets: Arc<Vec<String>> = Arc::new(addrs.to_vec());
+    let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let connector = tower::service_fn(move |_uri: Uri| {
         let configs = configs.clone();
-        let target = target.clone();
+        let targets = targets.clone();
+        let last_good = last_good.clone();
         async move {
             let cfg = configs().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::NotConnected, "no TLS credentials yet")
             })?;
-            let tcp = tokio::net::TcpStream::connect(&target).await?;
-            tcp.set_nodelay(true)?;
-            // SPIFFE verification ignores the server name; rustls needs one to build the
-            // ClientHello. IP literals are never sent as SNI.
-            let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let name = ServerName::try_from(host.to_owned())
-                .unwrap_or_else(|_| ServerName::try_from("ward").expect("static name is valid"));
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            let n = targets.len();
+            let start = last_good.load(std::sync::atomic::Ordering::Relaxed) % n;
+            let mut errors = Vec::new();
+            for i in 0..n {
+                let idx = (start + i) % n;
+                match connect_one(&targets[idx], cfg.clone()).await {
+                    Ok(tls) => {
+                        if idx != start {
+                            tracing::info!(server = %targets[idx], "connected to the next server");
+                        }
+                        last_good.store(idx, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(TokioIo::new(tls));
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", targets[idx])),
+                }
+            }
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                errors.join("; "),
+            ))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+async fn connect_one(
+    target: &str,
+    cfg: Arc<ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    tcp.set_nodelay(true)?;
+    // SPIFFE verification ignores the server name; rustls needs one to build the
+    // ClientHello. IP literals are never sent as SNI.
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("ward").expect("static name is valid"));
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
