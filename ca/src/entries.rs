@@ -184,6 +184,22 @@ impl Entry {
     }
 }
 
+/// Another writer committed first.
+#[derive(Debug)]
+struct Raced;
+
+#[derive(Debug)]
+enum PlanError {
+    Raced,
+    Api(ApiError),
+}
+
+impl From<ApiError> for PlanError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
 /// One write of [`EntryRepo::write_many`].
 #[derive(Debug, Clone)]
 pub enum EntryOp {
@@ -334,12 +350,53 @@ impl EntryRepo {
     /// Applies several writes in one atomic, durable commit (one revision and one change record
     /// per write). Each write succeeds or fails on its own: a failing one is left out of the
     /// commit and its error returned in its place. The outer error means nothing was written.
+    ///
+    /// The in-process lock orders this replica's writers; another replica writing at the same
+    /// time makes the revision condition fail, and the writes are planned again on what it
+    /// wrote (a bounded number of times, then `ABORTED`).
     pub async fn write_many(
         &self,
         ops: Vec<EntryOp>,
         now: SystemTime,
     ) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
         let _g = self.write_lock.lock().await;
+        const ATTEMPTS: u32 = 32;
+        for attempt in 1..=ATTEMPTS {
+            match self.try_write_many(ops.clone(), now).await {
+                Err(Raced) if attempt < ATTEMPTS => {
+                    // Back off a little, differently per attempt, so racing replicas interleave.
+                    let ms = u64::from(attempt.min(8)) * rand::random_range(1..=5u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(Raced) => break,
+                Ok(r) => return r,
+            }
+        }
+        Err(ApiError::Aborted(
+            "entries kept changing under concurrent writers (other CA replicas); try again".into(),
+        ))
+    }
+
+    /// One attempt of [`write_many`](Self::write_many); `Err(Raced)` when another writer
+    /// committed between the plan and the commit.
+    async fn try_write_many(
+        &self,
+        ops: Vec<EntryOp>,
+        now: SystemTime,
+    ) -> Result<Result<Vec<Result<Entry, ApiError>>, ApiError>, Raced> {
+        let r = self.plan_and_commit(ops, now).await;
+        match r {
+            Err(PlanError::Raced) => Err(Raced),
+            Err(PlanError::Api(e)) => Ok(Err(e)),
+            Ok(v) => Ok(Ok(v)),
+        }
+    }
+
+    async fn plan_and_commit(
+        &self,
+        ops: Vec<EntryOp>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<Entry, ApiError>>, PlanError> {
         let (raw_rev, mut rev) = self.revision_raw().await?;
         let mut batch = Batch::new();
         // Uniqueness slots and entries as they will be after the writes so far in this batch.
@@ -361,8 +418,12 @@ impl EntryRepo {
         batch
             .require(REVISION_KEY.to_vec(), raw_rev)
             .put(REVISION_KEY.to_vec(), rev.to_string().into_bytes());
-        self.store.commit(batch).await?;
-        Ok(results)
+        match self.store.commit(batch).await {
+            Ok(()) => Ok(results),
+            // The revision (or a slot or entry read for the plan) changed: plan again.
+            Err(ward_store::StoreError::Conflict { .. }) => Err(PlanError::Raced),
+            Err(e) => Err(PlanError::Api(e.into())),
+        }
     }
 
     /// The ID of the entry holding uniqueness slot `key`, if any.

@@ -87,6 +87,23 @@ impl PolicyRepo {
         PolicySet::compile(policies.clone())
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let _g = self.lock.lock().await;
+        // Another replica writing at the same time changes the revision: validate and write
+        // again on what it wrote.
+        for attempt in 1..=32u64 {
+            match self.try_put(&policies).await {
+                Err(ApiError::Aborted(_)) if attempt < 32 => {
+                    let ms = attempt.min(8) * rand::random_range(1..=5u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                r => return r,
+            }
+        }
+        Err(ApiError::Aborted(
+            "policies kept changing under concurrent writers; try again".into(),
+        ))
+    }
+
+    async fn try_put(&self, policies: &[Policy]) -> Result<Vec<PolicyRecord>, ApiError> {
         let current = self.list().await?;
         // ...and together with what stays.
         let mut merged: Vec<Policy> = current
@@ -107,7 +124,7 @@ impl PolicyRepo {
         b.require(REVISION_KEY.to_vec(), raw)
             .put(REVISION_KEY.to_vec(), rev.to_string().into_bytes());
         let mut out = Vec::new();
-        for p in policies {
+        for p in policies.iter().cloned() {
             let rec = PolicyRecord {
                 policy: p,
                 revision: rev,
