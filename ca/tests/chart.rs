@@ -362,6 +362,56 @@ fn the_chart_renders_valid_manifests_and_configs_the_binaries_accept() {
     assert!(np["spec"]["egress"][0]["to"][0]["namespaceSelector"].is_mapping());
 }
 
+/// `ca.replicas: 3` on etcd over TLS: the config the CA accepts names the cluster and its TLS
+/// files, the StatefulSet runs three replicas spread over nodes with the client Secret
+/// mounted, and a PodDisruptionBudget lets one go at a time. The defaults have none of it.
+#[test]
+fn the_chart_runs_ca_replicas_on_etcd() {
+    let (ca, _, docs) = check(&render(None));
+    assert_eq!(ca.store.backend, ward_ca::config::StoreBackend::Sled);
+    assert_eq!(
+        find(&docs, "StatefulSet", "rel-ward-ca")["spec"]["replicas"],
+        1
+    );
+    assert!(!docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
+
+    let (ca, _, docs) = check(&render(Some(&chart().join("ci/ha-values.yaml"))));
+    assert_eq!(ca.store.backend, ward_ca::config::StoreBackend::Etcd);
+    let e = ca.store.etcd.as_ref().unwrap();
+    assert_eq!(e.endpoints.len(), 3);
+    assert_eq!(e.prefix, "/ward/prod/");
+    let tls = e.tls.as_ref().unwrap();
+    assert_eq!(tls.ca, PathBuf::from("/etc/ward/etcd/ca.crt"));
+    assert_eq!(
+        tls.cert.as_deref(),
+        Some(Path::new("/etc/ward/etcd/tls.crt"))
+    );
+    let sts = find(&docs, "StatefulSet", "rel-ward-ca");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    let pod = &sts["spec"]["template"]["spec"];
+    assert!(pod["affinity"]["podAntiAffinity"].is_mapping());
+    let secret_vol = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "etcd-tls")
+        .unwrap();
+    assert_eq!(secret_vol["secret"]["secretName"], "ward-etcd-client");
+    let pdb = find(&docs, "PodDisruptionBudget", "rel-ward-ca");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+
+    // Replicas without etcd, or etcd without endpoints, fail at install with the reason.
+    for (set, want) in [
+        ("ca.replicas=2", "needs ca.store.backend: etcd"),
+        ("ca.store.backend=etcd", "needs ca.store.etcd.endpoints"),
+        ("ca.store.backend=mysql", "/ca/store/backend"),
+    ] {
+        let (ok, _, err) = helm(&["template", "rel", chart().to_str().unwrap(), "--set", set]);
+        assert!(!ok, "--set {set} was accepted");
+        assert!(err.contains(want), "--set {set}: {err}");
+    }
+}
+
 #[test]
 fn wrong_values_fail_at_install_with_the_path() {
     let chart = chart();
