@@ -228,9 +228,11 @@ impl AgentRepo {
         Ok(rec)
     }
 
-    /// Wakes on every agent record change (for sync streams to notice evictions).
-    pub fn watch(&self) -> ward_store::Watch {
-        self.store.watch(b"agent/")
+    /// Wakes on writes of agent `id`'s record (its renewal, eviction, ban) — not on every
+    /// other agent's, so a sync stream costs nothing when another agent renews (an O(agents)
+    /// wake-up per renewal otherwise, and a store read each on etcd).
+    pub fn watch_one(&self, id: &SpiffeId) -> ward_store::Watch {
+        self.store.watch(&agent_key(id))
     }
 }
 

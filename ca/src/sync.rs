@@ -189,7 +189,7 @@ async fn run(
 ) -> Result<(), ApiError> {
     let me = agent.id.to_string();
     let mut changes = core.entries.watch();
-    let mut agents = core.agents.watch();
+    let mut agents = core.agents.watch_one(&agent.id);
     let mut sets = core.authorities.watch();
     let mut stopping = core.stopping.subscribe();
     let mut policies = core.policies.watch();
