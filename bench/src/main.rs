@@ -49,12 +49,18 @@ enum Cmd {
         /// Batches per agent.
         #[arg(long, default_value_t = 20)]
         batches: usize,
+        /// Where the CA keeps its state: `sled`, `etcd` (one member) or `etcd3` (three).
+        #[arg(long, default_value = "sled")]
+        store: procs::StoreKind,
     },
     /// Entry create acknowledged → new SVID on an open FetchX509SVID stream.
     Propagation {
         /// Samples.
         #[arg(long, default_value_t = 50)]
         samples: usize,
+        /// Where the CA keeps its state: `sled`, `etcd` or `etcd3`.
+        #[arg(long, default_value = "sled")]
+        store: procs::StoreKind,
     },
     /// RSS of ward-ca and ward-agent idle and serving N workloads.
     Memory {
@@ -264,8 +270,9 @@ async fn main() -> Result<()> {
             agents,
             batch,
             batches,
-        } => issuance(agents, batch, batches).await,
-        Cmd::Propagation { samples } => propagation(samples).await,
+            store,
+        } => issuance(agents, batch, batches, store).await,
+        Cmd::Propagation { samples, store } => propagation(samples, store).await,
         Cmd::Memory { workloads } => memory(workloads).await,
         Cmd::Workload { socket } => workload(socket).await,
         Cmd::Rotation { agents, rounds } => {
@@ -483,8 +490,13 @@ fn ring_baseline(n: usize, threads: usize) -> Result<f64> {
     Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn issuance(agents: usize, batch: usize, batches: usize) -> Result<()> {
-    let ward = Ward::start_ca("bench.test").await?;
+async fn issuance(
+    agents: usize,
+    batch: usize,
+    batches: usize,
+    store: procs::StoreKind,
+) -> Result<()> {
+    let (ward, _etcd) = Ward::start_ca_on("bench.test", store).await?;
     let mut admin = ward.admin();
     // Attest the simulated agents and give each `batch` entries.
     let mut clients = Vec::new();
@@ -572,7 +584,7 @@ async fn issuance(agents: usize, batch: usize, batches: usize) -> Result<()> {
     let base1 = ring_baseline(20_000, 1)?;
     let base_n = ring_baseline(20_000, threads)?;
     println!(
-        "issuance: {total} SVIDs in {elapsed:.2?} by {agents} agents x {batches} batches of {batch}"
+        "issuance ({store:?} store): {total} SVIDs in {elapsed:.2?} by {agents} agents x {batches} batches of {batch}"
     );
     println!("  end-to-end rate           : {rate:.0} SVIDs/s");
     println!(
@@ -588,9 +600,9 @@ async fn issuance(agents: usize, batch: usize, batches: usize) -> Result<()> {
     Ok(())
 }
 
-async fn propagation(samples: usize) -> Result<()> {
+async fn propagation(samples: usize, store: procs::StoreKind) -> Result<()> {
     use ward_proto::workload::X509svidRequest;
-    let ward = Ward::start_ca("bench.test").await?;
+    let (ward, _etcd) = Ward::start_ca_on("bench.test", store).await?;
     let agent_id = ward.start_agent().await?;
     let mut admin = ward.admin();
     let uid = nix::unistd::getuid().as_raw();
@@ -645,7 +657,7 @@ async fn propagation(samples: usize) -> Result<()> {
     ward.stop().await;
     lat.sort();
     println!(
-        "propagation: entry create acknowledged -> SVID on an open FetchX509SVID stream ({samples} samples)"
+        "propagation ({store:?} store): entry create acknowledged -> SVID on an open FetchX509SVID stream ({samples} samples)"
     );
     println!(
         "  p50 / p99 / max: {:.1?} / {:.1?} / {:.1?}",

@@ -56,12 +56,45 @@ pub(crate) struct Ward {
 impl Ward {
     /// Starts `ward-ca run` for trust domain `td` and waits until its admin socket answers.
     pub(crate) async fn start_ca(td: &str) -> Result<Self> {
+        Ok(Self::start_ca_on(td, StoreKind::Sled).await?.0)
+    }
+
+    /// A CA on the given store; the etcd cluster (if any) lives as long as the returned guard.
+    pub(crate) async fn start_ca_on(
+        td: &str,
+        store: StoreKind,
+    ) -> Result<(Self, Option<ward_testing::etcd::Etcd>)> {
         let dir = tempfile::tempdir()?;
+        let etcd = match store {
+            StoreKind::Sled => None,
+            StoreKind::Etcd => Some(ward_testing::etcd::Etcd::start()),
+            StoreKind::Etcd3 => Some(ward_testing::etcd::Etcd::cluster(3)),
+        };
+        let config = dir.path().join("ca.toml");
+        let endpoints = etcd.as_ref().map(|e| {
+            e.endpoints()
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        std::fs::write(
+            &config,
+            match &endpoints {
+                None => format!("trust_domain = {td:?}\ndata_dir = \"unused\"\n"),
+                Some(eps) => format!(
+                    "trust_domain = {td:?}\ndata_dir = \"unused\"\n[store]\nbackend = \"etcd\"\n\
+                     [store.etcd]\nendpoints = [{eps}]\n"
+                ),
+            },
+        )?;
         let port = free_port()?;
         let node_addr = format!("127.0.0.1:{port}");
         let ca = Command::new(bin("ward-ca")?)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
             .args([
-                "run",
                 "--trust-domain",
                 td,
                 "--bind-address",
@@ -92,7 +125,7 @@ impl Ward {
                     .await
                     .is_ok()
             {
-                return Ok(this);
+                return Ok((this, etcd));
             }
             if Instant::now() > deadline {
                 bail!("ward-ca did not come up");
@@ -318,4 +351,15 @@ pub(crate) fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("{field} not found"))
+}
+
+/// Where a benchmarked CA keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StoreKind {
+    /// The embedded default.
+    Sled,
+    /// A one-member etcd on loopback.
+    Etcd,
+    /// A three-member etcd cluster on loopback.
+    Etcd3,
 }
