@@ -347,6 +347,15 @@ impl EntryRepo {
             .remove(0)
     }
 
+    /// The most writes one [`write_many`](Self::write_many) can hold on this store: each
+    /// write is at most 6 store operations (entry, uniqueness slot and parent index, each
+    /// possibly moved, and its change record) plus the revision, within the store's
+    /// per-transaction limit (etcd: 21; embedded stores: no limit beyond callers' own).
+    pub fn batch_capacity(&self) -> usize {
+        const OPS_PER_WRITE: usize = 6;
+        (self.store.limits().max_ops.saturating_sub(1) / OPS_PER_WRITE).max(1)
+    }
+
     /// Applies several writes in one atomic, durable commit (one revision and one change record
     /// per write). Each write succeeds or fails on its own: a failing one is left out of the
     /// commit and its error returned in its place. The outer error means nothing was written.

@@ -209,3 +209,53 @@ async fn a_ca_reaches_etcd_over_tls_with_a_client_certificate() {
         .unwrap();
     ca.shutdown().await;
 }
+
+/// The Kubernetes controller writes its entries in transactions etcd accepts (128 operations
+/// at most): 150 pods become 150 entries on a CA on etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_controller_fits_its_writes_into_etcd_transactions() {
+    use common::k8s::{cluster, eventually, node, pod};
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = ward_testing::kube::FakeKube::start().await;
+    fake.put(&node("n1", "node-1"));
+    fake.put_json(
+        "namespaces",
+        serde_json::json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "shop" } }),
+    );
+    for i in 0..150 {
+        fake.put(&pod(
+            "shop",
+            &format!("p{i}"),
+            &format!("uid-{i}"),
+            "n1",
+            &format!("sa{i}"),
+        ));
+    }
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "k8s.test");
+    cfg.kubernetes.clusters = vec![cluster(&fake, dir.path())];
+    cfg.store.backend = StoreBackend::Etcd;
+    cfg.store.etcd = Some(EtcdConfig::new(etcd.endpoints()));
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    eventually("150 generated entries on etcd", || {
+        let ca = &ca;
+        async move {
+            let n = ca
+                .core
+                .entries
+                .list(None, None)
+                .await
+                .map_err(|e| e.to_string())?
+                .iter()
+                .filter(|e| e.origin.starts_with("k8s/"))
+                .count();
+            if n == 150 {
+                Ok(())
+            } else {
+                Err(format!("{n} entries"))
+            }
+        }
+    })
+    .await;
+    ca.shutdown().await;
+}

@@ -986,8 +986,10 @@ impl Controller {
         let mut retry: Vec<String> = Vec::new();
         let mut extra_failures: Vec<(String, String, String)> = Vec::new();
         let mut done = 0;
+        // Within the store's transaction limit too (etcd's 128 operations).
+        let chunk_size = WRITE_CHUNK.min(self.core.entries.batch_capacity());
         while done < ops.len() {
-            let end = (done + WRITE_CHUNK).min(ops.len());
+            let end = (done + chunk_size).min(ops.len());
             let chunk: Vec<EntryOp> = ops[done..end].to_vec();
             let results = match self
                 .core

@@ -543,9 +543,23 @@ pub async fn run(
             continue;
         }
         let n = ops.len();
-        if let Err(e) = core.services.write(ops, &origin).await {
-            tracing::error!(cluster = %cluster, error = %e, "cannot write services");
-        } else {
+        // One write is a condition and an operation per service: keep each within the
+        // store's transaction limit (etcd: 128), one commit per chunk.
+        let per_commit = core
+            .store
+            .limits()
+            .max_ops
+            .saturating_sub(1)
+            .clamp(1, 10_000);
+        let mut failed = false;
+        for chunk in ops.chunks(per_commit) {
+            if let Err(e) = core.services.write(chunk.to_vec(), &origin).await {
+                tracing::error!(cluster = %cluster, error = %e, "cannot write services");
+                failed = true;
+                break;
+            }
+        }
+        if !failed {
             tracing::debug!(cluster = %cluster, services = n, "services updated");
         }
     }
