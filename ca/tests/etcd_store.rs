@@ -259,3 +259,96 @@ async fn the_kubernetes_controller_fits_its_writes_into_etcd_transactions() {
     .await;
     ca.shutdown().await;
 }
+
+async fn create(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+    name: &str,
+) -> Result<(), tonic::Status> {
+    admin
+        .create_entry(entry(name, "spiffe://etcd.test/ward/agent/x"))
+        .await
+        .map(|_| ())
+}
+
+/// On three etcd members: killing the raft leader costs writes only until the survivors elect
+/// another; killing a majority makes the CA not ready and refuse writes; bringing the
+/// members back makes it ready again without a restart, with every acknowledged write there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rides_out_the_etcd_leader_and_a_lost_majority() {
+    let mut etcd = Etcd::cluster(3);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "etcd.test");
+    cfg.store.backend = StoreBackend::Etcd;
+    let mut e = EtcdConfig::new(etcd.endpoints());
+    e.request_timeout = Duration::from_secs(1);
+    cfg.store.etcd = Some(e);
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    let mut admin = AdminClient::new(ward_net::process::unix_channel(&ca.admin_socket));
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        create(&mut admin, &format!("before{i}")).await.unwrap();
+        acked.push(format!("before{i}"));
+    }
+
+    let leader = etcd.leader().expect("a raft leader");
+    etcd.kill(leader);
+    let killed = Instant::now();
+    let mut i = 0;
+    let resumed = loop {
+        let name = format!("during{i}");
+        match create(&mut admin, &name).await {
+            Ok(()) => {
+                acked.push(name);
+                break killed.elapsed();
+            }
+            // A write that timed out may have been applied (not acknowledged: not counted).
+            Err(e)
+                if e.code() == Code::Unavailable && killed.elapsed() < Duration::from_secs(20) =>
+            {
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    eprintln!("writes resumed {resumed:?} after the etcd leader was killed");
+
+    // A majority gone: not ready, writes refused.
+    let second = (0..3).find(|m| *m != leader).unwrap();
+    etcd.kill(second);
+    let body = until_ready(ca.health_addr, 503).await;
+    assert!(body.contains("store"), "{body}");
+    let err = create(&mut admin, "no-quorum").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Back: ready and writing again, and every acknowledged entry is there.
+    etcd.restart(leader);
+    etcd.restart(second);
+    etcd.wait_healthy(leader);
+    until_ready(ca.health_addr, 200).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match create(&mut admin, "after").await {
+            Ok(()) => break,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    acked.push("after".into());
+    let listed: Vec<String> = admin
+        .list_entries(ward_proto::admin::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.spiffe_id)
+        .collect();
+    for name in &acked {
+        let id = format!("spiffe://etcd.test/{name}");
+        assert!(listed.contains(&id), "acknowledged {id} is missing");
+    }
+    ca.shutdown().await;
+}

@@ -228,6 +228,27 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// The member that is the raft leader now (from its `etcd_server_is_leader` metric).
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.child.is_some()
+                && get(m.metrics, "/metrics")
+                    .is_some_and(|b| b.contains("\netcd_server_is_leader 1"))
+        })
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: etcd\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
 /// One HTTP/1.0 GET of `/health`.
 fn health(addr: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
