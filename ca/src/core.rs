@@ -77,6 +77,9 @@ pub struct CaCore {
     pub clusters: crate::k8s::psat::Clusters,
     /// Signings per agent.
     pub signing: crate::limits::SigningLimiter,
+    /// This replica's standing in the election for the singleton work; its fence goes with
+    /// every store write of that work.
+    pub leadership: Arc<ward_store::Leadership>,
 }
 
 impl CaCore {
@@ -87,6 +90,7 @@ impl CaCore {
         keys: Arc<dyn KeyManager>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
+        let leadership = Arc::new(store.elect("ca-singletons", keys.holder()));
         let authorities = Authorities::open(&cfg, store.clone(), keys, clock.clone()).await?;
         let metrics = Metrics::new();
         let clusters = crate::k8s::psat::Clusters::new(
@@ -110,6 +114,7 @@ impl CaCore {
             cfg,
             stopping: tokio::sync::watch::channel(false).0,
             clusters,
+            leadership,
         };
         core.update_gauges();
         Ok(core)

@@ -368,10 +368,22 @@ impl EntryRepo {
         ops: Vec<EntryOp>,
         now: SystemTime,
     ) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
+        self.write_many_fenced(ops, now, None).await
+    }
+
+    /// [`write_many`](Self::write_many) for singleton work: the commit also requires `fence`
+    /// (the leadership condition), so a replica that no longer leads writes nothing and gets
+    /// `FAILED_PRECONDITION`.
+    pub async fn write_many_fenced(
+        &self,
+        ops: Vec<EntryOp>,
+        now: SystemTime,
+        fence: Option<ward_store::Condition>,
+    ) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
         let _g = self.write_lock.lock().await;
         const ATTEMPTS: u32 = 32;
         for attempt in 1..=ATTEMPTS {
-            match self.try_write_many(ops.clone(), now).await {
+            match self.try_write_many(ops.clone(), now, fence.as_ref()).await {
                 Err(Raced) if attempt < ATTEMPTS => {
                     // Back off a little, differently per attempt, so racing replicas interleave.
                     let ms = u64::from(attempt.min(8)) * rand::random_range(1..=5u64);
@@ -392,8 +404,9 @@ impl EntryRepo {
         &self,
         ops: Vec<EntryOp>,
         now: SystemTime,
+        fence: Option<&ward_store::Condition>,
     ) -> Result<Result<Vec<Result<Entry, ApiError>>, ApiError>, Raced> {
-        let r = self.plan_and_commit(ops, now).await;
+        let r = self.plan_and_commit(ops, now, fence).await;
         match r {
             Err(PlanError::Raced) => Err(Raced),
             Err(PlanError::Api(e)) => Ok(Err(e)),
@@ -405,6 +418,7 @@ impl EntryRepo {
         &self,
         ops: Vec<EntryOp>,
         now: SystemTime,
+        fence: Option<&ward_store::Condition>,
     ) -> Result<Vec<Result<Entry, ApiError>>, PlanError> {
         let (raw_rev, mut rev) = self.revision_raw().await?;
         let mut batch = Batch::new();
@@ -427,8 +441,16 @@ impl EntryRepo {
         batch
             .require(REVISION_KEY.to_vec(), raw_rev)
             .put(REVISION_KEY.to_vec(), rev.to_string().into_bytes());
+        batch.conditions.extend(fence.cloned());
         match self.store.commit(batch).await {
             Ok(()) => Ok(results),
+            Err(ward_store::StoreError::Conflict { key })
+                if fence.is_some_and(|f| key.as_bytes() == f.key.as_slice()) =>
+            {
+                Err(PlanError::Api(ApiError::FailedPrecondition(
+                    "this replica no longer leads; the new leader does this work".into(),
+                )))
+            }
             // The revision (or a slot or entry read for the plan) changed: plan again.
             Err(ward_store::StoreError::Conflict { .. }) => Err(PlanError::Raced),
             Err(e) => Err(PlanError::Api(e.into())),

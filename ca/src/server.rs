@@ -17,7 +17,7 @@ use ward_store::{EtcdStore, Store};
 use crate::admin_api::AdminService;
 use crate::config::CaConfig;
 use crate::core::CaCore;
-use crate::keys::{DiskKeyManager, KeyManager};
+use crate::keys::DiskKeyManager;
 use crate::node_api::NodeService;
 
 /// Why the CA could not start.
@@ -138,9 +138,6 @@ impl CaServer {
             DiskKeyManager::open(&cfg.data_dir.join("keys"))
                 .map_err(|e| StartError::Authority(e.to_string()))?,
         );
-        // Singleton work (Kubernetes controllers, the bundle ConfigMap, change-log
-        // compaction) runs on one elected replica; an embedded store's only one leads at once.
-        let leadership = Arc::new(store.elect("ca-singletons", keys.holder()));
         let core = Arc::new(
             CaCore::open(cfg.clone(), store, keys, clock.clone())
                 .await
@@ -291,7 +288,7 @@ impl CaServer {
         // Background: rotation, bundle publication, server SVID renewal, log compaction.
         let mut rx = shutdown_rx.clone();
         let (c, s, bp) = (core.clone(), sink.clone(), bundle_path.clone());
-        let lead = leadership.clone();
+        let lead = core.leadership.clone();
         tasks.push(tokio::spawn(async move {
             let mut sets = c.authorities.watch();
             let mut published = sets.borrow_and_update().bundle.sequence;
@@ -359,8 +356,10 @@ impl CaServer {
             let core = core.clone();
             move |stop: watch::Receiver<bool>| singleton_tasks(&core, &stop)
         };
+        // Singleton work (Kubernetes controllers, the bundle ConfigMap, change-log
+        // compaction) runs on one elected replica; an embedded store's only one leads at once.
         tasks.push(tokio::spawn(while_leading(
-            leadership.clone(),
+            core.leadership.clone(),
             core.metrics.leader.clone(),
             shutdown_rx.clone(),
             singletons,

@@ -221,6 +221,39 @@ async fn replicas_sign_with_their_own_authorities_and_share_everything_else() {
     } else {
         (b, a)
     };
+    // Singleton writes carry the leadership fence: the follower's are refused, the leader's
+    // go through.
+    async fn fenced(
+        ca: &CaServer,
+        name: &str,
+    ) -> Result<
+        Vec<Result<ward_ca::entries::Entry, ward_ca::error::ApiError>>,
+        ward_ca::error::ApiError,
+    > {
+        let op = ward_ca::entries::EntryOp::Create {
+            id: ward_ca::core::CaCore::new_entry_id(),
+            spec: ward_ca::entries::EntrySpec {
+                spiffe_id: format!("spiffe://ha.test/{name}"),
+                parent_id: "spiffe://ha.test/ward/agent/x".into(),
+                selectors: vec!["unix:uid:7".into()],
+                ..Default::default()
+            },
+            origin: "k8s/test".into(),
+        };
+        ca.core
+            .entries
+            .write_many_fenced(
+                vec![op],
+                std::time::SystemTime::now(),
+                Some(ca.core.leadership.fence()),
+            )
+            .await
+    }
+    let e = fenced(&other, "from-follower").await.unwrap_err();
+    assert!(e.to_string().contains("no longer leads"), "{e}");
+    let r = fenced(&leader, "from-leader").await.unwrap();
+    assert!(r[0].is_ok(), "{r:?}");
+
     let started = Instant::now();
     leader.shutdown().await;
     eventually("the other replica leads", || {

@@ -994,7 +994,11 @@ impl Controller {
             let results = match self
                 .core
                 .entries
-                .write_many(chunk, self.core.clock.now())
+                .write_many_fenced(
+                    chunk,
+                    self.core.clock.now(),
+                    Some(self.core.leadership.fence()),
+                )
                 .await
             {
                 Ok(r) => r,
