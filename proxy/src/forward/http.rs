@@ -79,7 +79,13 @@ where
             l.shared.obs.metrics.http_limit(&l.name, "idle_timeout");
             tracing::debug!(listener = %l.name, "idle HTTP connection closed");
             served.as_mut().graceful_shutdown();
-            served.await
+            // HTTP/2's graceful close waits for the client to answer a PING, with no limit of
+            // its own: a client that stays silent would keep the connection (and its place
+            // under the caps) for ever. Idle for another period after GOAWAY: cut.
+            tokio::select! {
+                r = served.as_mut() => r,
+                () = activity.until_idle(l.shared.idle_timeout) => Ok(()),
+            }
         }
     };
     if let Err(e) = r {
@@ -634,5 +640,97 @@ async fn mesh(
             ));
             peer_failed(l, rec, "mesh", r, grpc)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::pipeline::{RoleCfg, Shared};
+
+    fn listener(idle_timeout: Duration) -> Arc<ListenerCtx> {
+        let sink = crate::identity::new_sink(false);
+        let metrics = crate::metrics::Metrics::new();
+        let shared = Arc::new(Shared {
+            server_tls: crate::pipeline::server_tls(sink.clone()),
+            sink,
+            authz: Arc::new(crate::authz::Authz::new(
+                &Default::default(),
+                metrics.clone(),
+            )),
+            obs: crate::observe::Observer { log: None, metrics },
+            header: http::HeaderName::from_static("x-ward-peer-id"),
+            apps: Default::default(),
+            upstreams: Default::default(),
+            discovery: None,
+            balancer: Default::default(),
+            discovery_cfg: Default::default(),
+            egress: None,
+            forward_method_override: false,
+            http_limits: Default::default(),
+            idle_timeout,
+            gateway: None,
+        });
+        Arc::new(ListenerCtx {
+            name: "out".into(),
+            port: 4140,
+            protocol: crate::config::Protocol::Http,
+            role: RoleCfg::Outbound {
+                upstream: "127.0.0.1:1".into(),
+                expected: vec![],
+            },
+            shared,
+        })
+    }
+
+    /// Found by the `proxy_http` fuzzer: an HTTP/2 client that never acknowledges the PING of
+    /// the graceful close kept an idle connection open for ever.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_http2_client_that_stays_silent_is_cut() {
+        let idle = Duration::from_secs(10);
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let conn = ConnInfo {
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            peer: None,
+            orig_dst: None,
+            port: 4140,
+            target: String::new(),
+            app_protocol: AppProtocol::Auto,
+            hello: None,
+        };
+        let served = tokio::spawn(serve(
+            listener(idle),
+            server,
+            conn,
+            CancellationToken::new(),
+        ));
+        // The preface and an empty SETTINGS, then silence (no SETTINGS or PING ACK).
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(idle * 3, client.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "the connection was still open after {:?}",
+            idle * 3
+        );
+        tokio::time::timeout(idle, served).await.unwrap().unwrap();
+        // It was told: GOAWAY (type 7) before the cut.
+        let mut rest = &out[..];
+        let mut types = Vec::new();
+        while rest.len() >= 9 {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            types.push(rest[3]);
+            rest = &rest[(9 + len).min(rest.len())..];
+        }
+        assert!(types.contains(&7), "frames {types:?}");
     }
 }
