@@ -26,11 +26,25 @@ const MAX_KEYS: usize = 1024;
 
 /// Dials a fixed address, whatever the request URI names (the URI keeps the client's
 /// authority, so the application sees its original Host).
-#[derive(Debug, Clone)]
-pub struct AppConnector(Arc<str>);
+#[derive(Clone)]
+pub struct AppConnector {
+    addr: Arc<str>,
+    memory: Option<MemoryDial>,
+}
+
+impl std::fmt::Debug for AppConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AppConnector").field(&self.addr).finish()
+    }
+}
+
+/// For the fuzzer: opens an in-memory connection to the application at an address, so the
+/// HTTP stage can be driven without sockets.
+#[doc(hidden)]
+pub type MemoryDial = Arc<dyn Fn(&str) -> tokio::io::DuplexStream + Send + Sync>;
 
 impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<AppIo>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
@@ -39,8 +53,85 @@ impl tower_service::Service<Uri> for AppConnector {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        let addr = self.0.clone();
-        Box::pin(async move { Ok(TokioIo::new(dial(&addr).await?)) })
+        let addr = self.addr.clone();
+        if let Some(dial) = &self.memory {
+            let io = dial(&addr);
+            return Box::pin(async move { Ok(TokioIo::new(AppIo::Memory(io))) });
+        }
+        Box::pin(async move { Ok(TokioIo::new(AppIo::Tcp(dial(&addr).await?))) })
+    }
+}
+
+/// A connection to an application: TCP or (only for the fuzzer) in memory.
+#[derive(Debug)]
+pub enum AppIo {
+    /// TCP.
+    Tcp(TcpStream),
+    /// For the fuzzer: an in-memory stream.
+    #[doc(hidden)]
+    Memory(tokio::io::DuplexStream),
+}
+
+impl tokio::io::AsyncRead for AppIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            AppIo::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            AppIo::Memory(m) => Pin::new(m).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for AppIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            AppIo::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            AppIo::Memory(m) => Pin::new(m).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            AppIo::Tcp(t) => Pin::new(t).poll_flush(cx),
+            AppIo::Memory(m) => Pin::new(m).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            AppIo::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            AppIo::Memory(m) => Pin::new(m).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            AppIo::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            AppIo::Memory(m) => Pin::new(m).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            AppIo::Tcp(t) => t.is_write_vectored(),
+            AppIo::Memory(m) => m.is_write_vectored(),
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for AppIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        match self {
+            AppIo::Tcp(t) => t.connected(),
+            AppIo::Memory(_) => hyper_util::client::legacy::connect::Connected::new(),
+        }
     }
 }
 
@@ -63,23 +154,52 @@ pub struct AppClient {
 }
 
 /// Clients per application address.
-#[derive(Debug, Default)]
-pub struct AppClients(RwLock<HashMap<Arc<str>, Arc<AppClient>>>);
+#[derive(Default)]
+pub struct AppClients {
+    clients: RwLock<HashMap<Arc<str>, Arc<AppClient>>>,
+    memory: Option<MemoryDial>,
+}
+
+impl std::fmt::Debug for AppClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppClients")
+            .field("clients", &self.clients)
+            .finish_non_exhaustive()
+    }
+}
 
 impl AppClients {
+    /// For the fuzzer: clients whose connections to every application come from `dial`
+    /// rather than TCP.
+    #[doc(hidden)]
+    pub fn in_memory(dial: MemoryDial) -> Self {
+        Self {
+            clients: RwLock::default(),
+            memory: Some(dial),
+        }
+    }
+
     /// The clients for `addr`.
     pub fn get(&self, addr: &str) -> Arc<AppClient> {
-        if let Some(c) = self.0.read().unwrap_or_else(|p| p.into_inner()).get(addr) {
+        if let Some(c) = self
+            .clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+        {
             return c.clone();
         }
-        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.clients.write().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_KEYS {
             map.clear();
         }
         let key: Arc<str> = Arc::from(addr);
         map.entry(key.clone())
             .or_insert_with(|| {
-                let c = AppConnector(key);
+                let c = AppConnector {
+                    addr: key,
+                    memory: self.memory.clone(),
+                };
                 Arc::new(AppClient {
                     h1: Client::builder(TokioExecutor::new())
                         .timer(TokioTimer::new())
