@@ -167,6 +167,12 @@ impl ServiceRepo {
         Ok(out)
     }
 
+    /// The most services one [`write`](Self::write) can hold on this store: each is a
+    /// condition, its record and its change record, plus the revision.
+    pub fn batch_capacity(&self) -> usize {
+        (self.store.limits().max_ops.saturating_sub(1) / 2).max(1)
+    }
+
     /// Deletes one service kept by `origin`.
     pub async fn delete(&self, name: &str, origin: &str) -> Result<(), ApiError> {
         if self.get(name).await?.is_none() {
@@ -212,13 +218,15 @@ impl ServiceRepo {
             return Ok(());
         }
         let floor = rev - KEEP_CHANGES;
+        // Within the store's transaction limit (etcd: 128 operations), with the floor put.
+        let size = self.store.limits().max_ops.saturating_sub(1).clamp(1, 512);
         loop {
-            let page = self.store.scan(CHANGE_PREFIX, None, 512).await?;
+            let page = self.store.scan(CHANGE_PREFIX, None, size).await?;
             let old: Vec<_> = page
                 .into_iter()
                 .filter(|(k, _)| *k < change_key(floor))
                 .collect();
-            let more = old.len() == 512;
+            let more = old.len() == size;
             let mut b = Batch::new();
             for (k, _) in old {
                 b.delete(k);

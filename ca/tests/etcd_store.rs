@@ -352,3 +352,56 @@ async fn a_ca_rides_out_the_etcd_leader_and_a_lost_majority() {
     }
     ca.shutdown().await;
 }
+
+/// The service controller, too: 150 Kubernetes Services become 150 mesh services on a CA on
+/// etcd (two store operations each: one commit of them all would be far over etcd's 128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_controller_fits_its_writes_into_etcd_transactions() {
+    use common::k8s::{cluster, ep, eventually, node, pod, service, slice};
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = ward_testing::kube::FakeKube::start().await;
+    fake.put(&node("n1", "node-1"));
+    fake.put(&pod("shop", "api-1", "u1", "n1", "api"));
+    for i in 0..150 {
+        fake.put_json(
+            "services",
+            service(
+                &format!("s{i}"),
+                &format!("10.96.{}.{}", i / 200, 1 + i % 200),
+            ),
+        );
+        fake.put_json(
+            "endpointslices",
+            slice(
+                &format!("s{i}-a"),
+                &format!("s{i}"),
+                serde_json::json!([ep("10.1.0.1", "api-1", "u1", true, false)]),
+            ),
+        );
+    }
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "k8s.test");
+    cfg.kubernetes.clusters = vec![cluster(&fake, dir.path())];
+    cfg.store.backend = StoreBackend::Etcd;
+    cfg.store.etcd = Some(EtcdConfig::new(etcd.endpoints()));
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    eventually("150 services on etcd", || {
+        let ca = &ca;
+        async move {
+            let n = ca
+                .core
+                .services
+                .list()
+                .await
+                .map_err(|e| e.to_string())?
+                .len();
+            if n == 150 {
+                Ok(())
+            } else {
+                Err(format!("{n} services"))
+            }
+        }
+    })
+    .await;
+    ca.shutdown().await;
+}

@@ -543,14 +543,8 @@ pub async fn run(
             continue;
         }
         let n = ops.len();
-        // One write is a condition and an operation per service: keep each within the
-        // store's transaction limit (etcd: 128), one commit per chunk.
-        let per_commit = core
-            .store
-            .limits()
-            .max_ops
-            .saturating_sub(1)
-            .clamp(1, 10_000);
+        // Keep each commit within the store's transaction limit (etcd: 128 operations).
+        let per_commit = core.services.batch_capacity();
         let mut failed = false;
         for chunk in ops.chunks(per_commit) {
             if let Err(e) = core.services.write(chunk.to_vec(), &origin).await {
