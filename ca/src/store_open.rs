@@ -53,14 +53,15 @@ pub(crate) async fn open(cfg: &CaConfig) -> Result<Opened, String> {
 }
 
 fn options(e: &EtcdConfig) -> Result<EtcdOptions, String> {
-    let mut opts = match &e.tls {
+    let members = match &e.tls {
         None => {
-            EtcdOptions::plaintext(&e.endpoints, e.prefix.as_bytes()).map_err(|e| e.to_string())?
+            EtcdOptions::plaintext(&e.endpoints, e.prefix.as_bytes())
+                .map_err(|e| e.to_string())?
+                .members
         }
         Some(tls) => {
             let cfg = Arc::new(client_config(tls)?);
-            let members = e
-                .endpoints
+            e.endpoints
                 .iter()
                 .map(|ep| {
                     let addr = ep.trim_start_matches("https://");
@@ -70,23 +71,16 @@ fn options(e: &EtcdConfig) -> Result<EtcdOptions, String> {
                             .map_err(|err| err.to_string())?;
                     Ok((ep.clone(), ch))
                 })
-                .collect::<Result<Vec<_>, String>>()?;
-            EtcdOptions {
-                members,
-                prefix: e.prefix.as_bytes().to_vec(),
-                request_timeout: e.request_timeout,
-                limits: Limits::ETCD_DEFAULT,
-                lease_ttl: std::time::Duration::from_secs(5),
-            }
+                .collect::<Result<Vec<_>, String>>()?
         }
     };
-    opts.request_timeout = e.request_timeout;
-    opts.limits = Limits {
-        max_ops: e.max_txn_ops,
-        // The envelope of the raft request around the Txn.
-        max_bytes: e.max_request_bytes.saturating_sub(4096),
-    };
-    Ok(opts)
+    Ok(EtcdOptions {
+        members,
+        prefix: e.prefix.as_bytes().to_vec(),
+        request_timeout: e.request_timeout,
+        limits: Limits::etcd(e.max_txn_ops, e.max_request_bytes),
+        lease_ttl: std::time::Duration::from_secs(5),
+    })
 }
 
 /// A webpki client config (etcd's certificates are ordinary server certificates, checked

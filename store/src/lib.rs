@@ -64,12 +64,17 @@ impl Limits {
         max_ops: usize::MAX,
         max_bytes: usize::MAX,
     };
-    /// etcd's defaults: `--max-txn-ops=128`, `--max-request-bytes=1572864` (less a margin
-    /// for the request's envelope).
-    pub const ETCD_DEFAULT: Self = Self {
-        max_ops: 128,
-        max_bytes: 1_572_864 - 4096,
-    };
+    /// etcd's defaults: `--max-txn-ops=128`, `--max-request-bytes=1572864`.
+    pub const ETCD_DEFAULT: Self = Self::etcd(128, 1_572_864);
+
+    /// The limits of an etcd cluster run with `--max-txn-ops` and `--max-request-bytes`
+    /// (less a margin for the raft request's envelope around the Txn).
+    pub const fn etcd(max_txn_ops: usize, max_request_bytes: usize) -> Self {
+        Self {
+            max_ops: max_txn_ops,
+            max_bytes: max_request_bytes.saturating_sub(4096),
+        }
+    }
 }
 
 /// One write in a batch.

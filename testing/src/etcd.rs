@@ -239,6 +239,7 @@ impl Etcd {
     }
 }
 
+/// One HTTP/1.0 GET; the whole response, head and body.
 fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -249,20 +250,9 @@ fn get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(body)
 }
 
-/// One HTTP/1.0 GET of `/health`.
+/// Whether the member's `/health` says it has a leader.
 fn health(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.contains("\"health\":\"true\"")
+    get(addr, "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
 }
 
 impl Drop for Etcd {

@@ -99,32 +99,38 @@ impl Records {
 
     /// Every X.509 authority of every replica (records from before replicas are this one's).
     pub(super) async fn x509_records(&self) -> Result<Vec<X509Record>, ApiError> {
-        let mut out: Vec<X509Record> = scan_all(self.store.as_ref(), Kind::X509.prefix())
-            .await?
-            .iter()
-            .map(|(k, v)| db::decode(k, v))
-            .collect::<Result<_, _>>()?;
+        let mut out: Vec<X509Record> = self.decode_all(Kind::X509).await?;
         for r in &mut out {
-            if r.holder.is_empty() {
-                r.holder = self.holder().to_owned();
-            }
+            self.own_if_unnamed(&mut r.holder);
         }
         Ok(out)
     }
 
     /// Every JWT authority of every replica.
     pub(super) async fn jwt_records(&self) -> Result<Vec<JwtRecord>, ApiError> {
-        let mut out: Vec<JwtRecord> = scan_all(self.store.as_ref(), Kind::Jwt.prefix())
+        let mut out: Vec<JwtRecord> = self.decode_all(Kind::Jwt).await?;
+        for r in &mut out {
+            self.own_if_unnamed(&mut r.holder);
+        }
+        Ok(out)
+    }
+
+    async fn decode_all<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: Kind,
+    ) -> Result<Vec<T>, ApiError> {
+        scan_all(self.store.as_ref(), kind.prefix())
             .await?
             .iter()
             .map(|(k, v)| db::decode(k, v))
-            .collect::<Result<_, _>>()?;
-        for r in &mut out {
-            if r.holder.is_empty() {
-                r.holder = self.holder().to_owned();
-            }
+            .collect()
+    }
+
+    /// A record written before replicas names no holder: it is this (the only) replica's.
+    fn own_if_unnamed(&self, holder: &mut String) {
+        if holder.is_empty() {
+            *holder = self.holder().to_owned();
         }
-        Ok(out)
     }
 
     /// The authorities of `kind` held by `holder`.
