@@ -90,6 +90,13 @@ impl CaCore {
         keys: Arc<dyn KeyManager>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
+        let indexed = crate::audit::index_log(store.as_ref(), clock.now()).await?;
+        if indexed > 0 {
+            tracing::info!(
+                svids = indexed,
+                "indexed the unexpired SVIDs of the issuance log by holder"
+            );
+        }
         let leadership = Arc::new(store.elect("ca-singletons", keys.holder()));
         let authorities = Authorities::open(&cfg, store.clone(), keys, clock.clone()).await?;
         let metrics = Metrics::new();
@@ -399,23 +406,63 @@ impl CaCore {
         let started = std::time::Instant::now();
         let now = self.clock.now();
         let mut results = Vec::with_capacity(params.len());
-        let mut b = Batch::new();
+        // One commit per group that fits the store's transaction (etcd: 128 operations): the
+        // items are independent, and each is acknowledged only once its group is durable.
+        let limits = self.store.limits();
+        let mut group = Batch::new();
+        let mut members = Vec::new();
         for (entry_id, csr) in params {
-            let r = self.sign_one(agent, &entry_id, &csr, now, &mut b).await;
+            let mut item = Batch::new();
+            let r = self.sign_one(agent, &entry_id, &csr, now, &mut item).await;
             if r.is_err() {
                 self.metrics.refused("x509");
+            } else {
+                let mut both = group.clone();
+                both.append(item.clone());
+                if !group.is_empty() && !limits.admits(&both) {
+                    self.commit_group(std::mem::take(&mut group), &mut members, &mut results)
+                        .await?;
+                }
+                group.append(item);
+                members.push(results.len());
             }
             results.push(r);
         }
-        if !b.ops.is_empty() {
-            self.store.commit(b).await?;
-        }
+        self.commit_group(group, &mut members, &mut results).await?;
         let n = results.iter().filter(|r| r.is_ok()).count() as u64;
         self.metrics.issued("x509", n);
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(results)
+    }
+
+    /// Commits one group of [`sign_batch`](Self::sign_batch). When an earlier group is already
+    /// durable, a failed one fails only its own items; otherwise the call fails.
+    async fn commit_group(
+        &self,
+        group: Batch,
+        members: &mut Vec<usize>,
+        results: &mut [Result<Issued, ApiError>],
+    ) -> Result<(), ApiError> {
+        let items = std::mem::take(members);
+        if group.is_empty() {
+            return Ok(());
+        }
+        let first = items.first().copied().unwrap_or(0);
+        let earlier_durable = results[..first].iter().any(|r| r.is_ok());
+        match self.store.commit(group).await {
+            Ok(()) => Ok(()),
+            Err(e) if earlier_durable => {
+                let e = ApiError::from(e);
+                tracing::warn!(error = %e, items = items.len(), "a group of signed SVIDs was not recorded");
+                for i in items {
+                    results[i] = Err(ApiError::Unavailable(e.to_string()));
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn sign_one(

@@ -7,7 +7,9 @@
 //! - `change/<rev:020>` — entry change log, read by agent sync streams
 //! - `agent/<spiffe-id>` — attested agents; `token/<sha256(token)>` — unused join tokens
 //! - `authority/x509/<id>`, `authority/jwt/<kid>`, `bundle` — authorities and the bundle
-//! - `audit/<nanos:020>-<rand>` — append-only issuance log
+//! - `audit/<nanos:020>-<rand>` — issuance log, kept for `[audit] retention`
+//! - `live/x509/<holder>`, `live/jwt/<kid>\0<holder>` — the newest SVID of each holder, by
+//!   authority; `meta/live-index` — set once the index covers the log
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;

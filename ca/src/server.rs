@@ -320,8 +320,15 @@ impl CaServer {
                             }
                         }
                         compact += 1;
-                        if compact.is_multiple_of(30) && lead.is_leader() && let Err(e) = c.entries.compact_changes(KEEP_CHANGES, Some(lead.fence())).await {
-                            tracing::warn!(error = %e, "change log compaction failed");
+                        if compact.is_multiple_of(30) && lead.is_leader() {
+                            if let Err(e) = c.entries.compact_changes(KEEP_CHANGES, Some(lead.fence())).await {
+                                tracing::warn!(error = %e, "change log compaction failed");
+                            }
+                            match crate::audit::prune(c.store.as_ref(), c.clock.now(), c.cfg.audit.retention, Some(lead.fence())).await {
+                                Ok(p) if p.records + p.expired > 0 => tracing::info!(records = p.records, expired = p.expired, "issuance log pruned"),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "issuance log pruning failed"),
+                            }
                         }
                         c.update_gauges();
                     }

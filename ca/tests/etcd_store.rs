@@ -405,3 +405,66 @@ async fn the_service_controller_fits_its_writes_into_etcd_transactions() {
     .await;
     ca.shutdown().await;
 }
+
+/// A node whose workloads all start at once: the agent asks for 150 SVIDs in one batch, more
+/// than one etcd transaction holds (128 operations) once each carries its issuance record. The
+/// CA commits them in groups that fit, and every workload gets its SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_csrs_larger_than_one_etcd_transaction_is_signed() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::ca_config(&dir.path().join("ca"), "etcd.test");
+    cfg.store.backend = StoreBackend::Etcd;
+    cfg.store.etcd = Some(EtcdConfig::new(etcd.endpoints()));
+    let ca = common::start_ca(cfg, Arc::new(ward_spiffe::SystemClock)).await;
+    until_ready(ca.health_addr, 200).await;
+    // The agent's ID is known before it attests: its join token's.
+    let mut agent_cfg = common::agent_config(&ca, dir.path()).await;
+    let (token, rec) = ca
+        .core
+        .agents
+        .create_join_token(Duration::from_secs(600), ca.core.clock.now())
+        .await
+        .unwrap();
+    agent_cfg.join_token = Some(token);
+    let parent = ca
+        .core
+        .agents
+        .join_token_agent_id(&rec.id)
+        .unwrap()
+        .to_string();
+    let mut admin = AdminClient::new(ward_net::process::unix_channel(&ca.admin_socket));
+    const N: usize = 150;
+    for i in 0..N {
+        admin
+            .create_entry(entry(&format!("w{i}"), &parent))
+            .await
+            .unwrap();
+    }
+    let agent = common::start_agent(agent_cfg).await;
+    let mut wl_client = common::workload_client(&agent.socket_path);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = wl_client
+            .fetch_x509svid(common::with_header(wl::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        if let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(2), s.message()).await
+            && m.svids.len() == N
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node's {N} SVIDs were not all issued"
+        );
+    }
+    let issued = ward_ca::audit::tail(ca.core.store.as_ref(), 10 * N)
+        .await
+        .unwrap();
+    let svids = issued.iter().filter(|r| r.event == "x509-svid").count();
+    assert!(svids >= N, "{svids} issuance records");
+    agent.shutdown().await;
+    ca.shutdown().await;
+}

@@ -77,6 +77,29 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// What a key costs beyond its bytes in the worst case: a store's key prefix and the
+    /// request's framing.
+    const PER_KEY: usize = 64;
+
+    /// Whether `batch` fits, by an estimate that errs on the large side (for callers that
+    /// fill batches up to the limit, such as one commit per group of signed SVIDs).
+    pub fn admits(&self, batch: &Batch) -> bool {
+        let conditions = batch.conditions.len();
+        let bytes: usize = batch
+            .conditions
+            .iter()
+            // The compare, and the read that names a failed condition.
+            .map(|c| 2 * (c.key.len() + Self::PER_KEY) + c.expected.as_ref().map_or(0, Vec::len))
+            .chain(batch.ops.iter().map(|op| match op {
+                Op::Put(k, v) => k.len() + v.len() + Self::PER_KEY,
+                Op::Delete(k) => k.len() + Self::PER_KEY,
+            }))
+            .sum();
+        conditions <= self.max_ops && batch.ops.len() <= self.max_ops && bytes <= self.max_bytes
+    }
+}
+
 /// One write in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -129,6 +152,18 @@ impl Batch {
             key: key.into(),
             expected,
         });
+        self
+    }
+
+    /// Whether the batch has neither conditions nor writes.
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty() && self.ops.is_empty()
+    }
+
+    /// Appends `other`'s conditions and writes.
+    pub fn append(&mut self, other: Batch) -> &mut Self {
+        self.conditions.extend(other.conditions);
+        self.ops.extend(other.ops);
         self
     }
 

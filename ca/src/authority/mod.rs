@@ -213,15 +213,7 @@ impl JwtRecord {
     }
 }
 
-/// SVIDs an authority signed that are still valid and not replaced by a newer one for the
-/// same holder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Live {
-    /// How many.
-    pub count: u64,
-    /// When the last of them expires.
-    pub until: Option<SystemTime>,
-}
+pub use crate::audit::Live;
 
 /// What agents must replace at once.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -323,62 +323,16 @@ impl Records {
         Ok(())
     }
 
-    /// Counts the SVIDs `a` signed that are unexpired at `now` and not superseded by a newer
-    /// SVID for the same holder (agent SVIDs: the agent; workload SVIDs: agent and entry),
-    /// from the durable issuance log, so the answer survives restarts and crashes. JWT-SVIDs
-    /// are bearer tokens nobody can recall: every unexpired one counts.
+    /// The SVIDs `a` signed that are unexpired at `now` and not superseded by a newer SVID for
+    /// the same holder (agent SVIDs: the agent; workload SVIDs: agent and entry). JWT-SVIDs are
+    /// bearer tokens nobody can recall: every unexpired one counts.
     pub(super) async fn live_svids(
         &self,
         kind: Kind,
         a: &View,
         now: SystemTime,
     ) -> Result<Live, ApiError> {
-        use std::collections::HashMap;
-        const PAGE: usize = 1024;
-        let start = a
-            .not_before
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let mut after = format!("audit/{start:020}").into_bytes();
-        let mut latest: HashMap<String, (bool, i64)> = HashMap::new();
-        let mut jwt = Live::default();
-        let now_s = unix(now);
-        loop {
-            let page = self.store.scan(b"audit/", Some(&after), PAGE).await?;
-            let n = page.len();
-            for (k, v) in &page {
-                let r: crate::audit::AuditRecord = db::decode(k, v)?;
-                let holder = match (kind, r.event.as_str()) {
-                    (Kind::X509, "attest" | "agent-svid") => format!("agent\0{}", r.spiffe_id),
-                    (Kind::X509, "x509-svid") => format!("svid\0{}\0{}", r.caller, r.entry_id),
-                    (Kind::Jwt, "jwt-svid") => {
-                        if r.authority == a.id && r.not_after > now_s {
-                            jwt.count += 1;
-                            jwt.until = jwt.until.max(Some(from_unix(r.not_after)));
-                        }
-                        continue;
-                    }
-                    _ => continue,
-                };
-                latest.insert(holder, (r.authority == a.id, r.not_after));
-            }
-            match page.last() {
-                Some((k, _)) if n == PAGE => after = k.clone(),
-                _ => break,
-            }
-        }
-        if kind == Kind::Jwt {
-            return Ok(jwt);
-        }
-        let mut live = Live::default();
-        for (mine, not_after) in latest.into_values() {
-            if mine && not_after > now_s {
-                live.count += 1;
-                live.until = live.until.max(Some(from_unix(not_after)));
-            }
-        }
-        Ok(live)
+        crate::audit::live(self.store.as_ref(), kind == Kind::Jwt, &a.id, now).await
     }
 
     pub(super) fn new_x509_signer(

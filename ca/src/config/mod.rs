@@ -326,6 +326,27 @@ pub struct CaConfig {
     /// What one agent may ask of the node API.
     #[serde(default)]
     pub limits: Limits,
+    /// The issuance log.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The issuance and attestation log (`ward-ca audit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How long records are kept; the leader drops older ones. On etcd, records/s × this ×
+    /// about 500 bytes must fit the cluster's `--quota-backend-bytes` with room to spare.
+    #[serde(with = "serde_str")]
+    pub retention: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(30 * 86400),
+        }
+    }
 }
 
 /// Per-agent limits on the node API (SPIRE caps signing per caller too): an agent over them
@@ -427,6 +448,7 @@ impl CaConfig {
             log_level: default_log_level(),
             log_format: LogFormat::default(),
             limits: Limits::default(),
+            audit: AuditConfig::default(),
         }
     }
 
@@ -505,6 +527,11 @@ impl CaConfig {
                     "{name} must be at least 65536 (a CSR batch or an entry would not fit)"
                 )));
             }
+        }
+        if self.audit.retention < Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid(
+                "audit.retention must be at least 1h".into(),
+            ));
         }
         if l.signing_per_second == 0 || l.signing_burst == 0 {
             return Err(ConfigError::Invalid(
@@ -644,6 +671,17 @@ mod tests {
             c.admin_socket_path(),
             PathBuf::from("/tmp/x/admin/api.sock")
         );
+    }
+
+    #[test]
+    fn audit_retention_is_parsed_and_bounded() {
+        let base = "trust_domain = \"td\"\ndata_dir = \"/x\"\n[audit]\n";
+        let c = CaConfig::from_toml(&format!("{base}retention = \"7d\"\n"), "f").unwrap();
+        assert_eq!(c.audit.retention, Duration::from_secs(7 * 86400));
+        let e = CaConfig::from_toml(&format!("{base}retention = \"10m\"\n"), "f").unwrap_err();
+        assert!(e.to_string().contains("audit.retention"), "{e}");
+        let e = CaConfig::from_toml(&format!("{base}keep = \"1d\"\n"), "f").unwrap_err();
+        assert!(e.to_string().contains("keep"), "{e}");
     }
 
     #[test]

@@ -265,3 +265,29 @@ async fn an_embedded_store_leads_alone() {
     b.put(b"k".to_vec(), b"v".to_vec());
     s.commit(b).await.unwrap();
 }
+
+/// `Limits::admits` errs on the large side: a batch filled until it says no more is one etcd
+/// takes, for small writes (the operations limit) and large ones (the bytes limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_filled_to_what_limits_admit_commits() {
+    let etcd = Etcd::start();
+    let s = open(&etcd.endpoints(), b"/a-rather-long-prefix/for/ward/").await;
+    let limits = s.limits();
+    for (round, size) in [10usize, 2_000, 60_000, 400_000].into_iter().enumerate() {
+        let mut b = Batch::new();
+        for i in 0.. {
+            let key = format!("k/{round}/{i:05}").into_bytes();
+            let mut next = b.clone();
+            next.require(key.clone(), None).put(key, vec![b'v'; size]);
+            if !limits.admits(&next) {
+                break;
+            }
+            b = next;
+        }
+        assert!(!b.is_empty(), "nothing fits at {size} bytes per value");
+        let n = b.ops.len();
+        s.commit(b)
+            .await
+            .unwrap_or_else(|e| panic!("{n} writes of {size} bytes admitted but refused: {e}"));
+    }
+}
