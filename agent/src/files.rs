@@ -18,6 +18,8 @@ pub struct DataDir {
     dir: PathBuf,
 }
 
+const ATTESTATION_KEY: &str = "attestation.key";
+
 impl DataDir {
     /// Creates (0700) and wraps `dir`.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
@@ -41,6 +43,38 @@ impl DataDir {
         drop(f);
         fs::rename(&tmp, self.dir.join(name))?;
         fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// The key of an attestation not known to have succeeded (PKCS#8), if one is saved.
+    pub fn attestation_key(&self) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, String> {
+        use rustls_pki_types::PrivatePkcs8KeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let p = self.dir.join(ATTESTATION_KEY);
+        let pem = match fs::read(&p) {
+            Ok(b) => zeroize::Zeroizing::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        };
+        let key = PrivatePkcs8KeyDer::from_pem_slice(&pem)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(Some(zeroize::Zeroizing::new(
+            key.secret_pkcs8_der().to_vec(),
+        )))
+    }
+
+    /// Keeps the key of an attestation about to be sent, so that a retry — after a lost answer,
+    /// or a crash — presents the same key, which the CA recognises for a token it already took.
+    pub fn save_attestation_key(&self, key_pkcs8: &[u8]) -> std::io::Result<()> {
+        let pem = zeroize::Zeroizing::new(pem_encode("PRIVATE KEY", key_pkcs8));
+        self.write(ATTESTATION_KEY, pem.as_bytes(), 0o600)
+    }
+
+    /// Forgets the attestation key once its SVID is saved.
+    pub fn clear_attestation_key(&self) -> std::io::Result<()> {
+        match fs::remove_file(self.dir.join(ATTESTATION_KEY)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Saves the agent SVID chain and its PKCS#8 key.

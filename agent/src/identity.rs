@@ -187,7 +187,20 @@ impl Identity {
                 ));
             }
         };
-        let key = KeyPair::generate().map_err(|e| IdentityError::Local(e.to_string()))?;
+        let local = |e: String| IdentityError::Local(format!("attestation key: {e}"));
+        let key = match self.files.attestation_key().map_err(local)? {
+            Some(der) => {
+                let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.to_vec());
+                KeyPair::try_from(&der).map_err(|e| local(e.to_string()))?
+            }
+            None => {
+                let key = KeyPair::generate().map_err(|e| local(e.to_string()))?;
+                self.files
+                    .save_attestation_key(&key.serialize_der())
+                    .map_err(|e| local(e.to_string()))?;
+                key
+            }
+        };
         let req = AttestRequest {
             method: Some(method),
             csr: csr(&key, None)?,
@@ -205,6 +218,9 @@ impl Identity {
             .svid
             .ok_or_else(|| IdentityError::Local("CA sent no SVID".into()))?;
         self.install(svid.cert_chain, key.serialize_der())?;
+        if let Err(e) = self.files.clear_attestation_key() {
+            tracing::warn!(error = %e, "cannot remove the saved attestation key");
+        }
         tracing::info!(id = %svid.spiffe_id, "attested");
         Ok(())
     }

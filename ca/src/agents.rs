@@ -32,7 +32,10 @@ pub struct AgentRecord {
     pub evicted: bool,
 }
 
-/// An unused join token (stored under the SHA-256 of the token, never the token itself).
+/// A join token (stored under the SHA-256 of the token, never the token itself). A used token
+/// is kept until it expires, naming the key it attested, so that an attestation whose commit
+/// was acknowledged too late (a timeout, a CA replica dying) can be retried by the same agent
+/// with the same key; the leader removes expired tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
     /// Token ID, part of the agent ID.
@@ -41,6 +44,9 @@ pub struct JoinTokenRecord {
     pub expires_at: i64,
     /// Creation, Unix seconds.
     pub created_at: i64,
+    /// Once used: SHA-256 (hex) of the public key it attested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
 }
 
 fn agent_key(id: &SpiffeId) -> Vec<u8> {
@@ -96,8 +102,16 @@ pub struct AgentRepo {
 pub struct ValidToken {
     key: Vec<u8>,
     raw: Vec<u8>,
+    record: JoinTokenRecord,
     /// The agent ID it grants.
     pub agent_id: SpiffeId,
+}
+
+impl ValidToken {
+    /// The public key (SHA-256, hex) that already attested with this token, if it was used.
+    pub fn used_by(&self) -> Option<&str> {
+        self.record.used_by.as_deref()
+    }
 }
 
 impl AgentRepo {
@@ -124,6 +138,7 @@ impl AgentRepo {
             id: db::random_hex(&mut rand::rng(), 8),
             expires_at: unix(now + ttl),
             created_at: unix(now),
+            used_by: None,
         };
         let key = token_key(&token);
         let mut b = Batch::new();
@@ -155,23 +170,61 @@ impl AgentRepo {
             key,
             raw,
             agent_id: self.join_token_agent_id(&rec.id)?,
+            record: rec,
         })
     }
 
-    /// Adds to `batch` the consumption of `token` (fails the batch if it was used meanwhile)
-    /// and the new agent record.
+    /// Adds to `batch` the consumption of `token` by the key with SHA-256 `key_hash` (fails the
+    /// batch if it was used meanwhile) and the new agent record.
     pub fn attest_with_token(
         &self,
         batch: &mut Batch,
         token: ValidToken,
+        key_hash: &str,
         record: &AgentRecord,
     ) -> Result<(), ApiError> {
+        let mut used = token.record;
+        used.used_by = Some(key_hash.to_owned());
         batch
             .require(token.key.clone(), Some(token.raw))
-            .delete(token.key)
+            .put(token.key, db::encode(&used)?)
             .require(agent_key(&record.id), None)
             .put(agent_key(&record.id), db::encode(record)?);
         Ok(())
+    }
+
+    /// Removes expired join tokens, used or not. Singleton work: each batch carries `fence`.
+    pub async fn prune_tokens(
+        &self,
+        now: SystemTime,
+        fence: Option<ward_store::Condition>,
+    ) -> Result<usize, ApiError> {
+        let page = self.store.limits().max_ops.saturating_sub(1).clamp(1, 512);
+        let now_s = unix(now);
+        let mut removed = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows = self.store.scan(b"token/", after.as_deref(), page).await?;
+            let Some((last, _)) = rows.last() else { break };
+            after = Some(last.clone());
+            let mut b = Batch::new();
+            b.conditions.extend(fence.clone());
+            for (k, v) in &rows {
+                let r: JoinTokenRecord = db::decode(k, v)?;
+                if r.expires_at <= now_s {
+                    b.delete(k.clone());
+                }
+            }
+            let n = b.ops.len();
+            if n > 0 {
+                self.store.commit(b).await?;
+                removed += n;
+            }
+            if rows.len() < page {
+                break;
+            }
+        }
+        Ok(removed)
     }
 
     /// Adds to `batch` the creation of a new agent record (fails if one exists).

@@ -193,7 +193,23 @@ impl CaCore {
         let now = self.clock.now();
         let valid = self.agents.check_join_token(token, now).await?;
         let key = crate::csr::parse(csr, Some(&valid.agent_id))?;
+        let key_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            rcgen::PublicKeyData::subject_public_key_info(&key),
+        ));
         let agent_id = valid.agent_id.clone();
+        match valid.used_by() {
+            None => {}
+            // The same agent, with the same key, retrying an attestation that committed but
+            // whose answer it never got: issue again for the agent it became.
+            Some(h) if h == key_hash => {
+                return self.reattest_join_token(&agent_id, &key, now).await;
+            }
+            Some(_) => {
+                return Err(ApiError::PermissionDenied(
+                    "join token is unknown or has already been used".into(),
+                ));
+            }
+        }
         let (iss, authority) =
             self.issue_chain(&key, &agent_id, &[], self.cfg.ttl.agent_svid, now)?;
         let record = AgentRecord {
@@ -210,7 +226,8 @@ impl CaCore {
             evicted: false,
         };
         let mut b = Batch::new();
-        self.agents.attest_with_token(&mut b, valid, &record)?;
+        self.agents
+            .attest_with_token(&mut b, valid, &key_hash, &record)?;
         let mut rec = AuditRecord::new(now, "attest", agent_id.as_str(), agent_id.as_str());
         rec.serial = iss.serial.clone();
         rec.not_after = unix(iss.not_after);
@@ -224,6 +241,45 @@ impl CaCore {
         })?;
         self.metrics.issued("agent", 1);
         tracing::info!(agent = %agent_id, "agent attested with join token");
+        Ok(iss)
+    }
+
+    /// A join-token attestation retried by the key that used the token: a new SVID for that
+    /// agent, as a renewal would give it.
+    async fn reattest_join_token(
+        &self,
+        agent_id: &SpiffeId,
+        key: &crate::csr::CsrKey,
+        now: SystemTime,
+    ) -> Result<Issued, ApiError> {
+        let (mut rec, raw) = match self.agents.get_raw(agent_id).await? {
+            Some((r, _)) if r.evicted => {
+                return Err(ApiError::PermissionDenied(format!(
+                    "agent {agent_id} has been evicted"
+                )));
+            }
+            Some(found) => found,
+            None => {
+                return Err(ApiError::PermissionDenied(
+                    "join token is unknown or has already been used".into(),
+                ));
+            }
+        };
+        let (iss, authority) =
+            self.issue_chain(key, agent_id, &[], self.cfg.ttl.agent_svid, now)?;
+        rec.serial = iss.serial.clone();
+        rec.prev_serial = None;
+        rec.expires_at = unix(iss.not_after);
+        let mut b = Batch::new();
+        self.agents.put(&mut b, &rec, raw)?;
+        let mut audit = AuditRecord::new(now, "attest", agent_id.as_str(), agent_id.as_str());
+        audit.serial = iss.serial.clone();
+        audit.not_after = unix(iss.not_after);
+        audit.authority = authority;
+        audit.add_to(&mut b)?;
+        self.store.commit(b).await?;
+        self.metrics.issued("agent", 1);
+        tracing::info!(agent = %agent_id, "agent retried its join-token attestation with the same key");
         Ok(iss)
     }
 

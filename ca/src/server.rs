@@ -329,6 +329,9 @@ impl CaServer {
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "issuance log pruning failed"),
                             }
+                            if let Err(e) = c.agents.prune_tokens(c.clock.now(), Some(lead.fence())).await {
+                                tracing::warn!(error = %e, "join token pruning failed");
+                            }
                         }
                         c.update_gauges();
                     }

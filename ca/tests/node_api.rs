@@ -75,25 +75,54 @@ async fn join_tokens_are_single_use_and_expire() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(ca.core.agents.list().await.unwrap().is_empty());
 
-    // First use works, second is refused.
+    // First use works; another key is refused.
     let ok = client
         .attest(attest_req(&token, csr.clone()))
         .await
         .unwrap()
         .into_inner();
+    let first = ok.svid.unwrap();
     assert!(
-        ok.svid
-            .unwrap()
+        first
             .spiffe_id
             .starts_with("spiffe://td.test/ward/agent/join_token/")
     );
     assert_eq!(ok.bundle.unwrap().x509_authorities.len(), 1);
+    let (_, other_key) = common::key_and_csr(None);
+    let e = client
+        .attest(attest_req(&token, other_key))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("already been used"), "{}", e.message());
+    let before = ca.core.agents.list().await.unwrap();
+    assert_eq!(before.len(), 1);
+    // The same key again: an agent retrying an attestation whose answer it lost (the commit
+    // was durable, the reply timed out) becomes the same agent, with a new SVID that
+    // supersedes the first.
+    let again = client
+        .attest(attest_req(&token, csr.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    assert_eq!(again.spiffe_id, first.spiffe_id);
+    assert_ne!(again.cert_chain[0], first.cert_chain[0]);
+    let agents = ca.core.agents.list().await.unwrap();
+    assert_eq!(agents.len(), 1);
+    assert_ne!(
+        agents[0].serial, before[0].serial,
+        "the first SVID is not superseded"
+    );
+    // Evicted: not even the same key gets back in.
+    ca.core.agents.evict(&agents[0].id).await.unwrap();
     let e = client
         .attest(attest_req(&token, csr.clone()))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert_eq!(ca.core.agents.list().await.unwrap().len(), 1);
+    assert!(e.message().contains("evicted"), "{}", e.message());
 
     // Expired token.
     let (late, _) = ca
@@ -103,10 +132,24 @@ async fn join_tokens_are_single_use_and_expire() {
         .await
         .unwrap();
     clock.advance(Duration::from_secs(601));
-    let e = client.attest(attest_req(&late, csr)).await.unwrap_err();
+    let e = client
+        .attest(attest_req(&late, csr.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("expired"), "{}", e.message());
     assert_eq!(ca.core.agents.list().await.unwrap().len(), 1);
+    // Expired tokens, used or not, are removed by the leader's pruning.
+    assert_eq!(
+        ca.core
+            .agents
+            .prune_tokens(clock.now(), None)
+            .await
+            .unwrap(),
+        2
+    );
+    let e = client.attest(attest_req(&token, csr)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
     ca.shutdown().await;
 }
 
@@ -634,4 +677,41 @@ async fn oversized_messages_are_refused_on_both_apis() {
     bad.limits.admin_api_max_message_bytes = 1000;
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("limits.admin_api_max_message_bytes"), "{e}");
+}
+
+/// An agent whose attestation committed at the CA but whose answer was lost (it crashed, or
+/// the call timed out) starts again with the same join token: it kept the key it attested
+/// with, so the CA recognises it and it becomes the agent it already was, instead of being
+/// locked out by "join token already used".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_attestation_answer_was_lost_attests_again_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::start_ca(
+        common::ca_config(&dir.path().join("ca"), "td.test"),
+        Arc::new(ward_spiffe::SystemClock),
+    )
+    .await;
+    let cfg = common::agent_config(&ca, dir.path()).await;
+    let token = cfg.join_token.clone().unwrap();
+    // The first attempt: the agent saved its key, the CA committed, the answer never came.
+    let (key, csr) = common::key_and_csr(None);
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    std::fs::write(cfg.data_dir.join("attestation.key"), key.serialize_pem()).unwrap();
+    let mut client = common::node_client(&ca, None);
+    let lost = client
+        .attest(attest_req(&token, csr))
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    let agent = common::start_agent(cfg.clone()).await;
+    assert_eq!(agent.identity.id().unwrap().to_string(), lost.spiffe_id);
+    assert_eq!(ca.core.agents.list().await.unwrap().len(), 1);
+    assert!(
+        !cfg.data_dir.join("attestation.key").exists(),
+        "the attestation key outlived its SVID"
+    );
+    agent.shutdown().await;
+    ca.shutdown().await;
 }
