@@ -97,6 +97,8 @@ pub struct Metrics {
     pub rate_limited: Family<KindLabel, Counter>,
     /// Calls refused, by API and code (oversized messages: `ResourceExhausted`).
     pub api_refusals: Family<RefusalLabel, Counter>,
+    /// Times the etcd watch resumed past a compaction and every cache re-read the store.
+    pub store_watch_rereads: Counter,
 }
 
 impl Default for Metrics {
@@ -126,6 +128,7 @@ impl Metrics {
             jwks_refresh_suppressed: Family::default(),
             rate_limited: Family::default(),
             api_refusals: Family::default(),
+            store_watch_rereads: Counter::default(),
         }
     }
 
@@ -147,6 +150,11 @@ impl Metrics {
             "sync_streams",
             "Open agent sync streams",
             self.sync_streams.clone(),
+        );
+        r.register(
+            "store_watch_rereads",
+            "Times the etcd watch resumed past a compaction and every cache re-read the store",
+            self.store_watch_rereads.clone(),
         );
         r.register(
             "leader",

@@ -266,6 +266,7 @@ impl CaServer {
         if let Some(etcd) = opened.etcd.clone() {
             tasks.push(tokio::spawn(store_readiness(
                 etcd,
+                core.metrics.store_watch_rereads.clone(),
                 ready_tx.clone(),
                 shutdown_rx.clone(),
             )));
@@ -426,6 +427,7 @@ const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// `UNAVAILABLE` on their own. Logs each change of state once.
 async fn store_readiness(
     etcd: Arc<EtcdStore>,
+    rereads: prometheus_client::metrics::counter::Counter,
     ready: watch::Sender<Result<(), String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -435,6 +437,8 @@ async fn store_readiness(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        let seen = etcd.watch_rereads();
+        rereads.inc_by(seen.saturating_sub(rereads.get()));
         let state = match etcd.get(crate::db::SCHEMA_KEY).await {
             Err(e) => Err(format!("store unreachable: {e}")),
             Ok(_) if !etcd.watching() => {

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use ward_ca::config::{EtcdConfig, StoreBackend};
 use ward_proto::admin::admin_client::AdminClient;
@@ -19,25 +18,10 @@ use ward_proto::workload as wl;
 use ward_store::Store;
 use ward_testing::etcd::Etcd;
 
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
-}
-
 async fn until_ready(addr: SocketAddr, want: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let (status, body) = get(addr, "/readyz").await;
+        let (status, body) = common::http_get(addr, "/readyz").await;
         if status == want {
             return body;
         }

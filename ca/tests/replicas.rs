@@ -435,3 +435,108 @@ async fn concurrent_entry_writes_on_two_replicas_lose_nothing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A replica whose only etcd member was down while the other replica wrote, and etcd then
+/// compacted those revisions away: its watch resumes past the compaction, so every cache
+/// re-reads the store (counted in `ward_ca_store_watch_rereads_total`), and its agent
+/// converges — the entries made meanwhile reach it, and the other replica's new authority is
+/// in the bundle it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_watch_was_compacted_away_re_reads_and_its_agents_converge() {
+    let mut etcd = Etcd::cluster(3);
+    let dir = tempfile::tempdir().unwrap();
+    let eps = etcd.endpoints();
+    let mk = |name: &str, endpoints: Vec<String>| {
+        let mut cfg = common::ca_config(&dir.path().join(name), "ha.test");
+        cfg.store.backend = StoreBackend::Etcd;
+        let mut e = EtcdConfig::new(endpoints);
+        e.prefix = "/ha/".into();
+        e.request_timeout = Duration::from_secs(1);
+        cfg.store.etcd = Some(e);
+        cfg
+    };
+    let clock = || Arc::new(ward_spiffe::SystemClock);
+    let a = common::start_ca(mk("a", eps[1..].to_vec()), clock()).await;
+    let b = common::start_ca(mk("b", vec![eps[0].clone()]), clock()).await;
+    let agent = common::start_agent(common::agent_config(&b, dir.path()).await).await;
+    let parent = agent.identity.id().unwrap().to_string();
+    let entry = |name: String| ward_proto::admin::EntrySpec {
+        spiffe_id: format!("spiffe://ha.test/{name}"),
+        parent_id: parent.clone(),
+        selectors: vec![common::my_uid_selector()],
+        ..Default::default()
+    };
+    let mut admin_a = ward_proto::admin::admin_client::AdminClient::new(
+        ward_net::process::unix_channel(&a.admin_socket),
+    );
+    admin_a.create_entry(entry("before".into())).await.unwrap();
+    let mut snaps = agent.cache.subscribe();
+    let has = |n: usize| {
+        move |s: &Arc<ward_agent::cache::Snapshot>| {
+            s.entries
+                .values()
+                .filter(|e| e.spiffe_id.path().starts_with("/during-"))
+                .count()
+                == n
+        }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snaps.wait_for(|s| s.entries.values().any(|e| e.spiffe_id.path() == "/before")),
+    )
+    .await
+    .expect("an entry made at A reaches B's agent")
+    .unwrap();
+    eventually("both roots at B", || {
+        b.core.bundle().x509_authorities.len() == 2
+    })
+    .await;
+
+    // B's member goes; A writes; etcd forgets the revisions B never saw.
+    etcd.kill(0);
+    for i in 0..5 {
+        admin_a
+            .create_entry(entry(format!("during-{i}")))
+            .await
+            .unwrap();
+    }
+    a.core
+        .authorities
+        .operate(Kind::X509, Op::Prepare, false)
+        .await
+        .unwrap();
+    let compacted = etcd.compact(1);
+    etcd.restart(0);
+    etcd.wait_healthy(0);
+
+    tokio::time::timeout(Duration::from_secs(20), snaps.wait_for(has(5)))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("B's agent did not converge after the compaction at {compacted}")
+        })
+        .unwrap();
+    eventually("A's prepared authority in B's bundle", || {
+        b.core.bundle().x509_authorities.len() == 3
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = common::http_get(b.health_addr, "/metrics").await;
+        let n: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("ward_ca_store_watch_rereads_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if n >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no compaction re-read counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -286,6 +286,12 @@ impl EtcdStore {
         self.shared.connected()
     }
 
+    /// How many times the watch resumed past a compaction and woke every watcher to re-read
+    /// (changes it had not delivered were gone from etcd's history).
+    pub fn watch_rereads(&self) -> u64 {
+        self.shared.rereads()
+    }
+
     fn full(&self, key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.prefix.len() + key.len());
         k.extend_from_slice(&self.prefix);

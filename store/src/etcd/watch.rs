@@ -10,7 +10,7 @@
 //! it delivered, so each revision wakes watchers exactly once whichever path sees it first.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ pub(super) struct Shared {
     pub(super) notifier: Notifier,
     state: Mutex<State>,
     connected: AtomicBool,
+    /// Times a compaction made every watcher re-read.
+    rereads: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -48,7 +50,12 @@ impl Shared {
                 local: BTreeSet::new(),
             }),
             connected: AtomicBool::new(false),
+            rereads: AtomicU64::new(0),
         }
+    }
+
+    pub(super) fn rereads(&self) -> u64 {
+        self.rereads.load(Ordering::Relaxed)
     }
 
     pub(super) fn connected(&self) -> bool {
@@ -97,6 +104,7 @@ impl Shared {
 
     /// Changes may have been lost: wake everyone.
     fn lost(&self) {
+        self.rereads.fetch_add(1, Ordering::Relaxed);
         self.notifier.notify_all();
     }
 }
