@@ -120,6 +120,14 @@ impl AgentRepo {
         Self { store, td }
     }
 
+    /// The same repository writing through `fence` (singleton work: token pruning).
+    pub fn fenced(&self, fence: ward_store::Condition) -> Self {
+        Self {
+            store: Arc::new(ward_store::Fenced::new(self.store.clone(), fence)),
+            td: self.td.clone(),
+        }
+    }
+
     /// The agent ID for a join token ID.
     pub fn join_token_agent_id(&self, token_id: &str) -> Result<SpiffeId, ApiError> {
         self.td
@@ -193,12 +201,9 @@ impl AgentRepo {
         Ok(())
     }
 
-    /// Removes expired join tokens, used or not. Singleton work: each batch carries `fence`.
-    pub async fn prune_tokens(
-        &self,
-        now: SystemTime,
-        fence: Option<ward_store::Condition>,
-    ) -> Result<usize, ApiError> {
+    /// Removes expired join tokens, used or not. Singleton work: the leader runs it through
+    /// [`fenced`](Self::fenced).
+    pub async fn prune_tokens(&self, now: SystemTime) -> Result<usize, ApiError> {
         let page = self.store.limits().max_ops.saturating_sub(1).clamp(1, 512);
         let now_s = unix(now);
         let mut removed = 0;
@@ -208,7 +213,6 @@ impl AgentRepo {
             let Some((last, _)) = rows.last() else { break };
             after = Some(last.clone());
             let mut b = Batch::new();
-            b.conditions.extend(fence.clone());
             for (k, v) in &rows {
                 let r: JoinTokenRecord = db::decode(k, v)?;
                 if r.expires_at <= now_s {

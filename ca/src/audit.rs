@@ -196,14 +196,13 @@ pub struct Pruned {
 }
 
 /// Drops log records older than `retention` and the live-index records of expired SVIDs.
-/// Singleton work: with replicas only the leader runs it, each batch carrying `fence`. A
-/// live-index record is removed only if it still holds what was read, so an SVID issued
+/// Singleton work: with replicas only the leader runs it, on a [`ward_store::Fenced`] store.
+/// A live-index record is removed only if it still holds what was read, so an SVID issued
 /// meanwhile keeps its record.
 pub async fn prune(
     store: &dyn Store,
     now: SystemTime,
     retention: Duration,
-    fence: Option<ward_store::Condition>,
 ) -> Result<Pruned, ApiError> {
     let page = store.limits().max_ops.saturating_sub(1).clamp(1, 512);
     let mut out = Pruned::default();
@@ -217,7 +216,6 @@ pub async fn prune(
     loop {
         let rows = store.scan(LOG_PREFIX, None, page).await?;
         let mut b = Batch::new();
-        b.conditions.extend(fence.clone());
         for (k, _) in rows.iter().take_while(|(k, _)| *k < end) {
             b.delete(k.clone());
         }
@@ -235,7 +233,6 @@ pub async fn prune(
         let Some((last, _)) = rows.last() else { break };
         after = Some(last.clone());
         let mut b = Batch::new();
-        b.conditions.extend(fence.clone());
         for (k, v) in &rows {
             let r: LiveRecord = db::decode(k, v)?;
             if r.not_after <= now_s {
@@ -268,6 +265,7 @@ pub async fn tail(store: &dyn Store, limit: usize) -> Result<Vec<AuditRecord>, A
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use ward_store::MemStore;
 
     fn at(s: u64) -> SystemTime {
@@ -351,7 +349,7 @@ mod tests {
             &AuditRecord::new(at(2 * day), "entry-create", "admin", "spiffe://td/x"),
         )
         .await;
-        let p = prune(&s, at(10 * day + 60), Duration::from_secs(5 * day), None)
+        let p = prune(&s, at(10 * day + 60), Duration::from_secs(5 * day))
             .await
             .unwrap();
         assert_eq!(
@@ -373,21 +371,22 @@ mod tests {
             1
         );
         // Nothing more to do.
-        let again = prune(&s, at(10 * day + 60), Duration::from_secs(5 * day), None).await;
+        let again = prune(&s, at(10 * day + 60), Duration::from_secs(5 * day)).await;
         assert_eq!(again.unwrap(), Pruned::default());
     }
 
     #[tokio::test]
     async fn a_deposed_leader_prunes_nothing() {
-        let s = MemStore::new();
+        let s = Arc::new(MemStore::new());
         add(&s, &svid(1, "x509-svid", "web", "A", 2)).await;
         let fence = ward_store::Condition {
             key: b"leader/x".to_vec(),
             expected: Some(b"me".to_vec()),
         };
-        let r = prune(&s, at(100_000_000), Duration::from_secs(3600), Some(fence)).await;
-        assert!(r.is_err(), "{r:?}");
-        assert_eq!(tail(&s, 10).await.unwrap().len(), 1);
+        let fenced = ward_store::Fenced::new(s.clone(), fence);
+        let r = prune(&fenced, at(100_000_000), Duration::from_secs(3600)).await;
+        assert!(matches!(r, Err(ApiError::FailedPrecondition(_))), "{r:?}");
+        assert_eq!(tail(s.as_ref(), 10).await.unwrap().len(), 1);
     }
 
     /// A store written before the index existed: the index is built from the log once, so an

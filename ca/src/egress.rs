@@ -37,7 +37,7 @@ pub struct EgressRecord {
 #[derive(Debug)]
 pub struct EgressRepo {
     store: Arc<dyn Store>,
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl EgressRepo {
@@ -45,7 +45,17 @@ impl EgressRepo {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::default(),
+        }
+    }
+
+    /// The same repository writing through `fence` (singleton work: the leader's writes;
+    /// after it is deposed they fail with `FAILED_PRECONDITION` and write nothing). It shares
+    /// this one's in-process lock.
+    pub fn fenced(&self, fence: ward_store::Condition) -> Self {
+        Self {
+            store: Arc::new(ward_store::Fenced::new(self.store.clone(), fence)),
+            lock: self.lock.clone(),
         }
     }
 

@@ -274,7 +274,7 @@ fn check_entry_id(id: &str) -> Result<(), ApiError> {
 pub struct EntryRepo {
     store: Arc<dyn Store>,
     td: TrustDomain,
-    write_lock: tokio::sync::Mutex<()>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl EntryRepo {
@@ -283,7 +283,18 @@ impl EntryRepo {
         Self {
             store,
             td,
-            write_lock: tokio::sync::Mutex::new(()),
+            write_lock: Arc::default(),
+        }
+    }
+
+    /// The same repository writing through `fence` (singleton work: the identity controller's
+    /// writes and the change-log compaction; once this replica is deposed they fail with
+    /// `FAILED_PRECONDITION` and write nothing). It shares this one's in-process lock.
+    pub fn fenced(&self, fence: ward_store::Condition) -> Self {
+        Self {
+            store: Arc::new(ward_store::Fenced::new(self.store.clone(), fence)),
+            td: self.td.clone(),
+            write_lock: self.write_lock.clone(),
         }
     }
 
@@ -368,22 +379,10 @@ impl EntryRepo {
         ops: Vec<EntryOp>,
         now: SystemTime,
     ) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
-        self.write_many_fenced(ops, now, None).await
-    }
-
-    /// [`write_many`](Self::write_many) for singleton work: the commit also requires `fence`
-    /// (the leadership condition), so a replica that no longer leads writes nothing and gets
-    /// `FAILED_PRECONDITION`.
-    pub async fn write_many_fenced(
-        &self,
-        ops: Vec<EntryOp>,
-        now: SystemTime,
-        fence: Option<ward_store::Condition>,
-    ) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
         let _g = self.write_lock.lock().await;
         const ATTEMPTS: u32 = 32;
         for attempt in 1..=ATTEMPTS {
-            match self.try_write_many(ops.clone(), now, fence.as_ref()).await {
+            match self.try_write_many(ops.clone(), now).await {
                 Err(Raced) if attempt < ATTEMPTS => {
                     // Back off a little, differently per attempt, so racing replicas interleave.
                     let ms = u64::from(attempt.min(8)) * rand::random_range(1..=5u64);
@@ -404,9 +403,8 @@ impl EntryRepo {
         &self,
         ops: Vec<EntryOp>,
         now: SystemTime,
-        fence: Option<&ward_store::Condition>,
     ) -> Result<Result<Vec<Result<Entry, ApiError>>, ApiError>, Raced> {
-        let r = self.plan_and_commit(ops, now, fence).await;
+        let r = self.plan_and_commit(ops, now).await;
         match r {
             Err(PlanError::Raced) => Err(Raced),
             Err(PlanError::Api(e)) => Ok(Err(e)),
@@ -418,7 +416,6 @@ impl EntryRepo {
         &self,
         ops: Vec<EntryOp>,
         now: SystemTime,
-        fence: Option<&ward_store::Condition>,
     ) -> Result<Vec<Result<Entry, ApiError>>, PlanError> {
         let (raw_rev, mut rev) = self.revision_raw().await?;
         let mut batch = Batch::new();
@@ -441,16 +438,8 @@ impl EntryRepo {
         batch
             .require(REVISION_KEY.to_vec(), raw_rev)
             .put(REVISION_KEY.to_vec(), rev.to_string().into_bytes());
-        batch.conditions.extend(fence.cloned());
         match self.store.commit(batch).await {
             Ok(()) => Ok(results),
-            Err(ward_store::StoreError::Conflict { key })
-                if fence.is_some_and(|f| key.as_bytes() == f.key.as_slice()) =>
-            {
-                Err(PlanError::Api(ApiError::FailedPrecondition(
-                    "this replica no longer leads; the new leader does this work".into(),
-                )))
-            }
             // The revision (or a slot or entry read for the plan) changed: plan again.
             Err(ward_store::StoreError::Conflict { .. }) => Err(PlanError::Raced),
             Err(e) => Err(PlanError::Api(e.into())),
@@ -658,13 +647,9 @@ impl EntryRepo {
     }
 
     /// Drops change records, keeping the newest `keep`. Singleton work: with replicas only the
-    /// leader runs it, each batch carrying `fence` (the leadership condition), so a deposed
-    /// leader's late batch is refused.
-    pub async fn compact_changes(
-        &self,
-        keep: u64,
-        fence: Option<ward_store::Condition>,
-    ) -> Result<usize, ApiError> {
+    /// leader runs it, through [`fenced`](Self::fenced), so a deposed leader's late batch is
+    /// refused.
+    pub async fn compact_changes(&self, keep: u64) -> Result<usize, ApiError> {
         let rev = self.revision().await?;
         let cutoff = rev.saturating_sub(keep);
         let mut removed = 0;
@@ -673,7 +658,6 @@ impl EntryRepo {
             let page = self.store.limits().max_ops.saturating_sub(1).clamp(1, 512);
             let rows = self.store.scan(CHANGE_PREFIX, None, page).await?;
             let mut b = Batch::new();
-            b.conditions.extend(fence.clone());
             for (k, v) in &rows {
                 let c: Change = db::decode(k, v)?;
                 if c.revision > cutoff {
@@ -874,7 +858,7 @@ mod tests {
         assert_eq!(changes[3].new_parent, None);
         assert_eq!(repo.changes_since(3, 100).await.unwrap().len(), 2);
         assert_eq!(repo.changes_floor().await.unwrap(), 0);
-        assert_eq!(repo.compact_changes(2, None).await.unwrap(), 3);
+        assert_eq!(repo.compact_changes(2).await.unwrap(), 3);
         assert_eq!(repo.changes_floor().await.unwrap(), 3);
         assert!(matches!(
             repo.get("../x").await,

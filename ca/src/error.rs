@@ -95,6 +95,8 @@ impl From<ward_store::StoreError> for ApiError {
             ward_store::StoreError::TooLarge(_) => ApiError::InvalidArgument(e.to_string()),
             // The store cannot be reached or failed: fail closed, the caller may retry.
             ward_store::StoreError::Backend(_) => ApiError::Unavailable(e.to_string()),
+            // Singleton work after this replica lost leadership: the new leader redoes it.
+            ward_store::StoreError::Deposed(_) => ApiError::FailedPrecondition(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

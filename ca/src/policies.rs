@@ -31,7 +31,7 @@ fn key(name: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct PolicyRepo {
     store: Arc<dyn Store>,
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PolicyRepo {
@@ -39,7 +39,17 @@ impl PolicyRepo {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::default(),
+        }
+    }
+
+    /// The same repository writing through `fence` (singleton work: the leader's writes;
+    /// after it is deposed they fail with `FAILED_PRECONDITION` and write nothing). It shares
+    /// this one's in-process lock.
+    pub fn fenced(&self, fence: ward_store::Condition) -> Self {
+        Self {
+            store: Arc::new(ward_store::Fenced::new(self.store.clone(), fence)),
+            lock: self.lock.clone(),
         }
     }
 

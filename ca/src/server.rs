@@ -322,15 +322,17 @@ impl CaServer {
                         }
                         compact += 1;
                         if compact.is_multiple_of(30) && lead.is_leader() {
-                            if let Err(e) = c.entries.compact_changes(KEEP_CHANGES, Some(lead.fence())).await {
+                            // Singleton work: every write carries the leadership fence.
+                            if let Err(e) = c.entries.fenced(lead.fence()).compact_changes(KEEP_CHANGES).await {
                                 tracing::warn!(error = %e, "change log compaction failed");
                             }
-                            match crate::audit::prune(c.store.as_ref(), c.clock.now(), c.cfg.audit.retention, Some(lead.fence())).await {
+                            let fenced = ward_store::Fenced::new(c.store.clone(), lead.fence());
+                            match crate::audit::prune(&fenced, c.clock.now(), c.cfg.audit.retention).await {
                                 Ok(p) if p.records + p.expired > 0 => tracing::info!(records = p.records, expired = p.expired, "issuance log pruned"),
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "issuance log pruning failed"),
                             }
-                            if let Err(e) = c.agents.prune_tokens(c.clock.now(), Some(lead.fence())).await {
+                            if let Err(e) = c.agents.fenced(lead.fence()).prune_tokens(c.clock.now()).await {
                                 tracing::warn!(error = %e, "join token pruning failed");
                             }
                         }

@@ -53,7 +53,7 @@ pub enum ServiceOp {
 #[derive(Debug)]
 pub struct ServiceRepo {
     store: Arc<dyn Store>,
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 async fn counter(store: &dyn Store, k: &[u8]) -> Result<(Option<Vec<u8>>, u64), ApiError> {
@@ -71,7 +71,17 @@ impl ServiceRepo {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::default(),
+        }
+    }
+
+    /// The same repository writing through `fence` (singleton work: the leader's writes;
+    /// after it is deposed they fail with `FAILED_PRECONDITION` and write nothing). It shares
+    /// this one's in-process lock.
+    pub fn fenced(&self, fence: ward_store::Condition) -> Self {
+        Self {
+            store: Arc::new(ward_store::Fenced::new(self.store.clone(), fence)),
+            lock: self.lock.clone(),
         }
     }
 

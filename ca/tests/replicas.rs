@@ -242,15 +242,12 @@ async fn replicas_sign_with_their_own_authorities_and_share_everything_else() {
         };
         ca.core
             .entries
-            .write_many_fenced(
-                vec![op],
-                std::time::SystemTime::now(),
-                Some(ca.core.leadership.fence()),
-            )
+            .fenced(ca.core.leadership.fence())
+            .write_many(vec![op], std::time::SystemTime::now())
             .await
     }
     let e = fenced(&other, "from-follower").await.unwrap_err();
-    assert!(e.to_string().contains("no longer leads"), "{e}");
+    assert!(e.to_string().contains("no longer holds"), "{e}");
     let r = fenced(&leader, "from-leader").await.unwrap();
     assert!(r[0].is_ok(), "{r:?}");
 

@@ -8,9 +8,11 @@
 //! condition that holds only while the key still names this candidate: a deposed leader
 //! that has not noticed yet still cannot clobber what its successor writes.
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
-use crate::Condition;
+use crate::{Batch, Condition, Entry, Limits, Store, StoreError, Watch};
 
 /// Where leadership of `name` is recorded (under the store's own key space).
 pub fn leader_key(name: &str) -> Vec<u8> {
@@ -99,5 +101,123 @@ impl Leadership {
     /// A batch condition that holds only while this process leads.
     pub fn fence(&self) -> Condition {
         self.fence.clone()
+    }
+}
+
+/// A view of a store whose every write carries a leadership fence, for singleton work: the
+/// repositories a leader writes through need no fence parameter of their own, and a write
+/// made after this process was deposed fails with [`StoreError::Deposed`] and writes nothing.
+/// Reads and watches go to the store unchanged.
+#[derive(Debug)]
+pub struct Fenced {
+    inner: Arc<dyn Store>,
+    fence: Condition,
+}
+
+impl Fenced {
+    /// Writes to `inner` only while `fence` holds (from [`Leadership::fence`]).
+    pub fn new(inner: Arc<dyn Store>, fence: Condition) -> Self {
+        Self { inner, fence }
+    }
+
+    fn map(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Conflict { key } if key.as_bytes() == self.fence.key.as_slice() => {
+                StoreError::Deposed(key)
+            }
+            other => other,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Fenced {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.inner.scan(prefix, after, limit).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let mut b = Batch::new();
+        b.require(key.to_vec(), expected.map(<[u8]>::to_vec));
+        match new {
+            Some(v) => b.put(key.to_vec(), v.to_vec()),
+            None => b.delete(key.to_vec()),
+        };
+        self.commit(b).await
+    }
+
+    async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
+        // The fence first, so that a deposed writer is told so rather than of a conflict
+        // its successor caused.
+        batch.conditions.insert(0, self.fence.clone());
+        self.inner.commit(batch).await.map_err(|e| self.map(e))
+    }
+
+    fn watch(&self, prefix: &[u8]) -> Watch {
+        self.inner.watch(prefix)
+    }
+
+    fn limits(&self) -> Limits {
+        let l = self.inner.limits();
+        let fence = self.fence.key.len() + self.fence.expected.as_ref().map_or(0, Vec::len);
+        Limits {
+            max_ops: l.max_ops.saturating_sub(1),
+            max_bytes: l.max_bytes.saturating_sub(2 * fence + 256),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::MemStore;
+
+    #[tokio::test]
+    async fn a_fenced_store_writes_only_while_the_fence_holds() {
+        let inner = Arc::new(MemStore::new());
+        let fence = Condition {
+            key: leader_key("x"),
+            expected: Some(b"me".to_vec()),
+        };
+        let f = Fenced::new(inner.clone(), fence);
+        // Not (or no longer) the leader: refused as such, nothing written.
+        let r = f.compare_and_swap(b"k", None, Some(b"1")).await;
+        assert!(matches!(r, Err(StoreError::Deposed(_))), "{r:?}");
+        assert_eq!(inner.get(b"k").await.unwrap(), None);
+        inner
+            .compare_and_swap(&leader_key("x"), None, Some(b"me"))
+            .await
+            .unwrap();
+        f.compare_and_swap(b"k", None, Some(b"1")).await.unwrap();
+        assert_eq!(f.get(b"k").await.unwrap(), Some(b"1".to_vec()));
+        // Another condition failing is still a conflict, not a deposition.
+        let r = f.compare_and_swap(b"k", None, Some(b"2")).await;
+        assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+        // A successor took over.
+        inner
+            .compare_and_swap(&leader_key("x"), Some(b"me"), Some(b"other"))
+            .await
+            .unwrap();
+        let mut b = Batch::new();
+        b.put(b"k".to_vec(), b"3".to_vec());
+        assert!(matches!(f.commit(b).await, Err(StoreError::Deposed(_))));
+        assert_eq!(inner.get(b"k").await.unwrap(), Some(b"1".to_vec()));
+        // Room is kept for the fence.
+        assert_eq!(f.limits().max_ops, usize::MAX - 1);
     }
 }

@@ -19,7 +19,7 @@ mod sled_store;
 pub mod conformance;
 
 pub use etcd::{EtcdOptions, EtcdStore};
-pub use lease::{Leadership, leader_key};
+pub use lease::{Fenced, Leadership, leader_key};
 pub use mem::MemStore;
 pub use sled_store::SledStore;
 
@@ -39,6 +39,10 @@ pub enum StoreError {
     /// batches fit ([`Store::limits`]); a batch is never split, which would break atomicity.
     #[error("batch too large: {0}")]
     TooLarge(String),
+    /// Singleton work's write refused: this process no longer leads (the fence on the named
+    /// leadership key failed); nothing was written.
+    #[error("this process no longer holds {0:?}; the singleton write was refused")]
+    Deposed(String),
     /// The store could not be opened.
     #[error("cannot open store at {path}: {reason}")]
     Open {

@@ -903,7 +903,8 @@ impl Controller {
             }
         };
         policy.name = full.clone();
-        match self.core.policies.put(vec![policy]).await {
+        let policies = self.core.policies.fenced(self.core.leadership.fence());
+        match policies.put(vec![policy]).await {
             Ok(_) => {
                 self.authz.insert(full);
             }
@@ -915,7 +916,8 @@ impl Controller {
 
     async fn authz_deleted(&mut self, name: &str) {
         let full = format!("{}{name}", authz_prefix(&self.cluster));
-        match self.core.policies.delete(&full).await {
+        let policies = self.core.policies.fenced(self.core.leadership.fence());
+        match policies.delete(&full).await {
             Ok(()) | Err(ApiError::NotFound(_)) => {
                 self.authz.remove(&full);
             }
@@ -987,20 +989,13 @@ impl Controller {
         let mut extra_failures: Vec<(String, String, String)> = Vec::new();
         let mut done = 0;
         // Within the store's transaction limit too (etcd's 128 operations).
-        let chunk_size = WRITE_CHUNK.min(self.core.entries.batch_capacity());
+        // Singleton work: every write carries the leadership fence.
+        let entries = self.core.entries.fenced(self.core.leadership.fence());
+        let chunk_size = WRITE_CHUNK.min(entries.batch_capacity());
         while done < ops.len() {
             let end = (done + chunk_size).min(ops.len());
             let chunk: Vec<EntryOp> = ops[done..end].to_vec();
-            let results = match self
-                .core
-                .entries
-                .write_many_fenced(
-                    chunk,
-                    self.core.clock.now(),
-                    Some(self.core.leadership.fence()),
-                )
-                .await
-            {
+            let results = match entries.write_many(chunk, self.core.clock.now()).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(cluster = %self.cluster, error = %e, "entry writes failed; retrying");

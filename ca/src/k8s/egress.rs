@@ -81,7 +81,8 @@ async fn forget_unlisted(core: &CaCore, cluster: &str, listed: &HashSet<String>)
 }
 
 async fn deleted(core: &CaCore, cluster: &str, name: &str) {
-    if let Err(e) = core.egress.delete_k8s(cluster, name).await {
+    let egress = core.egress.fenced(core.leadership.fence());
+    if let Err(e) = egress.delete_k8s(cluster, name).await {
         tracing::warn!(%cluster, service = name, error = %e, "cannot remove external service");
     }
 }
@@ -92,6 +93,7 @@ async fn applied(core: &CaCore, api: &Api<ExternalService>, cluster: &str, o: &E
     let result = match o.to_service() {
         Ok(svc) => core
             .egress
+            .fenced(core.leadership.fence())
             .put_k8s(cluster, svc)
             .await
             .map(|_| ())

@@ -544,10 +544,12 @@ pub async fn run(
         }
         let n = ops.len();
         // Keep each commit within the store's transaction limit (etcd: 128 operations).
-        let per_commit = core.services.batch_capacity();
+        // Singleton work: every write carries the leadership fence.
+        let services = core.services.fenced(core.leadership.fence());
+        let per_commit = services.batch_capacity();
         let mut failed = false;
         for chunk in ops.chunks(per_commit) {
-            if let Err(e) = core.services.write(chunk.to_vec(), &origin).await {
+            if let Err(e) = services.write(chunk.to_vec(), &origin).await {
                 tracing::error!(cluster = %cluster, error = %e, "cannot write services");
                 failed = true;
                 break;
