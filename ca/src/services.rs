@@ -177,10 +177,35 @@ impl ServiceRepo {
         Ok(out)
     }
 
-    /// The most services one [`write`](Self::write) can hold on this store: each is a
-    /// condition, its record and its change record, plus the revision.
-    pub fn batch_capacity(&self) -> usize {
-        (self.store.limits().max_ops.saturating_sub(1) / 2).max(1)
+    /// Splits `ops` into groups that one [`write`](Self::write) each can commit on this store
+    /// (etcd: 128 operations and 1.5 MiB per transaction). A service costs a condition, its
+    /// record and its change record, plus the revision per group; in bytes, the record it
+    /// replaces (the condition's value) and the new one, which is at most as large as the
+    /// larger of the two is estimated at twice the new one. A single service over the limit
+    /// is a group of its own, refused by the store with a clear error.
+    pub fn groups(&self, ops: Vec<ServiceOp>) -> Vec<Vec<ServiceOp>> {
+        const PER_OP: usize = 512;
+        let limits = self.store.limits();
+        let most = (limits.max_ops.saturating_sub(1) / 2).max(1);
+        let mut out: Vec<Vec<ServiceOp>> = Vec::new();
+        let mut bytes = 0usize;
+        for op in ops {
+            let size = match &op {
+                ServiceOp::Put(s) => 4 * serde_json::to_vec(s).map_or(0, |v| v.len()) + PER_OP,
+                ServiceOp::Delete(_) => PER_OP,
+            };
+            match out.last_mut() {
+                Some(g) if g.len() < most && bytes + size <= limits.max_bytes => {
+                    bytes += size;
+                    g.push(op);
+                }
+                _ => {
+                    bytes = size;
+                    out.push(vec![op]);
+                }
+            }
+        }
+        out
     }
 
     /// Deletes one service kept by `origin`.

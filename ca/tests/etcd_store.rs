@@ -360,7 +360,21 @@ async fn the_service_controller_fits_its_writes_into_etcd_transactions() {
             slice(
                 &format!("s{i}-a"),
                 &format!("s{i}"),
-                serde_json::json!([ep("10.1.0.1", "api-1", "u1", true, false)]),
+                // Large enough that 63 services (etcd's operations limit) are over its
+                // 1.5 MiB request limit: the controller must group by size too.
+                serde_json::Value::Array(
+                    (0..200)
+                        .map(|j| {
+                            ep(
+                                &format!("10.1.{}.{}", j / 250, 1 + j % 250),
+                                "api-1",
+                                "u1",
+                                true,
+                                false,
+                            )
+                        })
+                        .collect(),
+                ),
             ),
         );
     }

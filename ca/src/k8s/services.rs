@@ -543,13 +543,27 @@ pub async fn run(
             continue;
         }
         let n = ops.len();
-        // Keep each commit within the store's transaction limit (etcd: 128 operations).
-        // Singleton work: every write carries the leadership fence.
+        // Singleton work: every write carries the leadership fence. Each commit fits the
+        // store's transaction limits (etcd: 128 operations, 1.5 MiB).
         let services = core.services.fenced(core.leadership.fence());
-        let per_commit = services.batch_capacity();
         let mut failed = false;
-        for chunk in ops.chunks(per_commit) {
-            if let Err(e) = services.write(chunk.to_vec(), &origin).await {
+        for group in services.groups(ops) {
+            let r = match services.write(group.clone(), &origin).await {
+                // Over the store's size limit after all (the records replaced were much larger
+                // than their successors): one service per commit.
+                Err(crate::error::ApiError::InvalidArgument(_)) if group.len() > 1 => {
+                    let mut r = Ok(Vec::new());
+                    for op in group {
+                        r = services.write(vec![op], &origin).await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+                r => r,
+            };
+            if let Err(e) = r {
                 tracing::error!(cluster = %cluster, error = %e, "cannot write services");
                 failed = true;
                 break;
