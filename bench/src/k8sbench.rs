@@ -33,15 +33,15 @@ pub(crate) struct Opts {
     pub(crate) samples: usize,
 }
 
-fn uuid(kind: u32, i: usize) -> String {
+pub(crate) fn uuid(kind: u32, i: usize) -> String {
     format!("{kind:08x}-0000-4000-8000-{i:012x}")
 }
 
-fn node_name(n: usize) -> String {
+pub(crate) fn node_name(n: usize) -> String {
     format!("node-{n:03}")
 }
 
-fn pod_json(ns: &str, name: &str, uid: &str, node: &str, sa: &str) -> Value {
+pub(crate) fn pod_json(ns: &str, name: &str, uid: &str, node: &str, sa: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name, "namespace": ns, "uid": uid, "labels": { "app": sa } },
@@ -52,7 +52,7 @@ fn pod_json(ns: &str, name: &str, uid: &str, node: &str, sa: &str) -> Value {
     })
 }
 
-async fn http_get(port: u16, path: &str) -> Result<String> {
+pub(crate) async fn http_get(port: u16, path: &str) -> Result<String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await?;
@@ -62,7 +62,7 @@ async fn http_get(port: u16, path: &str) -> Result<String> {
 }
 
 /// The value of the first sample of `name` (with labels, if any) on the metrics page.
-async fn metric(port: u16, name: &str) -> Result<f64> {
+pub(crate) async fn metric(port: u16, name: &str) -> Result<f64> {
     let page = http_get(port, "/metrics").await?;
     page.lines()
         .find_map(|l| {
@@ -75,7 +75,12 @@ async fn metric(port: u16, name: &str) -> Result<f64> {
         .with_context(|| format!("metric {name} not found"))
 }
 
-async fn wait_metric(port: u16, name: &str, want: f64, limit: Duration) -> Result<Instant> {
+pub(crate) async fn wait_metric(
+    port: u16,
+    name: &str,
+    want: f64,
+    limit: Duration,
+) -> Result<Instant> {
     let deadline = Instant::now() + limit;
     loop {
         if metric(port, name).await.ok() == Some(want) {

@@ -16,6 +16,7 @@ mod logbench;
 mod procs;
 mod proxybench;
 mod rotationbench;
+mod scalebench;
 mod soakbench;
 
 use std::path::PathBuf;
@@ -245,6 +246,23 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// The CA at scale: N entries kept by the Kubernetes controller, M simulated agents (one
+    /// per node, each attested with its own token) syncing at once; RSS, sync time, bytes per
+    /// change.
+    Scale {
+        /// Simulated agents (nodes).
+        #[arg(long, default_value_t = 1_000)]
+        agents: usize,
+        /// Entries (pods spread over the nodes).
+        #[arg(long, default_value_t = 10_000)]
+        entries: usize,
+        /// Where the CA keeps its state: `sled`, `etcd` or `etcd3`.
+        #[arg(long, default_value = "sled")]
+        store: procs::StoreKind,
+        /// Attestations and handshakes in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Authority rotation: admin call → effect held by every subscriber, for one real agent
     /// with a Workload API stream and for many simulated agents on their sync streams.
     Rotation {
@@ -275,6 +293,20 @@ async fn main() -> Result<()> {
         Cmd::Propagation { samples, store } => propagation(samples, store).await,
         Cmd::Memory { workloads } => memory(workloads).await,
         Cmd::Workload { socket } => workload(socket).await,
+        Cmd::Scale {
+            agents,
+            entries,
+            store,
+            concurrency,
+        } => {
+            scalebench::run(scalebench::Opts {
+                agents,
+                entries,
+                store,
+                concurrency,
+            })
+            .await
+        }
         Cmd::Rotation { agents, rounds } => {
             rotationbench::run(rotationbench::Opts { agents, rounds }).await
         }

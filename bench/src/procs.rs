@@ -26,6 +26,37 @@ pub(crate) fn with_header<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
+/// TLS settings for a simulated agent: trusts the CA's bundle file, expects the CA's server ID.
+pub(crate) fn node_sink(td: &TrustDomain, bundle_pem: &Path) -> Result<Arc<CredentialSink>> {
+    let server = td.id_from_segments(["ward", "server"])?;
+    let sink = Arc::new(CredentialSink::new(
+        Arc::new(TrustStore::new()),
+        TlsSettings {
+            accept_clients: PeerPolicy::OneOf(vec![]),
+            client_auth: ClientAuth::Required,
+            accept_servers: PeerPolicy::OneOf(vec![server]),
+            alpn: vec![b"h2".to_vec()],
+            tls12: false,
+        },
+    ));
+    let pem = std::fs::read(bundle_pem)?;
+    let mut b = ward_spiffe::Bundle::new(td.clone());
+    b.x509_authorities = ward_spiffe::bundle::pem_certificates(&pem)?;
+    sink.update_bundle(b)?;
+    Ok(sink)
+}
+
+/// A node API channel to `addr` presenting `svid` (none: to attest).
+pub(crate) fn node_channel(
+    addr: &str,
+    sink: &CredentialSink,
+    svid: Option<&Svid>,
+) -> Result<Channel> {
+    let cfg = sink.client_config(svid)?;
+    let source: ward_net::connector::ConfigSource = Arc::new(move || Some(cfg.clone()));
+    Ok(ward_net::connector::tls_channel(addr, source)?)
+}
+
 pub(crate) fn bin(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name(name);
@@ -153,28 +184,11 @@ impl Ward {
     }
 
     fn sink(&self) -> Result<Arc<CredentialSink>> {
-        let server = self.td.id_from_segments(["ward", "server"])?;
-        let sink = Arc::new(CredentialSink::new(
-            Arc::new(TrustStore::new()),
-            TlsSettings {
-                accept_clients: PeerPolicy::OneOf(vec![]),
-                client_auth: ClientAuth::Required,
-                accept_servers: PeerPolicy::OneOf(vec![server]),
-                alpn: vec![b"h2".to_vec()],
-                tls12: false,
-            },
-        ));
-        let pem = std::fs::read(self.dir.path().join("ca/bundle.pem"))?;
-        let mut b = ward_spiffe::Bundle::new(self.td.clone());
-        b.x509_authorities = ward_spiffe::bundle::pem_certificates(&pem)?;
-        sink.update_bundle(b)?;
-        Ok(sink)
+        node_sink(&self.td, &self.dir.path().join("ca/bundle.pem"))
     }
 
     fn channel(&self, sink: &CredentialSink, svid: Option<&Svid>) -> Result<Channel> {
-        let cfg = sink.client_config(svid)?;
-        let source: ward_net::connector::ConfigSource = Arc::new(move || Some(cfg.clone()));
-        Ok(ward_net::connector::tls_channel(&self.node_addr, source)?)
+        node_channel(&self.node_addr, sink, svid)
     }
 
     /// Attests with `token` over the node API (as a simulated agent) and returns a node API
