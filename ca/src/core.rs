@@ -57,6 +57,8 @@ pub struct CaCore {
     pub store: Arc<dyn Store>,
     /// Registration entries.
     pub entries: EntryRepo,
+    /// The entry change log as sync streams read it: once per CA, in memory.
+    pub feed: crate::feed::ChangeFeed,
     /// Agents and join tokens.
     pub agents: AgentRepo,
     /// Authorization policies.
@@ -107,8 +109,11 @@ impl CaCore {
         .await
         .map_err(ApiError::FailedPrecondition)?;
         let td = cfg.trust_domain.clone();
+        let entries = EntryRepo::new(store.clone(), td.clone());
+        let feed = crate::feed::ChangeFeed::start(entries.clone(), crate::feed::WINDOW).await?;
         let core = Self {
-            entries: EntryRepo::new(store.clone(), td.clone()),
+            entries,
+            feed,
             agents: AgentRepo::new(store.clone(), td),
             policies: crate::policies::PolicyRepo::new(store.clone()),
             egress: crate::egress::EgressRepo::new(store.clone()),

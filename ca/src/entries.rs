@@ -270,7 +270,7 @@ fn check_entry_id(id: &str) -> Result<(), ApiError> {
 }
 
 /// Stores entries, their indexes and the change log.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct EntryRepo {
     store: Arc<dyn Store>,
     td: TrustDomain,

@@ -19,6 +19,7 @@ pub mod dev;
 pub mod egress;
 pub mod entries;
 pub mod error;
+pub mod feed;
 pub mod issuer;
 pub mod k8s;
 pub mod keys;

@@ -2,8 +2,8 @@
 //! changes since the agent's last revision when the change log still covers it), then every
 //! change as it is committed.
 //!
-//! The stream watches the change log and the bundle *before* reading state, so no write can
-//! fall between the read and the wait. It ends with `PermissionDenied` when the agent is
+//! The stream watches the CA's change feed and the bundle *before* reading state, so no write
+//! can fall between the read and the wait. It ends with `PermissionDenied` when the agent is
 //! evicted.
 
 use std::collections::BTreeMap;
@@ -22,44 +22,28 @@ use crate::authority::ActiveSet;
 use crate::convert::{bundle_to_proto, entry_to_proto};
 use crate::core::CaCore;
 use crate::error::ApiError;
+use crate::feed::{Delta, delta};
 
 /// How many change records are read per page.
 const PAGE: usize = 1000;
 /// How often a quiet stream re-checks that its agent may still sync.
 const RECHECK: Duration = Duration::from_secs(30);
 
-enum Delta {
-    Upsert,
-    Remove,
-}
-
 /// Computes the update that brings an agent from revision `after` to now, or `None` if the
-/// change log no longer reaches back that far (a full resync is needed).
+/// change log no longer reaches back that far (a full resync is needed). The CA's shared feed
+/// answers from memory; only a stream further behind reads the store's log.
 async fn incremental(
     core: &CaCore,
     agent: &str,
     after: u64,
 ) -> Result<Option<(u64, SyncUpdate)>, ApiError> {
-    if after < core.entries.changes_floor().await? {
-        return Ok(None);
-    }
-    let mut rev = after;
-    let mut deltas: BTreeMap<String, Delta> = BTreeMap::new();
-    loop {
-        let page = core.entries.changes_since(rev, PAGE).await?;
-        let n = page.len();
-        for c in page {
-            rev = c.revision;
-            if c.new_parent.as_deref() == Some(agent) {
-                deltas.insert(c.entry_id, Delta::Upsert);
-            } else if c.old_parent.as_deref() == Some(agent) {
-                deltas.insert(c.entry_id, Delta::Remove);
-            }
-        }
-        if n < PAGE {
-            break;
-        }
-    }
+    let (rev, deltas) = match core.feed.since(agent, after) {
+        Some(found) => found,
+        None => match from_store(core, agent, after).await? {
+            Some(found) => found,
+            None => return Ok(None),
+        },
+    };
     let mut update = SyncUpdate {
         revision: rev,
         ..Default::default()
@@ -78,6 +62,32 @@ async fn incremental(
         }
     }
     Ok(Some((rev, update)))
+}
+
+/// The changes after `after` that concern `agent`, read from the store's change log.
+async fn from_store(
+    core: &CaCore,
+    agent: &str,
+    after: u64,
+) -> Result<Option<(u64, BTreeMap<String, Delta>)>, ApiError> {
+    if after < core.entries.changes_floor().await? {
+        return Ok(None);
+    }
+    let mut rev = after;
+    let mut deltas = BTreeMap::new();
+    loop {
+        let page = core.entries.changes_since(rev, PAGE).await?;
+        let n = page.len();
+        for c in page {
+            rev = c.revision;
+            if let Some(d) = delta(&c, agent) {
+                deltas.insert(c.entry_id, d);
+            }
+        }
+        if n < PAGE {
+            return Ok(Some((rev, deltas)));
+        }
+    }
 }
 
 async fn full(core: &CaCore, agent: &str) -> Result<(u64, SyncUpdate), ApiError> {
@@ -188,7 +198,7 @@ async fn run(
     tx: &mpsc::Sender<Result<SyncUpdate, Status>>,
 ) -> Result<(), ApiError> {
     let me = agent.id.to_string();
-    let mut changes = core.entries.watch();
+    let mut changes = core.feed.subscribe();
     let mut agents = core.agents.watch_one(&agent.id);
     let mut sets = core.authorities.watch();
     let mut stopping = core.stopping.subscribe();
@@ -221,7 +231,7 @@ async fn run(
         let mut services_changed = false;
         let mut egress_changed = false;
         tokio::select! {
-            ok = changes.changed() => if !ok { return Ok(()) },
+            r = changes.changed() => if r.is_err() { return Ok(()) },
             ok = policies.changed() => {
                 if !ok { return Ok(()) }
                 policies_changed = true;
@@ -283,6 +293,136 @@ async fn run(
         }
         if tx.send(Ok(update)).await.is_err() {
             return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::SystemTime;
+
+    use futures::StreamExt;
+    use ward_spiffe::{SpiffeId, SystemClock};
+    use ward_store::{Batch, MemStore, Store, StoreError, Watch};
+
+    use super::*;
+    use crate::entries::EntrySpec;
+
+    /// A store that counts the reads of the entry change log.
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: MemStore,
+        change_reads: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Counting {
+        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<ward_store::Entry>, StoreError> {
+            if prefix == crate::entries::CHANGE_PREFIX {
+                self.change_reads.fetch_add(1, Ordering::Relaxed);
+            }
+            self.inner.scan(prefix, after, limit).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &[u8],
+            expected: Option<&[u8]>,
+            new: Option<&[u8]>,
+        ) -> Result<(), StoreError> {
+            self.inner.compare_and_swap(key, expected, new).await
+        }
+        async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+            self.inner.commit(batch).await
+        }
+        fn watch(&self, prefix: &[u8]) -> Watch {
+            self.inner.watch(prefix)
+        }
+    }
+
+    fn agent(n: usize) -> AgentRecord {
+        AgentRecord {
+            id: SpiffeId::new(&format!("spiffe://example.org/ward/agent/a{n}")).unwrap(),
+            attestation_type: "join_token".into(),
+            selectors: Vec::new(),
+            serial: String::new(),
+            prev_serial: None,
+            expires_at: i64::MAX,
+            attested_at: 0,
+            evicted: false,
+        }
+    }
+
+    /// However many agents sync, one entry write costs the CA a bounded number of change-log
+    /// reads (the shared feed's), not one or two per stream.
+    #[tokio::test]
+    async fn one_change_is_read_once_for_all_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::CaConfig::from_toml(
+            &format!(
+                "trust_domain = \"example.org\"\ndata_dir = {:?}\n",
+                dir.path().display().to_string()
+            ),
+            "test",
+        )
+        .unwrap();
+        let counting = Arc::new(Counting::default());
+        let store: Arc<dyn Store> = counting.clone();
+        let keys = Arc::new(crate::keys::DiskKeyManager::open(&dir.path().join("keys")).unwrap());
+        let core = Arc::new(
+            CaCore::open(cfg, store, keys, Arc::new(SystemClock))
+                .await
+                .unwrap(),
+        );
+        const STREAMS: usize = 200;
+        let mut streams = Vec::new();
+        for n in 0..STREAMS {
+            let mut s = Box::pin(stream(core.clone(), agent(n), None, 0));
+            let first = s.next().await.unwrap().unwrap();
+            assert!(first.full);
+            streams.push(s);
+        }
+        let before = counting.change_reads.load(Ordering::Relaxed);
+        let spec = EntrySpec {
+            spiffe_id: "spiffe://example.org/w".into(),
+            parent_id: agent(7).id.to_string(),
+            selectors: vec!["unix:uid:1".into()],
+            ..Default::default()
+        };
+        let e = core
+            .entries
+            .create(&spec, "admin", "e1".into(), SystemTime::now())
+            .await
+            .unwrap();
+        let update = tokio::time::timeout(Duration::from_secs(10), streams[7].next())
+            .await
+            .expect("agent 7 is told")
+            .unwrap()
+            .unwrap();
+        assert_eq!(update.upserted.len(), 1);
+        assert_eq!(update.upserted[0].id, e.id);
+        // Give every other stream time to wake and look.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reads = counting.change_reads.load(Ordering::Relaxed) - before;
+        assert!(
+            reads <= 4,
+            "{reads} change-log reads for one write with {STREAMS} streams"
+        );
+        // The others heard nothing.
+        for (n, s) in streams.iter_mut().enumerate() {
+            if n == 7 {
+                continue;
+            }
+            let r = tokio::time::timeout(Duration::from_millis(1), s.next()).await;
+            assert!(r.is_err(), "agent {n} was sent {r:?}");
         }
     }
 }
