@@ -491,17 +491,35 @@ async fn a_replica_whose_watch_was_compacted_away_re_reads_and_its_agents_conver
 
     // B's member goes; A writes; etcd forgets the revisions B never saw.
     etcd.kill(0);
+    // If member 0 led, the others elect a new leader first: a write meanwhile is refused
+    // (UNAVAILABLE, nothing written) and is tried again.
+    let deadline = Instant::now() + Duration::from_secs(15);
     for i in 0..5 {
-        admin_a
-            .create_entry(entry(format!("during-{i}")))
-            .await
-            .unwrap();
+        loop {
+            match admin_a.create_entry(entry(format!("during-{i}"))).await {
+                Ok(_) => break,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("entry during-{i}: {e}"),
+            }
+        }
     }
-    a.core
-        .authorities
-        .operate(Kind::X509, Op::Prepare, false)
-        .await
-        .unwrap();
+    loop {
+        match a
+            .core
+            .authorities
+            .operate(Kind::X509, Op::Prepare, false)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("prepare: {e}; again");
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("prepare: {e}"),
+        }
+    }
     let compacted = etcd.compact(1);
     etcd.restart(0);
     etcd.wait_healthy(0);

@@ -79,6 +79,19 @@ impl Etcd {
     }
 
     fn build(n: usize, tls: bool) -> Self {
+        // Ports are chosen free and then released, so another test may take one before etcd
+        // binds it; etcd then exits at once. Such a start is tried again on fresh ports.
+        let mut failure = String::new();
+        for _ in 0..3 {
+            match Self::try_build(n, tls) {
+                Ok(etcd) => return etcd,
+                Err(e) => failure = e,
+            }
+        }
+        panic!("{failure}");
+    }
+
+    fn try_build(n: usize, tls: bool) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let tls = tls.then(|| {
             let pki = crate::Pki::new("etcd.test");
@@ -124,9 +137,9 @@ impl Etcd {
             etcd.spawn(i);
         }
         for i in 0..n {
-            etcd.wait_healthy(i);
+            etcd.wait_ready(i)?;
         }
-        etcd
+        Ok(etcd)
     }
 
     fn spawn(&mut self, i: usize) {
@@ -185,12 +198,29 @@ impl Etcd {
     }
 
     /// Waits until member `i` answers `/health` with `"health":"true"` (it has a leader).
-    pub fn wait_healthy(&self, i: usize) {
+    pub fn wait_healthy(&mut self, i: usize) {
+        if let Err(e) = self.wait_ready(i) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`wait_healthy`](Self::wait_healthy), or why not (the member exited or never became
+    /// healthy).
+    fn wait_ready(&mut self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = self.members[i].metrics;
+        let mut why = "not healthy in 30 s";
         while Instant::now() < deadline {
             if health(addr) {
-                return;
+                return Ok(());
+            }
+            let exited = self.members[i]
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                why = "exited";
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -200,7 +230,7 @@ impl Etcd {
                 .join(format!("{}.log", self.members[i].name)),
         )
         .unwrap_or_default();
-        panic!("etcd member {i} at {addr} not healthy in 30 s; its log:\n{log}");
+        Err(format!("etcd member {i} at {addr} {why}; its log:\n{log}"))
     }
 
     /// Client URLs, one per member (`http://127.0.0.1:port`, `https://` with TLS).
