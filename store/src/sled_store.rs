@@ -23,6 +23,9 @@ pub struct SledStore {
     notifier: Notifier,
 }
 
+/// The most sled keeps in its own page cache.
+const CACHE_BYTES: u64 = 64 << 20;
+
 impl SledStore {
     /// Opens (or creates) a store in directory `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -30,7 +33,9 @@ impl SledStore {
             path: path.display().to_string(),
             reason,
         };
-        let config = sled::Config::new().path(path);
+        // sled caches up to 1 GiB of pages by default, which is most of the CA's memory with
+        // 100,000 entries; the OS page cache keeps what the bounded cache lets go.
+        let config = sled::Config::new().path(path).cache_capacity(CACHE_BYTES);
         // sled panics on some forms of corruption instead of returning an error; turn that
         // into a clear start-up error.
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use ward_spiffe::TrustDomain;
 
 use super::crd::{AuthorizationPolicy, IdentityPolicy, IdentityPolicySpec};
+use super::owned::{Owned, diff, pod_of};
 use super::template::{self, PodFacts};
 use crate::config::ControllerConfig;
 use crate::core::CaCore;
@@ -39,6 +40,8 @@ use crate::metrics::ClusterLabel;
 
 /// Writes per `write_many` call.
 const WRITE_CHUNK: usize = 500;
+/// Pods planned and written together.
+const FLUSH_PODS: usize = 2_000;
 /// Events applied before the dirty pods are flushed even if more are queued.
 const MAX_EVENTS_PER_FLUSH: usize = 20_000;
 /// How often changed policy statuses are written back.
@@ -452,65 +455,6 @@ impl Model {
     }
 }
 
-/// True if entry `e` already is what `d` wants.
-fn same(e: &Entry, d: &Desired) -> bool {
-    e.origin == d.origin
-        && e.spiffe_id.as_str() == d.spec.spiffe_id
-        && e.parent_id.as_str() == d.spec.parent_id
-        && e.selectors.len() == d.spec.selectors.len()
-        && e.selectors
-            .iter()
-            .zip(&d.spec.selectors)
-            .all(|(a, b)| a.to_string() == *b)
-        && e.x509_svid_ttl == d.spec.x509_svid_ttl
-        && e.jwt_svid_ttl == d.spec.jwt_svid_ttl
-        && e.dns_names == d.spec.dns_names
-        && e.hint == d.spec.hint
-        && e.admin == d.spec.admin
-}
-
-/// The writes that turn `current` (the entries a pod has) into `desired`. Pure.
-pub fn diff(current: Option<&HashMap<String, Entry>>, desired: &[Desired]) -> Vec<EntryOp> {
-    let empty = HashMap::new();
-    let current = current.unwrap_or(&empty);
-    let mut ops = Vec::new();
-    // Deletes first, so a slot freed by one entry can be taken by another in the same batch.
-    let mut gone: Vec<&String> = current
-        .keys()
-        .filter(|id| !desired.iter().any(|d| &d.id == *id))
-        .collect();
-    gone.sort();
-    for id in gone {
-        ops.push(EntryOp::Delete { id: id.clone() });
-    }
-    for d in desired {
-        match current.get(&d.id) {
-            None => ops.push(EntryOp::Create {
-                id: d.id.clone(),
-                spec: d.spec.clone(),
-                origin: d.origin.clone(),
-            }),
-            Some(e) if !same(e, d) => ops.push(EntryOp::Update {
-                id: d.id.clone(),
-                spec: d.spec.clone(),
-                expected_revision: e.revision,
-                origin: Some(d.origin.clone()),
-            }),
-            Some(_) => {}
-        }
-    }
-    ops
-}
-
-/// The pod UID an owned entry belongs to (from its `k8s:pod-uid` selector).
-fn pod_of(e: &Entry) -> String {
-    e.selectors
-        .iter()
-        .find(|s| s.kind() == "k8s" && s.value().starts_with("pod-uid:"))
-        .map(|s| s.value()["pod-uid:".len()..].to_owned())
-        .unwrap_or_default()
-}
-
 /// Kinds watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -607,9 +551,8 @@ pub struct Controller {
     cluster: String,
     cfg: ControllerConfig,
     model: Model,
-    /// pod UID → entry ID → entry, for the entries this controller owns.
-    owned: HashMap<String, HashMap<String, Entry>>,
-    owned_count: usize,
+    /// What is kept of the entries this controller owns, per pod.
+    owned: Owned,
     outcomes: HashMap<String, Outcome>,
     stats: HashMap<String, Stats>,
     status_dirty: HashSet<String>,
@@ -649,8 +592,7 @@ impl Controller {
             cluster: cluster.to_owned(),
             cfg,
             model,
-            owned: HashMap::new(),
-            owned_count: 0,
+            owned: Owned::default(),
             outcomes: HashMap::new(),
             stats: HashMap::new(),
             status_dirty: HashSet::new(),
@@ -795,11 +737,7 @@ impl Controller {
         let prefix = self.model.origin_prefix();
         for e in self.core.entries.list(None, None).await? {
             if e.origin.starts_with(&prefix) {
-                self.owned
-                    .entry(pod_of(&e))
-                    .or_default()
-                    .insert(e.id.clone(), e);
-                self.owned_count += 1;
+                self.owned.remember(&pod_of(&e), &e);
             }
         }
         if self.cfg.authorization_policies {
@@ -810,7 +748,7 @@ impl Controller {
                 }
             }
         }
-        tracing::info!(cluster = %self.cluster, entries = self.owned_count, "controller resumed its entries");
+        tracing::info!(cluster = %self.cluster, entries = self.owned.len(), "controller resumed its entries");
         Ok(())
     }
 
@@ -880,7 +818,7 @@ impl Controller {
             self.synced = true;
             // The first full pass: every known pod, and every pod we own entries for (those
             // that disappeared while the CA was down are cleaned up now).
-            let mut all: Vec<String> = self.owned.keys().cloned().collect();
+            let mut all: Vec<String> = self.owned.pods().cloned().collect();
             all.extend(self.model.pods.keys().cloned());
             self.model.mark_dirty(all);
             self.core
@@ -974,18 +912,51 @@ impl Controller {
     /// Plans every dirty pod and writes the differences.
     async fn flush(&mut self) {
         let dirty = self.model.take_dirty();
+        // A group of pods at a time: their plans and writes are held only while they are
+        // written, so a first pass over 100,000 pods does not hold 100,000 plans at once.
+        let mut retry: Vec<String> = Vec::new();
+        let mut groups = dirty.chunks(FLUSH_PODS);
+        for group in groups.by_ref() {
+            if !self.flush_group(group, &mut retry).await {
+                // The store refused: the rest waits for the retry too.
+                break;
+            }
+        }
+        for group in groups {
+            retry.extend(group.iter().cloned());
+        }
+        if !retry.is_empty() {
+            self.model.mark_dirty(retry);
+            self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
+        let failures: usize = self.stats.values().map(|s| s.failures.len()).sum();
+        self.core
+            .metrics
+            .k8s_entries
+            .get_or_create(&self.label())
+            .set(self.owned.len() as i64);
+        self.core
+            .metrics
+            .k8s_render_failures
+            .get_or_create(&self.label())
+            .set(failures as i64);
+    }
+
+    /// Plans and writes the entries of `group`; pods to plan again go to `retry`. False when
+    /// the store refused a write.
+    async fn flush_group(&mut self, group: &[String], retry: &mut Vec<String>) -> bool {
+        let mut stored = true;
         let mut ops: Vec<EntryOp> = Vec::new();
         let mut op_pod: Vec<String> = Vec::new();
         let mut plans: HashMap<String, PodPlan> = HashMap::new();
-        for uid in dirty {
+        for uid in group.iter().cloned() {
             let plan = self.model.plan(&uid);
-            for op in diff(self.owned.get(&uid), &plan.entries) {
+            for op in diff(self.owned.of(&uid), &plan.entries) {
                 ops.push(op);
                 op_pod.push(uid.clone());
             }
             plans.insert(uid, plan);
         }
-        let mut retry: Vec<String> = Vec::new();
         let mut extra_failures: Vec<(String, String, String)> = Vec::new();
         let mut done = 0;
         // Within the store's transaction limit too (etcd's 128 operations).
@@ -1000,6 +971,7 @@ impl Controller {
                 Err(e) => {
                     tracing::warn!(cluster = %self.cluster, error = %e, "entry writes failed; retrying");
                     retry.extend(op_pod[done..].iter().cloned());
+                    stored = false;
                     break;
                 }
             };
@@ -1064,44 +1036,15 @@ impl Controller {
         for (uid, plan) in plans {
             self.set_outcome(&uid, plan.outcome);
         }
-        if !retry.is_empty() {
-            self.model.mark_dirty(retry);
-            self.retry_at = Some(Instant::now() + RETRY_AFTER);
-        }
-        let failures: usize = self.stats.values().map(|s| s.failures.len()).sum();
-        self.core
-            .metrics
-            .k8s_entries
-            .get_or_create(&self.label())
-            .set(self.owned_count as i64);
-        self.core
-            .metrics
-            .k8s_render_failures
-            .get_or_create(&self.label())
-            .set(failures as i64);
+        stored
     }
 
     fn remember(&mut self, uid: &str, e: Entry) {
-        if self
-            .owned
-            .entry(uid.to_owned())
-            .or_default()
-            .insert(e.id.clone(), e)
-            .is_none()
-        {
-            self.owned_count += 1;
-        }
+        self.owned.remember(uid, &e);
     }
 
     fn forget(&mut self, uid: &str, id: &str) {
-        if let Some(m) = self.owned.get_mut(uid) {
-            if m.remove(id).is_some() {
-                self.owned_count -= 1;
-            }
-            if m.is_empty() {
-                self.owned.remove(uid);
-            }
-        }
+        self.owned.forget(uid, id);
     }
 
     async fn reload(&mut self, uid: &str, id: &str) {
@@ -1321,7 +1264,7 @@ mod tests {
         let mut m = model();
         m.pod_applied("u1".into(), pod("shop", "web", "web", Some("n1")));
         let plan = m.plan("u1");
-        let ops = diff(None, &plan.entries);
+        let ops = diff(&[], &plan.entries);
         assert!(matches!(&ops[..], [EntryOp::Create { .. }]));
         // What the repository would have stored.
         let d = &plan.entries[0];
@@ -1339,11 +1282,11 @@ mod tests {
             created_at: 0,
             origin: d.origin.clone(),
         };
-        let current: HashMap<String, Entry> = [(e.id.clone(), e.clone())].into();
-        assert!(diff(Some(&current), &plan.entries).is_empty());
+        let current = [super::super::owned::Held::of(&e)];
+        assert!(diff(&current, &plan.entries).is_empty());
         let mut changed = plan.entries.clone();
         changed[0].spec.spiffe_id = "spiffe://td/other".into();
-        match &diff(Some(&current), &changed)[..] {
+        match &diff(&current, &changed)[..] {
             [
                 EntryOp::Update {
                     expected_revision, ..
@@ -1351,10 +1294,7 @@ mod tests {
             ] => assert_eq!(*expected_revision, 7),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            &diff(Some(&current), &[])[..],
-            [EntryOp::Delete { .. }]
-        ));
+        assert!(matches!(&diff(&current, &[])[..], [EntryOp::Delete { .. }]));
         assert_eq!(pod_of(&e), "u1");
     }
 }

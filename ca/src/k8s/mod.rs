@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod gateway_controller;
 pub mod gateways;
 pub mod http;
+pub mod owned;
 pub mod psat;
 pub mod routes;
 pub mod services;
