@@ -131,17 +131,26 @@ impl Procs {
     }
 }
 
-/// Runs the benchmark and prints its table.
-pub(crate) async fn run(o: Opts) -> Result<()> {
-    if o.nodes < 2 || o.pods < o.nodes || o.samples == 0 {
-        bail!("need at least two nodes, one pod per node and one sample");
-    }
-    let dir = tempfile::tempdir()?;
-    let fake = FakeKube::start().await;
-    for n in 0..o.nodes {
+/// Fills `fake` with `nodes` nodes, ten namespaces, an agent pod (service account
+/// `ward:ward-agent`) on each of the first `agents` nodes, and `pods` application pods spread
+/// over the nodes.
+pub(crate) fn seed(fake: &FakeKube, nodes: usize, agents: usize, pods: usize) {
+    for n in 0..nodes {
         fake.put_json(
             "nodes",
             json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node_name(n), "uid": uuid(1, n) } }),
+        );
+    }
+    for n in 0..agents.min(nodes) {
+        fake.put_json(
+            "pods",
+            pod_json(
+                "ward",
+                &format!("ward-agent-{n}"),
+                &uuid(2, n),
+                &node_name(n),
+                "ward-agent",
+            ),
         );
     }
     for ns in 0..10 {
@@ -150,28 +159,28 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
             json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": format!("team-{ns}") } }),
         );
     }
-    fake.put_json(
-        "pods",
-        pod_json(
-            "ward",
-            "ward-agent-0",
-            &uuid(2, 0),
-            &node_name(0),
-            "ward-agent",
-        ),
-    );
-    for i in 0..o.pods {
+    for i in 0..pods {
         fake.put_json(
             "pods",
             pod_json(
                 &format!("team-{}", i % 10),
                 &format!("app-{i}"),
                 &uuid(3, i),
-                &node_name(i % o.nodes),
+                &node_name(i % nodes),
                 &format!("sa-{}", i % 50),
             ),
         );
     }
+}
+
+/// Runs the benchmark and prints its table.
+pub(crate) async fn run(o: Opts) -> Result<()> {
+    if o.nodes < 2 || o.pods < o.nodes || o.samples == 0 {
+        bail!("need at least two nodes, one pod per node and one sample");
+    }
+    let dir = tempfile::tempdir()?;
+    let fake = FakeKube::start().await;
+    seed(&fake, o.nodes, 1, o.pods);
 
     // 1. Convergence from an empty CA.
     let ca_dir = dir.path().join("ca");
@@ -188,13 +197,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
     );
     std::fs::write(dir.path().join("ca.toml"), ca_toml)?;
     let started = Instant::now();
-    let ca = Command::new(bin("ward-ca")?)
-        .args(["run", "--config"])
-        .arg(dir.path().join("ca.toml"))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start ward-ca")?;
+    let ca = crate::procs::spawn_ca(&dir.path().join("ca.toml"))?;
     let mut procs = Procs { ca, agent: None };
     let ca_pid = procs.ca.id().context("CA exited")?;
     let done = wait_metric(

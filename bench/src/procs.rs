@@ -69,6 +69,17 @@ pub(crate) fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Starts `ward-ca run --config <config>`, killed when the handle is dropped.
+pub(crate) fn spawn_ca(config: &std::path::Path) -> Result<tokio::process::Child> {
+    Command::new(bin("ward-ca")?)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start ward-ca with {}", config.display()))
+}
+
 pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -15,15 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use prost::Message;
-use serde_json::json;
-use tokio::process::Command;
 use ward_proto::node::node_client::NodeClient;
 use ward_proto::node::{self, attest_request::Method};
 use ward_spiffe::TrustDomain;
 use ward_testing::kube::{FakeKube, TokenSpec};
 
 use crate::k8sbench::{metric, node_name, pod_json, uuid, wait_metric};
-use crate::procs::{StoreKind, bin, free_port, node_channel, node_sink, status_kib};
+use crate::procs::{StoreKind, free_port, node_channel, node_sink, spawn_ca, status_kib};
 
 const TD: &str = "bench.scale";
 
@@ -57,40 +55,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let fake = FakeKube::start().await;
-    for n in 0..o.agents {
-        fake.put_json(
-            "nodes",
-            json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node_name(n), "uid": uuid(1, n) } }),
-        );
-        fake.put_json(
-            "pods",
-            pod_json(
-                "ward",
-                &format!("ward-agent-{n}"),
-                &uuid(2, n),
-                &node_name(n),
-                "ward-agent",
-            ),
-        );
-    }
-    for ns in 0..10 {
-        fake.put_json(
-            "namespaces",
-            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": format!("team-{ns}") } }),
-        );
-    }
-    for i in 0..o.entries {
-        fake.put_json(
-            "pods",
-            pod_json(
-                &format!("team-{}", i % 10),
-                &format!("app-{i}"),
-                &uuid(3, i),
-                &node_name(i % o.agents),
-                &format!("sa-{}", i % 50),
-            ),
-        );
-    }
+    crate::k8sbench::seed(&fake, o.agents, o.agents, o.entries);
     let etcd = match o.store {
         StoreKind::Sled => None,
         StoreKind::Etcd => Some(ward_testing::etcd::Etcd::start()),
@@ -122,13 +87,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
             }
         );
         std::fs::write(dir.path().join("base.toml"), toml)?;
-        let mut base = Command::new(bin("ward-ca")?)
-            .args(["run", "--config"])
-            .arg(dir.path().join("base.toml"))
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start the baseline ward-ca")?;
+        let mut base = spawn_ca(&dir.path().join("base.toml"))?;
         let pid = base.id().context("baseline CA exited")?;
         wait_metric(health, "ward_ca_leader", 1.0, Duration::from_secs(60)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -153,13 +112,7 @@ pub(crate) async fn run(o: Opts) -> Result<()> {
     );
     std::fs::write(dir.path().join("ca.toml"), ca_toml)?;
     let started = Instant::now();
-    let mut ca = Command::new(bin("ward-ca")?)
-        .args(["run", "--config"])
-        .arg(dir.path().join("ca.toml"))
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start ward-ca")?;
+    let mut ca = spawn_ca(&dir.path().join("ca.toml"))?;
     let ca_pid = ca.id().context("CA exited")?;
     wait_metric(
         ca_health,
