@@ -133,11 +133,6 @@ impl ChangeFeed {
         self.head.clone()
     }
 
-    /// The newest revision read.
-    pub fn head(&self) -> u64 {
-        *self.head.borrow()
-    }
-
     /// What changed for `agent` after revision `after`, and the revision it is current to;
     /// `None` when the window does not reach back that far.
     pub fn since(&self, agent: &str, after: u64) -> Option<(u64, BTreeMap<String, Delta>)> {
