@@ -443,12 +443,25 @@ routes:
     assert_eq!(get("shop.example.com", "/", &[]).status, 200);
 
     // Every request is in the hash-chained log: client, host, route, backend identity, status.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = std::fs::read_to_string(&log).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // The writer is asynchronous: wait (bounded) for the burst's refusals and the one after it,
+    // the last records checked below.
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&log).unwrap();
+        lines = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let refused = lines
+            .iter()
+            .filter_map(|l| l.get("access"))
+            .filter(|a| a["status"] == 429)
+            .count();
+        if refused > limited {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let cart = lines
         .iter()
         .filter_map(|l| l.get("access"))
