@@ -106,29 +106,41 @@ impl Ward {
         td: &str,
         store: StoreKind,
     ) -> Result<(Self, Option<ward_testing::etcd::Etcd>)> {
-        let dir = tempfile::tempdir()?;
         let etcd = match store {
             StoreKind::Sled => None,
             StoreKind::Etcd => Some(ward_testing::etcd::Etcd::start()),
             StoreKind::Etcd3 => Some(ward_testing::etcd::Etcd::cluster(3)),
         };
+        let ca = Self::start_replica(td, etcd.as_ref(), "").await?;
+        Ok((ca, etcd))
+    }
+
+    /// Starts `ward-ca run` for trust domain `td` on `etcd` (none: the embedded sled store),
+    /// with `extra` appended to its config file, and waits until its admin socket answers.
+    /// Several on one etcd are replicas of one CA.
+    pub(crate) async fn start_replica(
+        td: &str,
+        etcd: Option<&ward_testing::etcd::Etcd>,
+        extra: &str,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
         let config = dir.path().join("ca.toml");
-        let endpoints = etcd.as_ref().map(|e| {
+        let endpoints = etcd.map(|e| {
             e.endpoints()
                 .iter()
                 .map(|e| format!("{e:?}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         });
+        let store = match &endpoints {
+            None => String::new(),
+            Some(eps) => {
+                format!("[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{eps}]\n")
+            }
+        };
         std::fs::write(
             &config,
-            match &endpoints {
-                None => format!("trust_domain = {td:?}\ndata_dir = \"unused\"\n"),
-                Some(eps) => format!(
-                    "trust_domain = {td:?}\ndata_dir = \"unused\"\n[store]\nbackend = \"etcd\"\n\
-                     [store.etcd]\nendpoints = [{eps}]\n"
-                ),
-            },
+            format!("trust_domain = {td:?}\ndata_dir = \"unused\"\n{extra}\n{store}"),
         )?;
         let port = free_port()?;
         let node_addr = format!("127.0.0.1:{port}");
@@ -167,13 +179,23 @@ impl Ward {
                     .await
                     .is_ok()
             {
-                return Ok((this, etcd));
+                return Ok(this);
             }
             if Instant::now() > deadline {
                 bail!("ward-ca did not come up");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The node API address (`host:port`).
+    pub(crate) fn node_addr(&self) -> &str {
+        &self.node_addr
+    }
+
+    /// Kills the CA process with SIGKILL, as a crash would.
+    pub(crate) async fn kill_ca(&mut self) -> Result<()> {
+        self.ca.kill().await.context("kill ward-ca")
     }
 
     fn admin_socket(&self) -> PathBuf {
@@ -244,34 +266,16 @@ impl Ward {
             .create_join_token(ward_proto::admin::CreateJoinTokenRequest { ttl_seconds: 0 })
             .await?
             .into_inner();
-        let dir = self.dir.path().join("agent");
-        std::fs::create_dir_all(&dir)?;
-        let cfg = format!(
-            "trust_domain = {:?}\nserver_address = {:?}\ndata_dir = {:?}\nsocket_path = {:?}\n\
-             trust_bundle_path = {:?}\nhealth_address = \"127.0.0.1:0\"\nlog_level = \"warn\"\n",
-            self.td.name(),
-            self.node_addr,
-            dir.join("data").display().to_string(),
-            self.agent_socket().display().to_string(),
-            self.dir.path().join("ca/bundle.pem").display().to_string(),
-        );
-        std::fs::write(dir.join("agent.toml"), cfg)?;
-        let child = Command::new(bin("ward-agent")?)
-            .args(["run", "--config"])
-            .arg(dir.join("agent.toml"))
-            .env("WARD_AGENT_JOIN_TOKEN", &token.token)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start ward-agent")?;
+        let child = spawn_agent(
+            &self.td,
+            &self.node_addr,
+            &self.dir.path().join("agent"),
+            &self.agent_socket(),
+            &self.bundle_path(),
+            &token.token,
+        )
+        .await?;
         *self.agent.lock().await = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.agent_socket().exists() {
-            if Instant::now() > deadline {
-                bail!("ward-agent did not come up");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         Ok(token.agent_id)
     }
 
@@ -347,6 +351,46 @@ impl Ward {
         }
         term(&mut self.ca).await;
     }
+}
+
+/// Starts `ward-agent run` in `dir` for the CA(s) at `server_address` (comma-separated),
+/// trusting `bundle`, attesting with join token `token`; returns once its Workload API socket
+/// exists. Killed when the handle drops.
+pub(crate) async fn spawn_agent(
+    td: &TrustDomain,
+    server_address: &str,
+    dir: &Path,
+    socket: &Path,
+    bundle: &Path,
+    token: &str,
+) -> Result<Child> {
+    std::fs::create_dir_all(dir)?;
+    let cfg = format!(
+        "trust_domain = {:?}\nserver_address = {:?}\ndata_dir = {:?}\nsocket_path = {:?}\n\
+         trust_bundle_path = {:?}\nhealth_address = \"127.0.0.1:0\"\nlog_level = \"warn\"\n",
+        td.name(),
+        server_address,
+        dir.join("data").display().to_string(),
+        socket.display().to_string(),
+        bundle.display().to_string(),
+    );
+    std::fs::write(dir.join("agent.toml"), cfg)?;
+    let child = Command::new(bin("ward-agent")?)
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("WARD_AGENT_JOIN_TOKEN", token)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start ward-agent")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("ward-agent did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(child)
 }
 
 async fn term(c: &mut Child) {
