@@ -8,6 +8,16 @@ use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Bound on reaching one server: TCP connect and TLS handshake. A server that is cut off
+/// (packets dropped) or stalls after accepting costs this much before the next is tried.
+pub const SERVER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// HTTP/2 PING interval on an established channel, and how long a PING may go unanswered
+/// before the connection is dropped and the channel reconnects (to the next server when this
+/// one is gone): a server that vanishes without a reset is noticed within their sum.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Supplies the client config for each new connection.
 pub type ConfigSource = Arc<dyn Fn() -> Option<Arc<ClientConfig>> + Send + Sync>;
 
@@ -48,11 +58,18 @@ pub fn tls_channel_any(addrs: &[String], configs: ConfigSource) -> Result<Channe
             return Err(ConnectError::Address(a.clone()));
         }
     }
+    // tonic applies the endpoint's connect timeout to the whole connector below, which tries
+    // every server in turn: it must cover all of them, or a dead first server would use it up
+    // and the next would never be tried.
+    let servers = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
     let endpoint = Endpoint::from_shared(format!("http://{first}"))
         .map_err(|_| ConnectError::Address(first.clone()))?
-        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_timeout(
+            SERVER_CONNECT_TIMEOUT.saturating_mul(servers) + std::time::Duration::from_secs(1),
+        )
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     let targets: Arc<Vec<String>> = Arc::new(addrs.to_vec());
     let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -89,16 +106,26 @@ pub fn tls_channel_any(addrs: &[String], configs: ConfigSource) -> Result<Channe
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
+/// TCP connect and TLS handshake to one server, within [`SERVER_CONNECT_TIMEOUT`].
 async fn connect_one(
     target: &str,
     cfg: Arc<ClientConfig>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(target),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    tokio::time::timeout(SERVER_CONNECT_TIMEOUT, handshake(target, cfg))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no TLS session within {SERVER_CONNECT_TIMEOUT:?}"),
+            )
+        })?
+}
+
+async fn handshake(
+    target: &str,
+    cfg: Arc<ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(target).await?;
     tcp.set_nodelay(true)?;
     // SPIFFE verification ignores the server name; rustls needs one to build the
     // ClientHello. IP literals are never sent as SNI.
